@@ -1,0 +1,270 @@
+"""Typed configuration schema, one dataclass per Hydra group under `conf/`.
+
+Hydra/OmegaConf check types when the YAML is composed (launch/ registers these
+classes with Hydra's ConfigStore); `validate()` then checks values and their
+relations, and fails at start-up with a message naming the key and what is allowed.
+This module imports nothing but the standard library so the schema is usable
+everywhere (rollout and trainer actors, tests, tools).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+ALGORITHMS = ("cispo", "grpo", "dapo")
+LOSS_AGG_MODES = ("token_mean", "seq_mean_token_mean")
+DTYPES = ("float32", "bfloat16", "float16")
+OVERLONG_MODES = ("none", "mask", "penalty")
+OLD_LOGPROB_SOURCES = ("rollout", "recompute")
+WEIGHT_SYNC_PATHS = ("collective", "object_store")
+RUN_MODES = ("sync", "async")
+LOGGER_BACKENDS = ("console", "jsonl", "wandb", "tensorboard")
+CLUSTER_KINDS = ("local", "slurm")
+
+
+@dataclass
+class ModelConfig:
+    # A Hugging Face model folder, or "builtin:<name>" for a tiny model made and cached locally.
+    path: str = "builtin:tiny-qwen2"
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "cispo"
+    # None takes the algorithm's published default (cispo.objectives.ALGORITHM_DEFAULTS).
+    eps_low: Optional[float] = None
+    eps_high: Optional[float] = None
+    token_mask: bool = False  # CISPO's unified form with the trust-region mask M_it
+    loss_agg: Optional[str] = None
+    group_size: int = 8  # G samples per prompt
+    normalize_std: bool = True
+    dynamic_sampling: bool = True  # drop groups whose rewards have zero spread, then refill
+    max_refills: int = 3
+    overlong: str = "mask"  # what happens to responses that hit the length limit
+    overlong_buffer: int = 0  # soft penalty ramp length (tokens) for overlong="penalty"
+    overlong_penalty: float = 1.0
+
+
+@dataclass
+class RolloutConfig:
+    num_engines: int = 1
+    tensor_parallel_size: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_new_tokens: int = 64
+    max_model_len: int = 512
+    gpu_memory_utilization: float = 0.2
+    lm_head_fp32: bool = True
+    repetition_stop: bool = True
+    repetition_window: int = 3000  # M1: stop after this many consecutive tokens ...
+    repetition_prob: float = 0.99  # ... each sampled with probability above this
+    stop: list[str] = field(default_factory=list)
+    weight_sync: str = "collective"
+    sync_bucket_mb: int = 64
+    seed: int = 0
+
+
+@dataclass
+class TrainerConfig:
+    num_ranks: int = 1
+    zero_stage: int = 2
+    dtype: str = "float32"
+    lr: float = 1e-5
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9  # M1: beta = (0.9, 0.95), eps = 1e-15
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-15
+    grad_clip: float = 1.0
+    micro_batch_tokens: int = 4096
+    mini_batch_size: int = 0  # samples per optimizer update; 0 = the whole rollout batch
+    epochs: int = 1
+    old_logprobs: str = "rollout"  # pi_old from the rollout engine, or recomputed before the first update
+    logprob_chunk_tokens: int = 1024
+    save_every: int = 0  # steps; 0 = only at the end
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class DataConfig:
+    # "builtin:<task>" or a jsonl/parquet file or a datasets folder.
+    source: str = "builtin:arithmetic"
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    difficulty: int = 1
+    max_prompt_tokens: int = 256
+    rollout_batch_size: int = 64  # samples per step = prompts per step x algorithm.group_size
+    apply_chat_template: bool = False
+    shuffle: bool = True
+
+
+@dataclass
+class RewardConfig:
+    functions: list[str] = field(default_factory=lambda: ["builtin"])
+    weights: list[float] = field(default_factory=list)  # empty = all 1.0
+    timeout_s: float = 10.0
+    num_workers: int = 2
+    url: Optional[str] = None  # for the remote reward server
+    max_retries: int = 2
+    max_concurrency: int = 16
+
+
+@dataclass
+class LoggerConfig:
+    backends: list[str] = field(default_factory=lambda: ["console", "jsonl"])
+    project: str = "cispo"
+    run_name: Optional[str] = None
+    samples_every: int = 10  # steps between tables of sample generations
+
+
+@dataclass
+class ClusterConfig:
+    kind: str = "local"
+    address: Optional[str] = None  # attach to an existing Ray cluster (RAY_ADDRESS also works)
+    nodes: int = 1
+    gpus_per_node: int = 0
+    cpus_per_node: int = 2
+    partition: Optional[str] = None
+    time_minutes: int = 60
+    dry_run: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    steps: int = 20
+    seed: int = 0
+    mode: str = "sync"
+    max_staleness: int = 1
+    output_dir: str = "runs/default"
+    resume: bool = True
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message names the key."""
+
+    def __init__(self, key: str, problem: str):
+        super().__init__(f"config error at '{key}': {problem}")
+        self.key = key
+
+
+def _one_of(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(key, f"{value!r} is not allowed; allowed values: {', '.join(allowed)}")
+
+
+def _at_least(key: str, value: float, low: float) -> None:
+    if value < low:
+        raise ConfigError(key, f"{value!r} must be >= {low}")
+
+
+def validate(cfg: Any) -> None:
+    """Check values and cross-field rules of a `Config` (or an OmegaConf node of one)."""
+    a, r, t, d = cfg.algorithm, cfg.rollout, cfg.trainer, cfg.data
+    _one_of("algorithm.name", a.name, ALGORITHMS)
+    if a.loss_agg is not None:
+        _one_of("algorithm.loss_agg", a.loss_agg, LOSS_AGG_MODES)
+    if a.eps_low is not None:
+        _at_least("algorithm.eps_low", a.eps_low, 0.0)
+    if a.eps_high is not None:
+        _at_least("algorithm.eps_high", a.eps_high, 0.0)
+    _at_least("algorithm.group_size", a.group_size, 1)
+    _at_least("algorithm.max_refills", a.max_refills, 0)
+    _one_of("algorithm.overlong", a.overlong, OVERLONG_MODES)
+    _at_least("algorithm.overlong_buffer", a.overlong_buffer, 0)
+    if a.overlong_buffer > r.max_new_tokens:
+        raise ConfigError("algorithm.overlong_buffer", f"{a.overlong_buffer} exceeds rollout.max_new_tokens={r.max_new_tokens}")
+
+    _one_of("model.dtype", cfg.model.dtype, DTYPES)
+    if not cfg.model.path:
+        raise ConfigError("model.path", "is empty; give a Hugging Face model folder or builtin:<name>")
+
+    _at_least("rollout.num_engines", r.num_engines, 1)
+    _at_least("rollout.tensor_parallel_size", r.tensor_parallel_size, 1)
+    if r.temperature <= 0:
+        raise ConfigError("rollout.temperature", f"{r.temperature!r} must be > 0 (log-probs are taken under the sampling distribution)")
+    if not 0 < r.top_p <= 1:
+        raise ConfigError("rollout.top_p", f"{r.top_p!r} must be in (0, 1]")
+    if r.top_k == 0 or r.top_k < -1:
+        raise ConfigError("rollout.top_k", f"{r.top_k!r} must be -1 (off) or >= 1")
+    _at_least("rollout.max_new_tokens", r.max_new_tokens, 1)
+    if not 0 < r.gpu_memory_utilization <= 1:
+        raise ConfigError("rollout.gpu_memory_utilization", f"{r.gpu_memory_utilization!r} must be in (0, 1]")
+    if not 0 < r.repetition_prob < 1:
+        raise ConfigError("rollout.repetition_prob", f"{r.repetition_prob!r} must be in (0, 1)")
+    _at_least("rollout.repetition_window", r.repetition_window, 1)
+    _one_of("rollout.weight_sync", r.weight_sync, WEIGHT_SYNC_PATHS)
+    _at_least("rollout.sync_bucket_mb", r.sync_bucket_mb, 1)
+    if d.max_prompt_tokens + r.max_new_tokens > r.max_model_len:
+        raise ConfigError(
+            "rollout.max_model_len",
+            f"{r.max_model_len} is smaller than data.max_prompt_tokens + rollout.max_new_tokens = "
+            f"{d.max_prompt_tokens + r.max_new_tokens}",
+        )
+
+    _at_least("trainer.num_ranks", t.num_ranks, 1)
+    _one_of("trainer.zero_stage", str(t.zero_stage), ("0", "1", "2", "3"))
+    _one_of("trainer.dtype", t.dtype, DTYPES)
+    if t.lr <= 0:
+        raise ConfigError("trainer.lr", f"{t.lr!r} must be > 0")
+    _at_least("trainer.warmup_steps", t.warmup_steps, 0)
+    if not (0 <= t.adam_beta1 < 1 and 0 <= t.adam_beta2 < 1):
+        raise ConfigError("trainer.adam_beta1/adam_beta2", f"({t.adam_beta1}, {t.adam_beta2}) must each be in [0, 1)")
+    if t.adam_eps <= 0:
+        raise ConfigError("trainer.adam_eps", f"{t.adam_eps!r} must be > 0")
+    _at_least("trainer.micro_batch_tokens", t.micro_batch_tokens, 1)
+    _at_least("trainer.mini_batch_size", t.mini_batch_size, 0)
+    _at_least("trainer.epochs", t.epochs, 1)
+    _one_of("trainer.old_logprobs", t.old_logprobs, OLD_LOGPROB_SOURCES)
+    _at_least("trainer.logprob_chunk_tokens", t.logprob_chunk_tokens, 1)
+    if t.micro_batch_tokens < d.max_prompt_tokens + r.max_new_tokens:
+        raise ConfigError(
+            "trainer.micro_batch_tokens",
+            f"{t.micro_batch_tokens} cannot hold one sequence of data.max_prompt_tokens + rollout.max_new_tokens "
+            f"= {d.max_prompt_tokens + r.max_new_tokens} tokens",
+        )
+
+    _at_least("data.rollout_batch_size", d.rollout_batch_size, 1)
+    if d.rollout_batch_size % a.group_size:
+        raise ConfigError(
+            "data.rollout_batch_size",
+            f"{d.rollout_batch_size} is not divisible by algorithm.group_size={a.group_size} "
+            f"(each prompt is sampled group_size times)",
+        )
+    if t.mini_batch_size and d.rollout_batch_size % t.mini_batch_size:
+        raise ConfigError(
+            "trainer.mini_batch_size",
+            f"{t.mini_batch_size} does not divide data.rollout_batch_size={d.rollout_batch_size}",
+        )
+    _at_least("data.max_prompt_tokens", d.max_prompt_tokens, 1)
+
+    if not cfg.reward.functions:
+        raise ConfigError("reward.functions", "is empty; name at least one reward function")
+    if cfg.reward.weights and len(cfg.reward.weights) != len(cfg.reward.functions):
+        raise ConfigError(
+            "reward.weights",
+            f"has {len(cfg.reward.weights)} entries for {len(cfg.reward.functions)} reward.functions",
+        )
+    if cfg.reward.timeout_s <= 0:
+        raise ConfigError("reward.timeout_s", f"{cfg.reward.timeout_s!r} must be > 0")
+
+    for i, backend in enumerate(cfg.logger.backends):
+        _one_of(f"logger.backends[{i}]", backend, LOGGER_BACKENDS)
+
+    _one_of("cluster.kind", cfg.cluster.kind, CLUSTER_KINDS)
+    _at_least("cluster.nodes", cfg.cluster.nodes, 1)
+
+    _at_least("steps", cfg.steps, 1)
+    _one_of("mode", cfg.mode, RUN_MODES)
+    _at_least("max_staleness", cfg.max_staleness, 0)

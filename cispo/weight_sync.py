@@ -1,0 +1,105 @@
+"""The weight-sync contract between the trainer (sender) and rollout engines (receivers).
+
+Weights travel in size-bounded buckets: each bucket is one flat tensor of one dtype
+holding several parameters back to back. One collective (or one object-store put)
+per bucket, never one per parameter — per-parameter RPCs are what make naive syncs
+take minutes.
+
+The sender plans buckets from (name, shape, dtype) and sends the plan (plain Python
+data) to every receiver first; then both sides walk the same plan, so a receiver
+knows exactly how to cut each flat tensor back into named parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+
+_DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64)}
+
+
+@dataclass(frozen=True)
+class ParamMeta:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # e.g. "torch.bfloat16" (a string so the plan pickles without torch types)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.torch_dtype.itemsize
+
+
+def plan_buckets(params: Iterable[ParamMeta], bucket_bytes: int) -> list[list[ParamMeta]]:
+    """Group parameters, in order, into buckets of one dtype and at most bucket_bytes
+    (a single parameter larger than the bound gets a bucket of its own)."""
+    buckets: list[list[ParamMeta]] = []
+    current: list[ParamMeta] = []
+    size = 0
+    for p in params:
+        if current and (p.dtype != current[0].dtype or size + p.nbytes > bucket_bytes):
+            buckets.append(current)
+            current, size = [], 0
+        current.append(p)
+        size += p.nbytes
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+def meta_of(name: str, tensor: torch.Tensor) -> ParamMeta:
+    return ParamMeta(name, tuple(tensor.shape), str(tensor.dtype))
+
+
+def flatten_bucket(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def unflatten_bucket(flat: torch.Tensor, bucket: list[ParamMeta]) -> Iterator[tuple[str, torch.Tensor]]:
+    offset = 0
+    for p in bucket:
+        yield p.name, flat[offset : offset + p.numel].view(p.shape)
+        offset += p.numel
+    if offset != flat.numel():
+        raise ValueError(f"bucket of {flat.numel()} elements does not match its plan of {offset}")
+
+
+def empty_bucket(bucket: list[ParamMeta], device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.empty(sum(p.numel for p in bucket), dtype=bucket[0].torch_dtype, device=device)
+
+
+def create_sync_group(backend: str, host: str, port: int, rank: int, world_size: int, timeout_s: float = 300.0):
+    """A process group of its own (trainer rank 0 = rank 0, then every rollout worker).
+
+    Built from a TCPStore rather than torch.distributed's default group, so it lives
+    beside the trainer's DeepSpeed group and vLLM's own groups without touching them.
+    """
+    from datetime import timedelta
+
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.TCPStore(host, port, world_size, is_master=(rank == 0), timeout=timeout)
+    if backend == "gloo":
+        return dist.ProcessGroupGloo(store, rank, world_size, timeout)
+    if backend == "nccl":
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = timeout
+        return dist.ProcessGroupNCCL(store, rank, world_size, opts)
+    raise ValueError(f"weight-sync backend {backend!r} is unknown; allowed: gloo, nccl")
+
+
+def broadcast_bucket(group, flat: torch.Tensor) -> None:
+    """Root (rank 0 of the sync group) sends `flat`; receivers fill theirs in place."""
+    opts = dist.BroadcastOptions()  # the options form exists across torch releases
+    opts.rootRank = 0
+    group.broadcast([flat], opts).wait()
