@@ -43,8 +43,13 @@ def _masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, x, torch.zeros_like(x)).sum()
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    # bf16 log-probs would make r = exp(diff) coarse; float64 inputs (tests) stay float64
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def importance_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor) -> torch.Tensor:
-    log_ratio = (logprobs.float() - old_logprobs.float()).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+    log_ratio = (_at_least_fp32(logprobs) - _at_least_fp32(old_logprobs)).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
     return torch.exp(log_ratio)
 
 
@@ -70,7 +75,7 @@ def cispo_loss(
 ) -> LossOutput:
     ratio = importance_ratio(logprobs, old_logprobs)
     is_weight = ratio.clamp(1.0 - clip.eps_low, 1.0 + clip.eps_high).detach()
-    per_token = -is_weight * advantages * logprobs.float()
+    per_token = -is_weight * advantages * _at_least_fp32(logprobs)
     if clip.token_mask:
         outside = ((advantages > 0) & (ratio > 1.0 + clip.eps_high)) | (
             (advantages < 0) & (ratio < 1.0 - clip.eps_low)

@@ -1,0 +1,56 @@
+"""Invalid values fail at start-up with a message naming the key and what is allowed."""
+
+import pytest
+from hydra.errors import ConfigCompositionException, MissingConfigException
+
+from cispo.config import Config, ConfigError, validate
+from launch.config import compose_config, to_dataclass
+
+
+def test_default_config_composes_and_is_valid():
+    cfg = compose_config()
+    assert cfg.algorithm.name == "cispo"
+    obj = to_dataclass(cfg)
+    assert isinstance(obj, Config)
+    validate(Config())  # the schema's own defaults are consistent too
+
+
+@pytest.mark.parametrize("group", ["cispo", "grpo", "dapo"])
+def test_each_algorithm_group_loads(group):
+    assert compose_config([f"algorithm={group}"]).algorithm.name == group
+
+
+@pytest.mark.parametrize(
+    "override,key,message",
+    [
+        ("algorithm.name=ppo", "algorithm.name", "allowed values: cispo, grpo, dapo"),
+        ("algorithm.eps_high=-0.1", "algorithm.eps_high", "must be >= 0.0"),
+        ("algorithm.loss_agg=sum", "algorithm.loss_agg", "allowed values: token_mean, seq_mean_token_mean"),
+        ("data.rollout_batch_size=60", "data.rollout_batch_size", "not divisible by algorithm.group_size=8"),
+        ("trainer.mini_batch_size=24", "trainer.mini_batch_size", "does not divide data.rollout_batch_size=64"),
+        ("trainer.zero_stage=4", "trainer.zero_stage", "allowed values: 0, 1, 2, 3"),
+        ("trainer.old_logprobs=cached", "trainer.old_logprobs", "allowed values: rollout, recompute"),
+        ("rollout.temperature=0", "rollout.temperature", "must be > 0"),
+        ("rollout.weight_sync=nfs", "rollout.weight_sync", "allowed values: collective, object_store"),
+        ("rollout.max_model_len=16", "rollout.max_model_len", "smaller than data.max_prompt_tokens"),
+        ("model.dtype=int8", "model.dtype", "allowed values: float32, bfloat16, float16"),
+        ("logger.backends=[console,mlflow]", "logger.backends[1]", "allowed values: console, jsonl, wandb, tensorboard"),
+        ("mode=offline", "mode", "allowed values: sync, async"),
+        ("reward.weights=[1.0,2.0]", "reward.weights", "has 2 entries for 1 reward.functions"),
+    ],
+)
+def test_invalid_values_name_the_key(override, key, message):
+    with pytest.raises(ConfigError) as err:
+        compose_config([override])
+    assert err.value.key == key
+    assert f"'{key}'" in str(err.value) and message in str(err.value)
+
+
+def test_wrong_types_and_unknown_groups_are_rejected_by_hydra_with_the_key():
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config(["trainer.zero_stage=two"])
+    assert "trainer.zero_stage" in str(err.value.__cause__) or "trainer.zero_stage" in str(err.value)
+    with pytest.raises(MissingConfigException, match="algorithm/ppo"):
+        compose_config(["algorithm=ppo"])
+    with pytest.raises(ConfigCompositionException):
+        compose_config(["trainer.no_such_key=1"])
