@@ -1,0 +1,48 @@
+"""`cispo-train`: the Hydra app. Runs the RL loop here, or submits it to Slurm.
+
+    cispo-train                                   # the embedded default run
+    cispo-train algorithm=grpo trainer.zero_stage=3 model.path=/models/qwen
+    cispo-train cluster=slurm cluster.nodes=4 cluster.partition=gpu   # submit instead
+    cispo-train --cfg job                         # print the resolved config
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from cispo.config import ConfigError, validate
+from launch.config import CONF_DIR, register_schema
+
+log = logging.getLogger("cispo")
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def _app(cfg: DictConfig) -> None:
+    try:
+        validate(cfg)
+    except ConfigError as err:
+        log.error("%s", err)
+        sys.exit(2)
+    if cfg.cluster.kind == "slurm":
+        from hydra.core.hydra_config import HydraConfig
+
+        from launch.slurm import submit
+
+        submit(cfg, list(HydraConfig.get().overrides.task))
+        return
+    from launch.driver import run
+
+    run(cfg)
+
+
+def main() -> None:
+    register_schema()
+    _app()
+
+
+if __name__ == "__main__":
+    main()
