@@ -1,0 +1,53 @@
+"""torch.autograd.Function around the fused Triton LM-head log-prob / entropy kernels.
+
+Forward saves only hidden, weight, targets (references, no copies) and two fp32 numbers per
+token (log-sum-exp, entropy); backward recomputes the logits (see lm_head_triton_bwd.py).
+"""
+import torch
+
+from .lm_head_triton_bwd import lm_head_backward
+from .lm_head_triton_common import MODES, interpret_mode
+from .lm_head_triton_fwd import lm_head_forward_stats
+
+
+class LMHeadLogprobsTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, with_entropy, mode, chunk_tokens):
+        mode_id = MODES[mode]
+        interpret = interpret_mode()
+        inv_temp = 1.0 / float(temperature)
+        hidden = hidden.contiguous()
+        weight = weight.contiguous()
+        targets = targets.contiguous().to(torch.int32) if targets.dtype != torch.int32 else targets.contiguous()
+        # The entropy statistics are also needed by backward when entropy gets a gradient.
+        logp, lse, ent = lm_head_forward_stats(hidden, weight, targets, inv_temp, mode_id,
+                                               with_entropy, interpret=interpret)
+        ctx.save_for_backward(hidden, weight, targets, lse, ent if ent is not None else lse)
+        ctx.cfg = (inv_temp, mode_id, with_entropy, chunk_tokens, interpret)
+        ctx.set_materialize_grads(False)
+        if ent is None:
+            ent = logp.new_empty(0)
+            ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        hidden, weight, targets, lse, ent = ctx.saved_tensors
+        inv_temp, mode_id, with_entropy, chunk_tokens, interpret = ctx.cfg
+        if not with_entropy:
+            g_ent = None
+        if g_logp is None and g_ent is None:
+            return None, None, None, None, None, None, None
+        grad_h, grad_w = lm_head_backward(
+            hidden, weight, targets, lse, ent if with_entropy else None, g_logp, g_ent,
+            inv_temp, mode_id, ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+            chunk_tokens=chunk_tokens, interpret=interpret)
+        return grad_h, grad_w, None, None, None, None, None
+
+
+def lm_head_logprobs_triton(hidden, weight, targets, temperature=1.0, with_entropy=False,
+                            mode="fp32", chunk_tokens=1024):
+    """Fused Triton path; same contract as kernels.lm_head_logprobs."""
+    logp, ent = LMHeadLogprobsTriton.apply(hidden, weight, targets, temperature, with_entropy,
+                                           mode, chunk_tokens)
+    return logp, (ent if with_entropy else None)

@@ -1,0 +1,153 @@
+"""Forward Triton kernel: per-row log-sum-exp, target logit and entropy of logits/temperature.
+
+Grid: (token block) x (vocabulary split). Each program walks its share of the vocabulary
+in BLOCK_V columns, computes each [BLOCK_T, BLOCK_V] logits tile in registers (reduced over H
+with `logits_tile`) and folds it into an online log-sum-exp. No [T, V] tensor exists at any
+time; each program writes only four fp32 numbers per row (a partial max, partial sum of
+exponentials, partial entropy term, partial target logit), combined in `combine_partials`.
+
+Why split the vocabulary: with T=4k and BLOCK_T=128 there are only 32 token blocks, far
+fewer than the H100's 132 SMs. Splitting V into ~16 parts gives enough programs at every T.
+Programs are launched in groups of GROUP_T token blocks x all splits, so the programs that
+run at the same time share hidden rows and weight tiles through L2 instead of re-reading
+them from HBM (the weight is 1.2-2.5 GB and does not fit in L2).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .lm_head_triton_common import logits_tile
+
+# A split boundary is a multiple of this, so any BLOCK_V dividing it never straddles splits.
+VSPLIT_ALIGN = 256
+NEG_BIG = -1.0e30  # finite "-inf": keeps (m_old - m_new) * s == 0 instead of NaN at the start
+
+
+@triton.jit
+def _lm_head_fwd_kernel(
+    h_ptr, w_ptr, tgt_ptr, part_ptr,
+    T, V, H, stride_ht, stride_hh, stride_wv, stride_wh,
+    inv_temp, v_per_split, n_split,
+    MODE: tl.constexpr, WITH_ENT: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    GROUP_T: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    # Grouped launch order (see module docstring).
+    pid = tl.program_id(0)
+    n_tb = tl.cdiv(T, BLOCK_T)
+    per_group = GROUP_T * n_split
+    first_tb = (pid // per_group) * GROUP_T
+    group_size = tl.minimum(n_tb - first_tb, GROUP_T)
+    tb = first_tb + (pid % per_group) % group_size
+    sp = (pid % per_group) // group_size
+
+    rows = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < T
+    tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
+    v_start = sp * v_per_split
+    v_end = tl.minimum(v_start + v_per_split, V)
+
+    m = tl.full((BLOCK_T,), -1.0e30, tl.float32)  # running max of z (NEG_BIG)
+    s = tl.zeros((BLOCK_T,), tl.float32)           # sum exp(z - m)
+    s1 = tl.zeros((BLOCK_T,), tl.float32)          # sum exp(z - m) * (z - m)
+    zt = tl.zeros((BLOCK_T,), tl.float32)          # z[target] if the target is in this split
+    for v0 in range(v_start, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_ok = cols < v_end
+        acc = logits_tile(h_ptr, w_ptr, rows, cols, T, V, H, stride_ht, stride_hh,
+                          stride_wv, stride_wh, MODE, BLOCK_T, BLOCK_V, BLOCK_H, INTERPRET)
+        z = acc * inv_temp
+        zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
+        z = tl.where(col_ok[None, :], z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        alpha = tl.exp(m - m_new)
+        e = tl.exp(z - m_new[:, None])  # 0 on masked columns
+        if WITH_ENT:
+            # Keep the entropy sum relative to the running max (values stay O(entropy)).
+            ez = e * tl.where(col_ok[None, :], z - m_new[:, None], 0.0)  # avoid 0 * -inf
+            s1 = alpha * (s1 + (m - m_new) * s) + tl.sum(ez, axis=1)
+        s = alpha * s + tl.sum(e, axis=1)
+        m = m_new
+
+    out = part_ptr + sp * T + rows
+    plane = n_split * T
+    tl.store(out, m, mask=row_ok)
+    tl.store(out + plane, s, mask=row_ok)
+    tl.store(out + 2 * plane, s1, mask=row_ok)
+    tl.store(out + 3 * plane, zt, mask=row_ok)
+
+
+def _fwd_configs():
+    # bf16 operands: 128x128 tiles, 64-deep K steps; fp32-loaded operands (fp32, bf16x3) need
+    # twice the shared memory per K step, so they get 32-deep steps.
+    cfgs = []
+    for bt, bv, bh, w, st in [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 32, 8, 4),
+                              (128, 128, 32, 4, 3), (64, 128, 32, 4, 3), (128, 64, 32, 4, 4)]:
+        cfgs.append(triton.Config({"BLOCK_T": bt, "BLOCK_V": bv, "BLOCK_H": bh, "GROUP_T": 8},
+                                  num_warps=w, num_stages=st))
+    return cfgs
+
+
+def _prune(configs, named_args, **kwargs):
+    mode = kwargs.get("MODE", named_args.get("MODE"))
+    h_bytes = named_args["h_ptr"].element_size()
+    keep = []
+    for c in configs:
+        bh = c.kwargs["BLOCK_H"]
+        if mode == 1 and h_bytes == 2:
+            ok = bh == 64
+        elif mode == 0:
+            ok = bh == 32 and c.kwargs["BLOCK_V"] <= 128
+        else:
+            ok = bh == 32
+        if ok:
+            keep.append(c)
+    return keep or configs[:1]
+
+
+_lm_head_fwd_tuned = triton.autotune(
+    configs=_fwd_configs(), key=["H", "MODE", "WITH_ENT"],
+    prune_configs_by={"early_config_prune": _prune},
+    reset_to_zero=None,
+)(_lm_head_fwd_kernel)
+
+
+def lm_head_forward_stats(hidden, weight, targets, inv_temp, mode_id, with_entropy,
+                          n_split=16, interpret=False):
+    """Run the forward kernel; returns (logprobs, lse, entropy-or-None), all fp32 [T]."""
+    T, H = hidden.shape
+    V = weight.shape[0]
+    v_per_split = triton.cdiv(triton.cdiv(V, n_split), VSPLIT_ALIGN) * VSPLIT_ALIGN
+    n_split = triton.cdiv(V, v_per_split)
+    part = torch.full((4, n_split, T), float("nan"), device=hidden.device, dtype=torch.float32)
+    args = (hidden, weight, targets, part, T, V, H, hidden.stride(0), hidden.stride(1),
+            weight.stride(0), weight.stride(1), inv_temp, v_per_split, n_split)
+    if interpret:
+        # Small blocks so that CPU tests cross several blocks in every dimension.
+        grid = (triton.cdiv(T, 16) * n_split,)
+        _lm_head_fwd_kernel[grid](*args, MODE=mode_id, WITH_ENT=with_entropy, BLOCK_T=16,
+                                  BLOCK_V=64, BLOCK_H=32, GROUP_T=2, INTERPRET=True)
+    else:
+        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_T"]) * n_split,)  # noqa: E731
+        _lm_head_fwd_tuned[grid](*args, MODE=mode_id, WITH_ENT=with_entropy, INTERPRET=False)
+    return combine_partials(part, with_entropy)
+
+
+def combine_partials(part, with_entropy):
+    """Merge per-split (max, sum, entropy term, target logit) into per-row results.
+
+    With M the global max and S = sum_j exp(z_j - M):  lse = M + log S,
+    log p(target) = z_target - lse,  entropy = log S - (1/S) sum_j exp(z_j - M) (z_j - M).
+    """
+    m, s, s1, zt = part[0], part[1], part[2], part[3]
+    M = m.max(dim=0).values
+    scale = torch.exp(m - M)
+    S = (s * scale).sum(dim=0)
+    log_s = torch.log(S)
+    lse = M + log_s
+    logp = zt.sum(dim=0) - lse
+    ent = None
+    if with_entropy:
+        S1 = (scale * (s1 + (m - M) * s)).sum(dim=0)
+        ent = log_s - S1 / S
+    return logp, lse, ent
