@@ -92,7 +92,7 @@ class TrainerConfig:
 @dataclass
 class DataConfig:
     # "builtin:<task>" or a jsonl/parquet file or a datasets folder.
-    source: str = "builtin:arithmetic"
+    path: str = "builtin:arithmetic"
     prompt_field: str = "prompt"
     answer_field: str = "answer"
     difficulty: int = 1
