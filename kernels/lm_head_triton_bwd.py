@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .lm_head_triton_common import logits_tile, mma
+from .lm_head_triton_fwd import BF16_TILES, FP32_TILES, make_configs, make_prune
 
 
 @triton.jit
@@ -105,37 +106,17 @@ def _matmul_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
-def _configs(names, shapes):
-    return [triton.Config(dict(zip(names, s[:3]), **{names[3]: 8}), num_warps=s[3], num_stages=s[4])
-            for s in shapes]
-
-
-# (block sizes..., num_warps, num_stages); pruned per mode like the forward kernel.
-_TILE_SHAPES = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 32, 8, 4),
-                (128, 128, 32, 4, 3), (64, 128, 32, 4, 3)]
-
-
-def _make_prune(a_name):
-    def prune(configs, named_args, **kwargs):
-        mode = kwargs.get("MODE", named_args.get("MODE"))
-        bf16_in = mode == 1 and named_args[a_name].element_size() == 2
-        keep = [c for c in configs if (list(c.kwargs.values())[2] == 64) == bf16_in]
-        if mode == 0:
-            keep = [c for c in keep if list(c.kwargs.values())[1] <= 128]
-        return keep or configs[:1]
-    return prune
-
-
 _dlogits_tuned = triton.autotune(
-    configs=_configs(["BLOCK_T", "BLOCK_V", "BLOCK_H", "GROUP_T"], _TILE_SHAPES),
-    key=["H", "MODE", "HAS_GENT"], prune_configs_by={"early_config_prune": _make_prune("h_ptr")},
+    configs=make_configs(["BLOCK_T", "BLOCK_V", "BLOCK_H", "GROUP_T"], BF16_TILES + FP32_TILES),
+    key=["H", "MODE", "HAS_GENT"],
+    prune_configs_by={"early_config_prune": make_prune("h_ptr", "BLOCK_H")},
 )(_dlogits_kernel)
 
 # dl_ptr is written in full by the kernel; the tuner's trial runs only overwrite it.
 _matmul_tuned = triton.autotune(
-    configs=_configs(["BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"], _TILE_SHAPES),
+    configs=make_configs(["BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"], BF16_TILES + FP32_TILES),
     key=["N", "MODE", "ACCUMULATE", "stride_am"],
-    prune_configs_by={"early_config_prune": _make_prune("a_ptr")},
+    prune_configs_by={"early_config_prune": make_prune("a_ptr", "BLOCK_K")},
     restore_value=["c_ptr"],
 )(_matmul_kernel)
 

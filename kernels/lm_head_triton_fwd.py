@@ -77,38 +77,33 @@ def _lm_head_fwd_kernel(
     tl.store(out + 3 * plane, zt, mask=row_ok)
 
 
-def _fwd_configs():
-    # bf16 operands: 128x128 tiles, 64-deep K steps; fp32-loaded operands (fp32, bf16x3) need
-    # twice the shared memory per K step, so they get 32-deep steps.
-    cfgs = []
-    for bt, bv, bh, w, st in [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 32, 8, 4),
-                              (128, 128, 32, 4, 3), (64, 128, 32, 4, 3), (128, 64, 32, 4, 4)]:
-        cfgs.append(triton.Config({"BLOCK_T": bt, "BLOCK_V": bv, "BLOCK_H": bh, "GROUP_T": 8},
-                                  num_warps=w, num_stages=st))
-    return cfgs
+# (BLOCK_T, BLOCK_V, BLOCK_H, num_warps, num_stages). bf16 operands loaded as bf16 take 64-deep
+# K steps; operands loaded as fp32 (modes fp32, bf16x3, tf32x3, or bf16 on fp32 inputs) need
+# twice the shared memory per K element, so they take 32-deep steps. Two candidates each keeps
+# autotuning (which runs once per H and mode) short.
+BF16_TILES = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3)]
+FP32_TILES = [(128, 128, 32, 8, 3), (64, 128, 32, 4, 3)]
 
 
-def _prune(configs, named_args, **kwargs):
-    mode = kwargs.get("MODE", named_args.get("MODE"))
-    h_bytes = named_args["h_ptr"].element_size()
-    keep = []
-    for c in configs:
-        bh = c.kwargs["BLOCK_H"]
-        if mode == 1 and h_bytes == 2:
-            ok = bh == 64
-        elif mode == 0:
-            ok = bh == 32 and c.kwargs["BLOCK_V"] <= 128
-        else:
-            ok = bh == 32
-        if ok:
-            keep.append(c)
-    return keep or configs[:1]
+def make_configs(names, tiles):
+    return [triton.Config({names[0]: a, names[1]: b, names[2]: c, names[3]: 8},
+                          num_warps=nw, num_stages=ns) for a, b, c, nw, ns in tiles]
 
 
+def make_prune(operand_name, k_name):
+    """Keep the tile list that matches the operand dtype: bf16 loads only in mode bf16."""
+    def prune(configs, named_args, **kwargs):
+        mode = kwargs.get("MODE", named_args.get("MODE"))
+        bf16_loads = mode == 1 and named_args[operand_name].element_size() == 2
+        keep = [c for c in configs if (c.kwargs[k_name] == 64) == bf16_loads]
+        return keep or configs[:1]
+    return prune
+
+
+_FWD_NAMES = ["BLOCK_T", "BLOCK_V", "BLOCK_H", "GROUP_T"]
 _lm_head_fwd_tuned = triton.autotune(
-    configs=_fwd_configs(), key=["H", "MODE", "WITH_ENT"],
-    prune_configs_by={"early_config_prune": _prune},
-    reset_to_zero=None,
+    configs=make_configs(_FWD_NAMES, BF16_TILES + FP32_TILES), key=["H", "MODE", "WITH_ENT"],
+    prune_configs_by={"early_config_prune": make_prune("h_ptr", "BLOCK_H")},
 )(_lm_head_fwd_kernel)
 
 

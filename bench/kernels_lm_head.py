@@ -1,0 +1,224 @@
+"""Benchmark + GPU correctness check of kernels.lm_head_logprobs (issue 4).
+
+For each (H, T) with V = 151,936: forward time, forward+backward time, peak extra memory
+(peak allocated during fwd+bwd minus what was allocated before: the inputs), and
+max |log p - log p_float64| on a subset of rows, for the fused Triton modes and for
+naive torch fp32 / bf16 and Liger-Kernel's fused linear cross entropy (if importable).
+
+Inputs: hidden ~ N(0, 1), weight ~ N(0, (2/sqrt(H))^2) so logits have std ~2, temperature
+1.0, uniform random targets. fp32/bf16x3/tf32x3 and the fp32 baselines get the fp32
+tensors; bf16 modes get bf16 copies (what a bf16 trainer holds). The float64 reference is
+always computed from the fp32 tensors, so bf16 errors include the rounding of the inputs.
+
+Usage: python bench/kernels_lm_head.py --out results.json [--T 4096 16384 65536] [--H 1536 4096]
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from kernels import lm_head_logprobs  # noqa: E402
+from kernels.lm_head_reference import lm_head_logprobs_naive  # noqa: E402
+
+V_DEFAULT = 151_936
+torch.backends.cuda.matmul.allow_tf32 = False  # naive fp32 must really be fp32
+torch.backends.cudnn.allow_tf32 = False
+
+
+def try_liger():
+    try:
+        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+    except Exception as e:  # noqa: BLE001
+        print(f"liger-kernel not available: {e!r}")
+        return None
+
+    def liger(h, w, t):
+        out = LigerFusedLinearCrossEntropyFunction.apply(h, w, t, None, None, -100, 0.0, 0.0, "none")
+        loss = out[0] if isinstance(out, tuple) else out
+        return -loss.float()
+    return liger
+
+
+def naive(dtype):
+    def f(h, w, t):
+        z = (h @ w.t()).float()
+        return torch.log_softmax(z, dim=-1).gather(1, t[:, None].long())[:, 0]
+    return f
+
+
+def fused(mode):
+    def f(h, w, t):
+        return lm_head_logprobs(h, w, t, mode=mode, impl="triton")[0]
+    return f
+
+
+def cuda_time(fn, budget_s=1.5, max_reps=10):
+    """Median ms of fn() with CUDA events; one warm-up, reps bounded by a time budget."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    t_start = time.time()
+    while len(times) < max_reps:
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+        if time.time() - t_start > budget_s:
+            break
+    times.sort()
+    return times[len(times) // 2]
+
+
+def measure(method, h, w, t, g, ref_rows, ref_logp, do_bwd=True):
+    res = {}
+    try:
+        with torch.no_grad():
+            logp = method(h, w, t)
+        res["max_abs_dlogp"] = (logp[ref_rows].double() - ref_logp).abs().max().item()
+        res["nan"] = bool(torch.isnan(logp).any().item())
+        del logp
+        with torch.no_grad():
+            res["fwd_ms"] = cuda_time(lambda: method(h, w, t))
+        if do_bwd:
+            hg = h.detach().requires_grad_()
+            wg = w.detach().requires_grad_()
+
+            def fb():
+                hg.grad = None
+                wg.grad = None
+                (method(hg, wg, t) * g).sum().backward()
+            # Time first: its warm-up run also autotunes, whose trial copies must not count.
+            res["fwd_bwd_ms"] = cuda_time(fb)
+            hg.grad = None
+            wg.grad = None
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            fb()
+            torch.cuda.synchronize()
+            res["peak_extra_gb"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+            hg.grad = None
+            wg.grad = None
+    except torch.OutOfMemoryError:
+        res["oom"] = True
+    torch.cuda.empty_cache()
+    return res
+
+
+def gpu_correctness(modes):
+    """Small ragged shape, fwd + bwd with entropy and temperature, vs float64 autograd."""
+    torch.manual_seed(1234)
+    T, V, H, temp = 300, 5003, 200, 0.8
+    h = torch.randn(T, H, device="cuda")
+    w = torch.randn(V, H, device="cuda") * (2 / math.sqrt(H))
+    t = torch.randint(0, V, (T,), device="cuda")
+    gl, ge = torch.randn(T, device="cuda"), torch.randn(T, device="cuda")
+    hd, wd = h.double().requires_grad_(), w.double().requires_grad_()
+    lp_ref, ent_ref = lm_head_logprobs_naive(hd, wd, t, temp, True)
+    (lp_ref * gl + ent_ref * ge).sum().backward()
+    out = {}
+    for mode in modes:
+        for dt in ([torch.float32, torch.bfloat16] if mode == "bf16" else [torch.float32]):
+            hm = h.to(dt).requires_grad_()
+            wm = w.to(dt).requires_grad_()
+            lp, ent = lm_head_logprobs(hm, wm, t, temp, True, mode, impl="triton", chunk_tokens=128)
+            (lp * gl + ent * ge).sum().backward()
+            rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()  # noqa: E731
+            key = f"{mode}/{str(dt).split('.')[-1]}"
+            out[key] = dict(
+                logp_max_abs=(lp.double() - lp_ref).abs().max().item(),
+                ent_max_abs=(ent.double() - ent_ref).abs().max().item(),
+                grad_h_rel=rel(hm.grad, hd.grad), grad_w_rel=rel(wm.grad, wd.grad),
+                any_nan=bool(torch.isnan(lp).any() or torch.isnan(ent).any()
+                             or torch.isnan(hm.grad).any() or torch.isnan(wm.grad).any()))
+            print(f"check {key:14s} " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                                   for k, v in out[key].items()), flush=True)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--T", type=int, nargs="+", default=[4096, 16384, 65536])
+    ap.add_argument("--H", type=int, nargs="+", default=[1536, 4096])
+    ap.add_argument("--V", type=int, default=V_DEFAULT)
+    ap.add_argument("--modes", nargs="+", default=["bf16", "bf16x3", "tf32x3", "fp32"])
+    ap.add_argument("--fp32-max-T", type=int, default=16384,
+                    help="skip timing mode fp32 (FMA units, slow) above this T")
+    ap.add_argument("--ref-rows", type=int, default=256)
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "kernels_lm_head_h100.json"))
+    ap.add_argument("--skip-check", action="store_true")
+    args = ap.parse_args()
+
+    import triton
+    dev = torch.cuda.get_device_name()
+    report = dict(device=dev, torch=torch.__version__, triton=triton.__version__,
+                  python=platform.python_version(), V=args.V, argv=sys.argv, results=[])
+    print(f"{dev} torch {torch.__version__} triton {triton.__version__} "
+          f"fp32 matmul precision {torch.get_float32_matmul_precision()}", flush=True)
+    if not args.skip_check:
+        report["gpu_check"] = gpu_correctness(args.modes)
+
+    liger = try_liger()
+    V = args.V
+    for H in args.H:
+        torch.manual_seed(0)
+        w32 = torch.randn(V, H, device="cuda") * (2 / math.sqrt(H))
+        w16 = w32.to(torch.bfloat16)
+        for T in args.T:
+            h32 = torch.randn(T, H, device="cuda")
+            h16 = h32.to(torch.bfloat16)
+            t = torch.randint(0, V, (T,), device="cuda")
+            g = torch.randn(T, device="cuda")
+            rows = torch.randperm(T, device="cuda")[: args.ref_rows]
+            ref = lm_head_logprobs_naive(h32[rows].double(), w32.double(), t[rows])[0]
+            methods = [("naive_fp32", naive(torch.float32), h32, w32),
+                       ("naive_bf16", naive(torch.bfloat16), h16, w16)]
+            for mode in args.modes:
+                if mode == "fp32" and T > args.fp32_max_T:
+                    continue
+                hh, ww = (h16, w16) if mode == "bf16" else (h32, w32)
+                methods.append((f"fused_{mode}", fused(mode), hh, ww))
+            if liger is not None:
+                methods += [("liger_bf16", liger, h16, w16), ("liger_fp32", liger, h32, w32)]
+            with torch.no_grad():
+                mm_ms = cuda_time(lambda: h16 @ w16.t()) if T * V * 2 < 40 * 2**30 else None
+            for name, fn, hh, ww in methods:
+                t0 = time.time()
+                r = dict(name=name, T=T, H=H, **measure(fn, hh, ww, t, g, rows, ref))
+                r["bf16_matmul_ms"] = mm_ms
+                report["results"].append(r)
+                print(f"T={T:6d} H={H:5d} {name:12s} " + " ".join(
+                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in r.items() if k not in ("name", "T", "H")) + f" ({time.time()-t0:.0f}s)",
+                    flush=True)
+                with open(args.out, "w") as f:
+                    json.dump(report, f, indent=1)
+            del h32, h16, t, g
+            torch.cuda.empty_cache()
+        del w32, w16
+        torch.cuda.empty_cache()
+    print_table(report)
+
+
+def print_table(report):
+    print(f"\n{report['device']}  V={report['V']}  (times: median ms; mem: peak extra GiB during fwd+bwd)")
+    hdr = f"{'T':>6} {'H':>5} {'method':12} {'fwd ms':>9} {'fwd+bwd ms':>11} {'peak GiB':>9} {'max|dlogp|':>11}"
+    print(hdr)
+    for r in report["results"]:
+        miss = "OOM" if r.get("oom") else "-"
+        f = lambda k, fmt: format(r[k], fmt) if r.get(k) is not None else format(miss, fmt[:-3] + "s")  # noqa: E731
+        print(f"{r['T']:>6} {r['H']:>5} {r['name']:12} {f('fwd_ms', '9.2f')} {f('fwd_bwd_ms', '11.2f')} "
+              f"{f('peak_extra_gb', '9.2f')} {f('max_abs_dlogp', '11.2e')}")
+
+
+if __name__ == "__main__":
+    main()
