@@ -103,6 +103,16 @@ class DataConfig:
 
 
 @dataclass
+class WarmupConfig:
+    # Supervised warm-start on the answer *format* (answers shuffled across prompts, so
+    # the model learns to answer, not the answers); built-in tasks only. 0 = off.
+    steps: int = 0
+    lr: float = 1e-3
+    batch_size: int = 32
+    examples: int = 2000
+
+
+@dataclass
 class RewardConfig:
     functions: list[str] = field(default_factory=lambda: ["builtin"])
     weights: list[float] = field(default_factory=list)  # empty = all 1.0
@@ -140,6 +150,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -248,6 +259,9 @@ def validate(cfg: Any) -> None:
             f"{t.mini_batch_size} does not divide data.rollout_batch_size={d.rollout_batch_size}",
         )
     _at_least("data.max_prompt_tokens", d.max_prompt_tokens, 1)
+    _at_least("warmup.steps", cfg.warmup.steps, 0)
+    if cfg.warmup.steps and not d.path.startswith("builtin:"):
+        raise ConfigError("warmup.steps", f"the format warm-start needs a built-in task; data.path={d.path!r}")
 
     if not cfg.reward.functions:
         raise ConfigError("reward.functions", "is empty; name at least one reward function")
@@ -268,3 +282,5 @@ def validate(cfg: Any) -> None:
     _at_least("steps", cfg.steps, 1)
     _one_of("mode", cfg.mode, RUN_MODES)
     _at_least("max_staleness", cfg.max_staleness, 0)
+    if cfg.mode == "async" and cfg.max_staleness != 1:
+        raise ConfigError("max_staleness", f"{cfg.max_staleness} with mode=async; allowed: 1 (rollouts one step ahead)")

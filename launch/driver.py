@@ -1,0 +1,207 @@
+"""The RL loop, top to bottom: prompts -> rollouts -> rewards -> advantages -> train ->
+weight sync -> log -> checkpoint.
+
+Synchronous mode generates step k's batch with the weights of step k. Asynchronous
+mode (max_staleness=1) generates step k+1's batch while the trainer works on step k,
+so trajectories are one policy version behind; their rollout log-probs are the
+behaviour policy's, and CISPO's IS weight corrects for the lag.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from cispo.batch import Trajectory
+from cispo.config import Config
+from launch.batching import assign_advantages, shape_rewards, split_groups
+from launch.checkpoints import CheckpointDir
+from launch.cluster import init_ray
+from launch.config import to_dataclass
+from launch.data import PromptDataset
+from launch.loggers import MetricLogger
+from launch.report import Progress, plot_curves, print_summary, read_metrics
+from launch.rollout_metrics import rollout_metrics, sample_rows
+from launch.system import RLSystem
+from launch.tiny_model import resolve_model_path
+from launch.warmup import warm_start
+
+log = logging.getLogger("cispo")
+
+
+class Preempted(Exception):
+    """SIGTERM arrived (Slurm preemption or time limit): checkpoint taken, exit for requeue."""
+
+
+class StopFlag:
+    def __init__(self) -> None:
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._on_term)
+
+    def _on_term(self, signum, frame) -> None:
+        log.warning("SIGTERM received: will checkpoint at the end of this step and exit")
+        self.requested = True
+
+
+def collect_step_batch(system: RLSystem, dataset: PromptDataset, conf: Config, group_counter: list[int]):
+    """Generate, score and filter until the step has its batch (or refills run out)."""
+    a = conf.algorithm
+    need = conf.data.rollout_batch_size // a.group_size
+    kept: list[list[Trajectory]] = []
+    stats = {"dropped_groups": 0, "refills": 0, "reward_failures": 0, "generated": [], "gen_s": 0.0, "reward_s": 0.0}
+    while True:
+        items = dataset.next_batch(need - len(kept))
+        gids = list(range(group_counter[0], group_counter[0] + len(items)))
+        group_counter[0] += len(items)
+        t0 = time.perf_counter()
+        trajs = system.generate(items, gids, a.group_size)
+        t1 = time.perf_counter()
+        stats["reward_failures"] += system.score(trajs, items)
+        stats["gen_s"] += t1 - t0
+        stats["reward_s"] += time.perf_counter() - t1
+        shape_rewards(trajs, a, conf.rollout.max_new_tokens)
+        stats["generated"].extend(trajs)
+        groups = split_groups(trajs, drop_flat=a.dynamic_sampling)
+        kept.extend(groups.kept)
+        stats["dropped_groups"] += groups.dropped
+        if len(kept) >= need or not a.dynamic_sampling or stats["refills"] >= a.max_refills:
+            break
+        stats["refills"] += 1
+    batch = [t for g in kept[:need] for t in g]
+    assign_advantages(batch, a)
+    return batch, stats
+
+
+def run(cfg: DictConfig) -> Path:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    conf = to_dataclass(cfg)
+    out = Path(conf.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    random.seed(conf.seed)
+    torch.manual_seed(conf.seed)
+    stop = StopFlag()
+    ckpt = CheckpointDir(out / "checkpoints", keep=conf.trainer.keep_checkpoints)
+    logger = MetricLogger(conf.logger.backends, out, conf.logger.project, conf.logger.run_name,
+                          config=OmegaConf.to_container(cfg, resolve=True))
+
+    model_path = resolve_model_path(conf.model.path)
+    latest = ckpt.latest() if conf.resume else None
+    if latest is None and conf.warmup.steps:
+        model_path = run_warmup(conf, model_path, out, logger)
+    elif latest is not None and (out / "warmup_model").exists():
+        model_path = str(out / "warmup_model")
+
+    dataset = PromptDataset(conf.data, model_path, seed=conf.seed)
+    init_ray(conf.cluster.address)
+    system = RLSystem(conf, model_path)
+    start = 0
+    try:
+        if latest is not None:
+            start = system.restore(latest)
+            dataset.load_state_dict(json.loads((latest / "driver_state.json").read_text())["data"])
+            log.info("resumed from checkpoint step %d (%s)", start, latest)
+        loop(system, dataset, conf, logger, ckpt, stop, start)
+    except Preempted:
+        logger.finish()
+        system.shutdown()
+        raise SystemExit(143)  # 128 + SIGTERM: Slurm's requeue path restarts the job
+    rows = read_metrics(out / "metrics.jsonl")
+    print_summary(rows)
+    plot = plot_curves(rows, out / "curves.png")
+    log.info("plot written to %s", plot)
+    logger.finish()
+    system.shutdown()
+    return out
+
+
+def run_warmup(conf: Config, model_path: str, out: Path, logger: MetricLogger) -> str:
+    from launch.tasks import get_task
+
+    task = get_task(conf.data.path.split(":", 1)[1])
+    rows = task.generate(conf.warmup.examples, conf.data.difficulty, seed=conf.seed + 1)
+    answers = [r["answer"] for r in rows]
+    random.Random(conf.seed).shuffle(answers)  # the format, not the answers
+    eos = "<eos>"
+    examples = [(r["prompt"], f"{a}{eos}") for r, a in zip(rows, answers)]
+    log.info("warm-start: %d steps on %d format examples (answers shuffled)", conf.warmup.steps, len(examples))
+
+    def on_step(step: int, loss: float) -> None:
+        if step % 20 == 0 or step == conf.warmup.steps - 1:
+            logger.log(-conf.warmup.steps + step, {"warmup/loss": loss})
+
+    return warm_start(model_path, examples, out, conf.warmup.steps, conf.warmup.lr, conf.warmup.batch_size,
+                      conf.seed, on_step)
+
+
+def loop(system: RLSystem, dataset: PromptDataset, conf: Config, logger: MetricLogger,
+         ckpt: CheckpointDir, stop: StopFlag, start: int) -> None:
+    asynchronous = conf.mode == "async"
+    counter = [start * conf.data.rollout_batch_size]
+    progress = Progress(total=conf.steps, initial=start)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout")
+    pending = pool.submit(collect_step_batch, system, dataset, conf, counter)
+    try:
+        for step in range(start, conf.steps):
+            t_step = time.perf_counter()
+            batch, stats = pending.result()
+            t_ready = time.perf_counter()
+            last = step == conf.steps - 1
+            if asynchronous and not last:
+                # rollouts for step+1 run on the current weights while we train
+                pending = pool.submit(collect_step_batch, system, dataset, conf, counter)
+            t0 = time.perf_counter()
+            train = system.train(batch) if batch else {}
+            t_train = time.perf_counter() - t0
+            t_wait = 0.0
+            if asynchronous and not last:
+                t0 = time.perf_counter()
+                wait([pending])  # engines must be idle before their weights change
+                t_wait = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            system.sync_weights(version=step + 1)
+            t_sync = time.perf_counter() - t0
+            if not asynchronous and not last:
+                pending = pool.submit(collect_step_batch, system, dataset, conf, counter)
+
+            step_time = time.perf_counter() - t_step
+            metrics = {
+                **rollout_metrics(stats, batch, trainer_version=step),
+                **{k if "/" in k else f"train/{k}": v for k, v in train.items()},
+                "perf/generate_s": stats["gen_s"],
+                "perf/reward_s": stats["reward_s"],
+                "perf/train_s": t_train,
+                "perf/sync_s": t_sync,
+                "perf/idle_s": (t_ready - t_step) if not asynchronous else t_wait,
+                "perf/step_time_s": step_time,
+                "perf/tokens_per_s": sum(t.num_tokens for t in stats["generated"]) / max(step_time, 1e-9),
+                "policy/version": step + 1,
+            }
+            logger.log(step, metrics)
+            if conf.logger.samples_every and step % conf.logger.samples_every == 0:
+                logger.log_samples(step, sample_rows(batch, system.tokenizer, limit=8))
+            progress.update(metrics)
+            due = conf.trainer.save_every and (step + 1) % conf.trainer.save_every == 0
+            if due or last or stop.requested:
+                save(system, dataset, ckpt, step + 1)
+            if stop.requested and not last:
+                raise Preempted()
+    finally:
+        progress.close()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def save(system: RLSystem, dataset: PromptDataset, ckpt: CheckpointDir, step: int) -> None:
+    folder = ckpt.begin(step)
+    system.save(folder, step)
+    (folder / "driver_state.json").write_text(json.dumps({"step": step, "data": dataset.state_dict()}))
+    ckpt.commit(folder)
