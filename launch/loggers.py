@@ -10,6 +10,7 @@ import json
 import logging
 import netrc
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,8 @@ class WandbSink:
         import wandb
 
         id_file = output_dir / "wandb_run_id"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        # our own id (wandb's helper moved between releases): 8 base-36 chars, as wandb makes them
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
         id_file.write_text(run_id)
         mode = os.environ.get("WANDB_MODE") or ("online" if _wandb_has_key() else "offline")
         os.environ.setdefault("WANDB_SILENT", "true")
