@@ -1,0 +1,247 @@
+"""The trainer as the driver sees it: N data-parallel ranks in Ray actors.
+
+    group = TrainerGroup(model_path, trainer_cfg, algorithm_cfg, num_ranks=2)
+    metrics = group.train_step(trajectories)      # all updates of one RL step
+    plan = group.weight_sync_plan(bucket_mb=64)   # then, with the rollout side:
+    ray.get([group.init_weight_sync(host, port, world_size), *rollout_inits])
+    ray.get([*group.broadcast_weights(plan), *rollout_receives])
+    group.save_checkpoint(dir); group.export_hf(dir); group.shutdown()
+
+One RL step (`train_step`): optionally recompute pi_old on the whole batch, then for
+each epoch and each mini-batch one optimizer update, its sequences dealt to the ranks
+and packed into token-budget micro-batches (trainer.packing). The loss of every token is
+normalised by the update's global count (cispo.aggregation), so the update's gradient
+is that of the whole mini-batch however it is split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+
+from cispo.aggregation import count_loss_seqs
+from cispo.batch import PackedBatch, Trajectory, pack
+from cispo.config import AlgorithmConfig, TrainerConfig
+from cispo.metrics import finalize_stats, merge_stats, mismatch_metrics
+from cispo.weight_sync import ParamMeta, unflatten_bucket
+from trainer import checkpoint as ckpt
+from trainer.packing import minibatches, plan_micro_batches, token_index
+from trainer.worker import TrainerWorker
+
+_REPO_ROOT = str(Path(__file__).resolve().parents[1])
+
+
+class TrainerGroup:
+    def __init__(
+        self,
+        model_path: str,
+        trainer_cfg: TrainerConfig | None = None,
+        algorithm_cfg: AlgorithmConfig | None = None,
+        num_ranks: int | None = None,
+        temperature: float = 1.0,
+        seed: int = 0,
+        num_cpus_per_rank: float = 1,
+        num_gpus_per_rank: float = 0,
+        attn_implementation: str | None = None,
+        dist_backend: str | None = None,
+    ):
+        import os
+
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.cfg = trainer_cfg or TrainerConfig()
+        self.algorithm_cfg = algorithm_cfg or AlgorithmConfig()
+        self.num_ranks = int(num_ranks or self.cfg.num_ranks)
+        self.model_path = model_path
+        self.step = 0  # RL steps done (train_step calls)
+
+        bundle = {"CPU": num_cpus_per_rank, **({"GPU": num_gpus_per_rank} if num_gpus_per_rank else {})}
+        self._pg = placement_group([dict(bundle) for _ in range(self.num_ranks)], strategy="PACK")
+        ray.get(self._pg.ready())
+        pythonpath = os.pathsep.join(p for p in (_REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p)
+        actor_cls = ray.remote(TrainerWorker)
+        # All actors are created before any is waited on: setup() blocks in
+        # init_distributed until every rank has joined.
+        self.workers = [
+            actor_cls.options(
+                num_cpus=num_cpus_per_rank, num_gpus=num_gpus_per_rank,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=r),
+                runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+            ).remote(r, self.num_ranks, model_path, dataclasses.asdict(self.cfg),
+                     dataclasses.asdict(self.algorithm_cfg), temperature, seed, attn_implementation)
+            for r in range(self.num_ranks)
+        ]
+        host, port = ray.get(self.workers[0].address.remote())
+        infos = ray.get([w.setup.remote(host, port, dist_backend) for w in self.workers])
+        self.num_params = infos[0]["num_params"]
+
+    def _all(self, method: str, *per_rank_args, same=()):
+        """Call `method` on every rank at once and wait; per_rank_args are lists indexed by rank."""
+        import ray
+
+        refs = [getattr(w, method).remote(*(a[r] for a in per_rank_args), *same) for r, w in enumerate(self.workers)]
+        return ray.get(refs)
+
+    # ---- training -----------------------------------------------------------------------
+
+    def train_step(self, trajectories: list[Trajectory] | PackedBatch) -> dict[str, float]:
+        """All optimizer updates of one RL step; returns metrics keyed `train/...`."""
+        t0 = time.perf_counter()
+        batch = trajectories if isinstance(trajectories, PackedBatch) else pack(trajectories)
+        metrics: dict[str, float] = {}
+        if self.cfg.old_logprobs == "recompute":
+            current = self._forward_logprobs(batch)
+            metrics.update({f"train/mismatch_{k}": v for k, v in
+                            mismatch_metrics(current, batch.old_logprobs, batch.loss_mask).items()})
+            batch = dataclasses.replace(batch, old_logprobs=current)
+        stats: dict[str, float] = {}
+        grad_norms, lr, updates, losses = [], 0.0, 0, 0.0
+        for epoch in range(self.cfg.epochs):
+            for seq_ids in minibatches(batch.num_seqs, self.cfg.mini_batch_size):
+                idx = token_index(batch, seq_ids)
+                mask = batch.loss_mask[idx]
+                num_tokens = int(mask.sum())
+                if num_tokens == 0:
+                    continue  # nothing to learn from: no update (Adam would still move)
+                num_seqs = count_loss_seqs(mask, batch.seq_index[idx])
+                plans, _ = plan_micro_batches(batch, seq_ids, self.num_ranks, self.cfg.micro_batch_tokens)
+                # pi_theta on the first update is the rollout's policy (when on-policy): the
+                # moment to measure the train/rollout mismatch
+                want_lp = updates == 0 and self.cfg.old_logprobs == "rollout"
+                results = self._all("train_micro_batches", plans, same=(num_tokens, num_seqs, want_lp))
+                update_stats: dict[str, float] = {}
+                for res in results:
+                    merge_stats(update_stats, res["stats"])
+                merge_stats(stats, update_stats)
+                losses += update_stats["loss"]
+                grad_norms.append(results[0]["grad_norm"])
+                lr = results[0]["lr"]
+                updates += 1
+                if want_lp:
+                    t = torch.cat([r["train_logprobs"] for r in results])
+                    o = torch.cat([r["old_logprobs"] for r in results])
+                    metrics.update({f"train/mismatch_{k}": v for k, v in
+                                    mismatch_metrics(t, o, torch.ones_like(t, dtype=torch.bool)).items()})
+        self.step += 1
+        metrics.update({f"train/{k}": v for k, v in finalize_stats(stats).items()})
+        metrics.update({
+            "train/loss": losses / max(updates, 1),
+            "train/grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
+            "train/grad_norm_max": max(grad_norms, default=0.0),
+            "train/lr": lr,
+            "train/updates": float(updates),
+            "train/loss_tokens": float(batch.num_loss_tokens),
+            "train/tokens": float(batch.num_tokens),
+            "train/step_time_s": time.perf_counter() - t0,
+        })
+        return metrics
+
+    def _forward_logprobs(self, batch: PackedBatch) -> torch.Tensor:
+        """[T] log-probs of batch.targets where batch.loss_mask (0 elsewhere), current weights."""
+        plans, ids = plan_micro_batches(batch, list(range(batch.num_seqs)), self.num_ranks,
+                                        self.cfg.micro_batch_tokens)
+        results = self._all("compute_logprobs", plans)
+        out = torch.zeros(batch.num_tokens, dtype=torch.float32)
+        for rank_out, rank_ids in zip(results, ids):
+            for lp, seq_ids in zip(rank_out, rank_ids):
+                if seq_ids:  # fillers carry nothing
+                    out[token_index(batch, seq_ids)] = lp
+        return out
+
+    def compute_logprobs(self, trajectories: list[Trajectory]) -> list[torch.Tensor]:
+        """Per trajectory, the current policy's fp32 log-probs of its response tokens
+        (temperature applied, every response token, response_mask ignored)."""
+        unmasked = [dataclasses.replace(t, response_mask=None) for t in trajectories]
+        batch = pack(unmasked)
+        full = self._forward_logprobs(batch)
+        cu = batch.cu_seqlens.tolist()
+        return [full[cu[i] + len(t.prompt_ids) - 1: cu[i] + len(t.prompt_ids) - 1 + len(t.response_ids)]
+                for i, t in enumerate(unmasked)]
+
+    # ---- checkpoints --------------------------------------------------------------------
+
+    def save_checkpoint(self, root: str) -> str:
+        """Full state (weights, optimizer, scheduler, RNG, step) as `root/step_XXXXXXXX`;
+        keeps the newest `keep_checkpoints`."""
+        tag = ckpt.step_tag(self.step)
+        self._all("save_checkpoint", same=(str(root), tag, {"step": self.step}))
+        return str(Path(root) / tag)
+
+    def load_checkpoint(self, root: str, tag: str | None = None) -> int | None:
+        """Resume from `tag` (default: the newest complete one); returns its step, or None
+        when there is none."""
+        tags = ckpt.list_tags(root)
+        if tag is None:
+            if not tags:
+                return None
+            tag = tags[-1]
+        states = self._all("load_checkpoint", same=(str(root), tag))
+        self.step = int(states[0]["step"])
+        return self.step
+
+    def export_hf(self, out_dir: str, bucket_mb: float = 512) -> str:
+        """A Hugging Face folder (safetensors, config, tokenizer) of the current policy."""
+        self._all("export_hf", same=(str(out_dir), bucket_mb))
+        return str(out_dir)
+
+    # ---- weights out --------------------------------------------------------------------
+
+    def weight_sync_plan(self, bucket_mb: float = 64) -> list[list[ParamMeta]]:
+        import ray
+
+        return ray.get(self.workers[0].weight_sync_plan.remote(bucket_mb))
+
+    def sync_address(self) -> tuple[str, int]:
+        """rank 0's node IP and a free port there: rank 0 hosts the sync group's store."""
+        import ray
+
+        return ray.get(self.workers[0].address.remote())
+
+    def init_weight_sync(self, host: str, port: int, world_size: int, backend: str = "gloo"):
+        """Non-blocking: returns the ObjectRef of rank 0 joining the sync group as rank 0;
+        ray.get it together with the rollout actors' init_weight_sync."""
+        return self.workers[0].init_weight_sync.remote(host, port, world_size, backend)
+
+    def broadcast_weights(self, plan: list[list[ParamMeta]]) -> list:
+        """Non-blocking: ObjectRefs of every rank walking the plan (rank 0 broadcasts each
+        bucket, the others help gather it under ZeRO-3); ray.get them together with the
+        rollout actors' receive_weights. Rank 0's result is the number of bytes sent."""
+        return [w.broadcast_weights.remote(plan) for w in self.workers]
+
+    def get_weights_ref(self, plan: list[list[ParamMeta]]):
+        """Object-store path: an ObjectRef to rank 0's [(bucket, flat CPU tensor), ...]
+        (pass it to rollout actors as is; the driver need not fetch it)."""
+        import ray
+
+        refs = [w.get_weights.remote(plan) for w in self.workers]
+        ray.wait(refs, num_returns=len(refs), fetch_local=False)
+        return refs[0]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Full weights on the driver (tests, debugging): HF parameter names -> CPU tensors."""
+        import ray
+
+        buckets = ray.get(self.get_weights_ref(self.weight_sync_plan(1024)))
+        return {name: t.clone() for bucket, flat in buckets for name, t in unflatten_bucket(flat, bucket)}
+
+    # ---- exit ---------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        if not self.workers:
+            return
+        try:
+            self._all("shutdown")
+        finally:
+            # a graceful actor exit (atexit handlers run) rather than ray.kill's SIGKILL
+            ray.wait([w.__ray_terminate__.remote() for w in self.workers],
+                     num_returns=len(self.workers), timeout=60)
+            remove_placement_group(self._pg)
+            self.workers = []
