@@ -53,7 +53,7 @@ from typing import Any, Mapping, Optional, Sequence
 from rewards.registry import RewardFunctionError, get_entry, get_reward_fn
 from rewards.remote import BACKOFF_BASE_S
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("cispo.rewards")
 
 REWARD_CONFIG_FIELDS = ("functions", "weights", "timeout_s", "num_workers", "url", "max_retries", "max_concurrency")
 MAX_LOGGED_FAILURES = 20  # per score() call; the rest are summarised in one line
@@ -232,12 +232,14 @@ class RewardScorer:
         self._wake_r, self._wake_w = mp.Pipe(duplex=False)
         self._wake_lock = threading.Lock()
         self._closed = False
+        self._stop = threading.Event()
         self._workers: list[_Worker] = []
+        self.restarts = 0  # workers killed and replaced (timeouts, crashes)
         self._loop = threading.Thread(target=self._run, name="cispo-reward-scorer", daemon=True)
         self._loop.start()
-        self._finalizer = weakref.finalize(self, RewardScorer._shutdown, self._loop, self._wake_w, self._wake_lock,
-                                           self._state)
-        self.restarts = 0  # workers killed and replaced (timeouts, crashes)
+        # Runs on close() or at interpreter exit: stop the loop, which kills the workers.
+        self._finalizer = weakref.finalize(self, RewardScorer._shutdown, self._loop, self._stop, self._wake_w,
+                                           self._wake_lock)
 
     # ---------------------------------------------------------------- public API
 
@@ -310,16 +312,9 @@ class RewardScorer:
             except (OSError, ValueError):
                 pass
 
-    @property
-    def _state(self) -> dict:
-        # Shared with the shutdown finalizer without keeping `self` alive.
-        if not hasattr(self, "_shared"):
-            self._shared = {"stop": False}
-        return self._shared
-
     @staticmethod
-    def _shutdown(loop: threading.Thread, wake_w, lock: threading.Lock, state: dict) -> None:
-        state["stop"] = True
+    def _shutdown(loop: threading.Thread, stop: threading.Event, wake_w, lock: threading.Lock) -> None:
+        stop.set()
         with lock:
             try:
                 wake_w.send_bytes(b"s")
@@ -370,7 +365,6 @@ class RewardScorer:
 
     def _run(self) -> None:
         """The scorer's own thread: hands tasks to workers, collects results, enforces timeouts."""
-        state = self._state
         pending: collections.deque[_Task] = collections.deque()
         io_running: list[_Task] = []
         if self._needs_procs:
@@ -379,7 +373,7 @@ class RewardScorer:
             except Exception as e:  # noqa: BLE001
                 logger.error("cannot start reward worker processes: %s", e)
         try:
-            while not state["stop"]:
+            while not self._stop.is_set():
                 # 1. new jobs
                 while True:
                     try:
@@ -458,9 +452,9 @@ class RewardScorer:
                     if w.task is not None and now - w.task.started > self.timeout_s:
                         task, w.task = w.task, None
                         w.kill()
-                        self._finish(task, False, f"timeout after {self.timeout_s:g}s (worker killed)")
                         self._workers[k] = self._spawn()
                         self.restarts += 1
+                        self._finish(task, False, f"timeout after {self.timeout_s:g}s (worker killed)")
                 for t in io_running:
                     if t.started and not t.done and now - t.started > self.io_timeout_s:
                         self._finish(t, False, f"timeout after {self.io_timeout_s:g}s (abandoned)")
