@@ -11,7 +11,8 @@ The child is ``python -I`` in a fresh temporary working directory, in its own pr
 session, with a minimal environment and resource limits set in ``preexec_fn``:
 RLIMIT_AS (``memory_mb``, default 512), RLIMIT_CPU (``time_limit_s`` + 1), RLIMIT_FSIZE
 (16 MiB), RLIMIT_CORE (0); a wall-clock limit of ``time_limit_s`` (default 5 s) kills the
-whole process group. Both limits can be set per row in metadata (``time_limit_s``,
+whole process group. Each test that passes is reported as it finishes, so tests passed
+before a later one hangs still count. Both limits can be set per row in metadata (``time_limit_s``,
 ``memory_mb``); keep ``time_limit_s`` below ``reward.timeout_s``. This bounds accidents
 (infinite loops, memory bombs, runaway output), it is not a security sandbox against
 hostile code: the child can still use the network and read the file system.
@@ -225,7 +226,10 @@ def _run_from_sample(response: str, answer: Optional[str], metadata: dict) -> Co
 
 @register("code")
 def code_reward(prompt: str, response: str, answer: Optional[str], metadata: dict) -> float:
-    """Fraction of the tests the response's code passes (0 on timeout / memory limit / crash)."""
+    """Fraction of the tests the response's code passes.
+
+    Tests that passed before a limit was hit (time, memory) or the child crashed still count.
+    """
     result = _run_from_sample(response, answer, metadata)
     if result.status == "no_tests":
         raise ValueError("code reward: the sample has no tests (metadata['tests'] or answer)")
