@@ -254,6 +254,10 @@ class RolloutEngine:
             "startup_s": self.startup_s,
         }
 
+    def probe(self) -> list[dict[str, Any]]:
+        """Per TP worker: the vLLM internals `rollout/` relies on, as found (tests)."""
+        return self._compat.collective_rpc(self.llm, "cispo_probe")
+
     def ping(self) -> str:
         return "ok"
 

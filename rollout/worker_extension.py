@@ -123,7 +123,22 @@ class CispoWorkerExtension:
             for _ in gen:
                 pass
 
-    def cispo_pid(self) -> int:
-        import os
+    def cispo_probe(self) -> dict[str, Any]:
+        """The vLLM internals this extension relies on, as seen in the live worker."""
+        import inspect
 
-        return os.getpid()
+        model = compat.worker_model(self)
+        head = compat.lm_head(model)
+        lp = model.logits_processor
+        return {
+            "model": type(model).__name__,
+            "lm_head": type(head).__name__,
+            "head_rows": compat.head_shard_rows(head),
+            "head_dtype": str(head.weight.dtype),
+            "tp": compat.tp_rank_and_size(),
+            "logits_processor_ok": all(hasattr(lp, a) for a in ("org_vocab_size", "soft_cap", "scale", "_gather_logits")),
+            "reload_weights_ok": "weights_iterator" in inspect.signature(self.reload_weights).parameters
+            or "kwargs" in inspect.signature(self.reload_weights).parameters,
+            "fp32_head_installed": "compute_logits" in model.__dict__,
+            "pid": __import__("os").getpid(),
+        }
