@@ -10,7 +10,8 @@ left by the solution code; a test passes when it runs without raising.
 The child is ``python -I`` in a fresh temporary working directory, in its own process
 session, with a minimal environment and resource limits set in ``preexec_fn``:
 RLIMIT_AS (``memory_mb``, default 512), RLIMIT_CPU (``time_limit_s`` + 1), RLIMIT_FSIZE
-(16 MiB), RLIMIT_CORE (0); a wall-clock limit of ``time_limit_s`` (default 5 s) kills the
+(16 MiB), RLIMIT_CORE (0), and on Linux PR_SET_PDEATHSIG so it dies with the reward
+worker that started it (e.g. when the scorer kills a worker at its timeout); a wall-clock limit of ``time_limit_s`` (default 5 s) kills the
 whole process group. Each test that passes is reported as it finishes, so tests passed
 before a later one hangs still count. Both limits can be set per row in metadata (``time_limit_s``,
 ``memory_mb``); keep ``time_limit_s`` below ``reward.timeout_s``. This bounds accidents
@@ -116,10 +117,23 @@ def split_tests(tests: Union[str, Sequence[str], None]) -> list[str]:
     return [str(t) for t in tests]
 
 
-def _limits(time_limit_s: float, memory_mb: int):
-    def apply() -> None:
-        import resource
+def _libc_prctl():
+    try:
+        import ctypes
 
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return None
+
+
+def _limits(time_limit_s: float, memory_mb: int):
+    import resource
+
+    prctl = _libc_prctl()
+
+    def apply() -> None:
+        if prctl is not None:
+            prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the reward worker if it is killed
         cpu = int(math.ceil(time_limit_s)) + 1
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
         mem = int(memory_mb) << 20

@@ -365,129 +365,128 @@ class RewardScorer:
 
     def _run(self) -> None:
         """The scorer's own thread: hands tasks to workers, collects results, enforces timeouts."""
-        pending: collections.deque[_Task] = collections.deque()
-        io_running: list[_Task] = []
-        if self._needs_procs:
-            try:
-                self._workers = [self._spawn() for _ in range(self.num_workers)]
-            except Exception as e:  # noqa: BLE001
-                logger.error("cannot start reward worker processes: %s", e)
+        self._pending: collections.deque[_Task] = collections.deque()
+        self._io_running: list[_Task] = []
+        err: BaseException = RuntimeError("RewardScorer was closed before scoring finished")
         try:
+            if self._needs_procs:
+                self._workers = [self._spawn() for _ in range(self.num_workers)]
             while not self._stop.is_set():
-                # 1. new jobs
-                while True:
-                    try:
-                        job = self._jobs.get_nowait()
-                    except queue.Empty:
-                        break
-                    for i in range(len(job.samples)):
-                        for j in range(len(self.names)):
-                            task = _Task(job, i, j)
-                            if j in self._io_fns:
-                                io_running.append(task)
-                                self._threads.submit(self._run_io, task, self._io_fns[j])
-                            else:
-                                pending.append(task)
-                # 2. io results
-                while True:
-                    try:
-                        task, ok, value = self._io_done.get_nowait()
-                    except queue.Empty:
-                        break
-                    self._finish(task, ok, value)
-                io_running = [t for t in io_running if not t.done]
-                # 3. hand out tasks to idle workers (replacing dead ones)
-                for k, w in enumerate(self._workers):
-                    if w.task is None and not w.alive():
-                        w.kill()
-                        self._workers[k] = w = self._spawn()
-                        self.restarts += 1
-                    while w.task is None and pending:
-                        task = pending.popleft()
-                        if task.done:
-                            continue
-                        try:
-                            w.conn.send((id(task), self.names[task.fn], task.job.samples[task.sample]))
-                        except Exception as e:  # noqa: BLE001 - unpicklable sample, broken pipe
-                            self._finish(task, False, f"cannot send sample to worker: {type(e).__name__}: {e}")
-                            if isinstance(e, (OSError, EOFError)):
-                                w.kill()
-                                self._workers[k] = w = self._spawn()
-                                self.restarts += 1
-                            continue
-                        task.started = time.monotonic()
-                        w.task = task
-                if pending and not self._workers:
-                    while pending:
-                        self._finish(pending.popleft(), False, "no reward worker process could be started")
-                # 4. wait for results, a wake-up, or the next deadline
-                now = time.monotonic()
-                deadlines = [w.task.started + self.timeout_s for w in self._workers if w.task is not None]
-                deadlines += [t.started + self.io_timeout_s for t in io_running if t.started and not t.done]
-                timeout = max(0.0, min(deadlines) - now) if deadlines else None
-                busy = {w.conn: w for w in self._workers if w.task is not None}
-                ready = mp_wait(list(busy) + [self._wake_r], timeout)
-                for conn in ready:
-                    if conn is self._wake_r:
-                        try:
-                            while self._wake_r.poll():
-                                self._wake_r.recv_bytes()
-                        except (EOFError, OSError):
-                            pass
-                        continue
-                    w = busy[conn]
-                    task, w.task = w.task, None
-                    try:
-                        task_id, ok, value = conn.recv()
-                        self._finish(task, ok, value)
-                    except (EOFError, OSError):
-                        try:
-                            w.proc.wait(timeout=1)
-                        except subprocess.TimeoutExpired:
-                            pass
-                        self._finish(task, False, f"worker process died (exit code {w.proc.returncode})")
-                # 5. timeouts
-                now = time.monotonic()
-                for k, w in enumerate(self._workers):
-                    if w.task is not None and now - w.task.started > self.timeout_s:
-                        task, w.task = w.task, None
-                        w.kill()
-                        self._workers[k] = self._spawn()
-                        self.restarts += 1
-                        self._finish(task, False, f"timeout after {self.timeout_s:g}s (worker killed)")
-                for t in io_running:
-                    if t.started and not t.done and now - t.started > self.io_timeout_s:
-                        self._finish(t, False, f"timeout after {self.io_timeout_s:g}s (abandoned)")
+                self._take_jobs()
+                self._dispatch()
+                self._wait_and_collect()
+                self._enforce_timeouts()
         except BaseException as e:  # noqa: BLE001 - never leave futures hanging
             logger.exception("reward scorer loop crashed")
             err = e
-        else:
-            err = RuntimeError("RewardScorer was closed before scoring finished")
         finally:
-            for w in self._workers:
-                if w.task is None:
-                    try:
-                        w.conn.send(None)
-                    except Exception:  # noqa: BLE001
-                        pass
-            deadline = time.monotonic() + 1.0
-            for w in self._workers:
-                if w.task is None:
-                    try:
-                        w.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-                    except subprocess.TimeoutExpired:
-                        pass
-                w.kill()
-            if self._threads is not None:
-                self._threads.shutdown(wait=False, cancel_futures=True)
-            # fail whatever is left
-            leftover = list(pending) + io_running + [w.task for w in self._workers if w.task is not None]
-            while True:
-                try:
-                    leftover.extend(_Task(j, 0, 0) for j in [self._jobs.get_nowait()])
-                except queue.Empty:
-                    break
-            for t in leftover:
-                if not t.job.future.done():
-                    t.job.future.set_exception(err)
+            self._stop_workers()
+            for job in self._unfinished_jobs():
+                if not job.future.done():
+                    job.future.set_exception(err)
 
+    def _take_jobs(self) -> None:
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            for i in range(len(job.samples)):
+                for j in range(len(self.names)):
+                    task = _Task(job, i, j)
+                    if j in self._io_fns:
+                        self._io_running.append(task)
+                        self._threads.submit(self._run_io, task, self._io_fns[j])
+                    else:
+                        self._pending.append(task)
+
+    def _replace(self, k: int) -> _Worker:
+        self._workers[k].kill()
+        self._workers[k] = self._spawn()
+        self.restarts += 1
+        return self._workers[k]
+
+    def _dispatch(self) -> None:
+        """Give each idle worker a task (replacing workers that died while idle)."""
+        for k, w in enumerate(self._workers):
+            if w.task is None and not w.alive():
+                w = self._replace(k)
+            while w.task is None and self._pending:
+                task = self._pending.popleft()
+                try:
+                    w.conn.send((id(task), self.names[task.fn], task.job.samples[task.sample]))
+                except Exception as e:  # noqa: BLE001 - unpicklable sample, broken pipe
+                    self._finish(task, False, f"cannot send sample to worker: {type(e).__name__}: {e}")
+                    if isinstance(e, OSError):
+                        w = self._replace(k)
+                    continue
+                task.started = time.monotonic()
+                w.task = task
+
+    def _wait_and_collect(self) -> None:
+        """Block until a worker answers, an io task ends, a job arrives, or the next deadline."""
+        deadlines = [w.task.started + self.timeout_s for w in self._workers if w.task is not None]
+        deadlines += [t.started + self.io_timeout_s for t in self._io_running if t.started and not t.done]
+        timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+        busy = {w.conn: w for w in self._workers if w.task is not None}
+        for conn in mp_wait(list(busy) + [self._wake_r], timeout):
+            if conn is self._wake_r:
+                while self._wake_r.poll():
+                    self._wake_r.recv_bytes()
+                continue
+            w = busy[conn]
+            task, w.task = w.task, None
+            try:
+                _, ok, value = conn.recv()
+                self._finish(task, ok, value)
+            except (EOFError, OSError):
+                try:
+                    w.proc.wait(timeout=1)
+                except subprocess.TimeoutExpired:
+                    pass
+                self._finish(task, False, f"worker process died (exit code {w.proc.returncode})")
+        while True:
+            try:
+                task, ok, value = self._io_done.get_nowait()
+            except queue.Empty:
+                break
+            self._finish(task, ok, value)
+        self._io_running = [t for t in self._io_running if not t.done]
+
+    def _enforce_timeouts(self) -> None:
+        now = time.monotonic()
+        for k, w in enumerate(self._workers):
+            if w.task is not None and now - w.task.started > self.timeout_s:
+                task, w.task = w.task, None
+                self._replace(k)  # SIGKILL: the only way to stop a hung function
+                self._finish(task, False, f"timeout after {self.timeout_s:g}s (worker killed)")
+        for t in self._io_running:
+            if t.started and not t.done and now - t.started > self.io_timeout_s:
+                self._finish(t, False, f"timeout after {self.io_timeout_s:g}s (abandoned)")
+
+    def _stop_workers(self) -> None:
+        for w in self._workers:
+            if w.task is None:
+                try:
+                    w.conn.send(None)  # ask idle workers to exit
+                except Exception:  # noqa: BLE001
+                    pass
+        deadline = time.monotonic() + 1.0
+        for w in self._workers:
+            if w.task is None:
+                try:
+                    w.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+            w.kill()
+        if self._threads is not None:
+            self._threads.shutdown(wait=False, cancel_futures=True)
+
+    def _unfinished_jobs(self) -> list[_Job]:
+        jobs = [t.job for t in self._pending] + [t.job for t in self._io_running]
+        jobs += [w.task.job for w in self._workers if w.task is not None]
+        while True:
+            try:
+                jobs.append(self._jobs.get_nowait())
+            except queue.Empty:
+                return jobs

@@ -62,3 +62,30 @@ def test_extract_code_and_split_tests():
     assert split_tests('["assert f()", "assert g()"]') == ["assert f()", "assert g()"]
     assert split_tests("assert a\n\nassert b") == ["assert a", "assert b"]
     assert split_tests("for i in range(3):\n    assert f(i)") == ["for i in range(3):\n    assert f(i)"]
+
+
+def test_scorer_timeout_also_kills_the_code_child(tmp_path):
+    import os
+
+    from cispo.config import RewardConfig
+    from rewards import RewardScorer
+
+    pid_file = tmp_path / "child.pid"
+    code = f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(60)\n"
+    with RewardScorer(RewardConfig(functions=["code"], timeout_s=1.0, num_workers=1)) as scorer:
+        res = scorer.score([{"prompt": "", "response": code, "answer": None,
+                             "metadata": {"tests": TESTS, "time_limit_s": 60}}])
+    assert res.rewards == [0.0] and "timeout after 1s" in res.failures[0][2]
+    pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":  # dead, waiting to be reaped
+                    break
+        except (ProcessLookupError, FileNotFoundError):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"code child {pid} outlived its killed reward worker")
