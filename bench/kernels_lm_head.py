@@ -5,10 +5,12 @@ For each (H, T) with V = 151,936: forward time, forward+backward time, peak extr
 max |log p - log p_float64| on a subset of rows, for the fused Triton modes and for
 naive torch fp32 / bf16 and Liger-Kernel's fused linear cross entropy (if importable).
 
-Inputs: hidden ~ N(0, 1), weight ~ N(0, (2/sqrt(H))^2) so logits have std ~2, temperature
-1.0, uniform random targets. fp32/bf16x3/tf32x3 and the fp32 baselines get the fp32
-tensors; bf16 modes get bf16 copies (what a bf16 trainer holds). The float64 reference is
-always computed from the fp32 tensors, so bf16 errors include the rounding of the inputs.
+Inputs: hidden ~ N(0, 1) rounded to bf16 values (hidden states out of a bf16 model),
+weight ~ N(0, (2/sqrt(H))^2) in fp32 (an fp32 LM-head copy) so logits have std ~2,
+temperature 1.0, uniform random targets. fp32/tf32x3 and the fp32 baselines get fp32
+tensors (hidden upcast); bf16x3 gets the bf16 hidden and fp32 weight (it then splits the
+weight in three bf16 parts: exact products); bf16 modes get bf16 copies of both. The float64
+reference uses the same values, so bf16 errors include the rounding of the weight.
 
 Usage: python bench/kernels_lm_head.py --out results.json [--T 4096 16384 65536] [--H 1536 4096]
 """
@@ -118,7 +120,7 @@ def gpu_correctness(modes):
     """Small ragged shape, fwd + bwd with entropy and temperature, vs float64 autograd."""
     torch.manual_seed(1234)
     T, V, H, temp = 300, 5003, 200, 0.8
-    h = torch.randn(T, H, device="cuda")
+    h = torch.randn(T, H, device="cuda").to(torch.bfloat16).float()  # bf16-valued, as in training
     w = torch.randn(V, H, device="cuda") * (2 / math.sqrt(H))
     t = torch.randint(0, V, (T,), device="cuda")
     gl, ge = torch.randn(T, device="cuda"), torch.randn(T, device="cuda")
@@ -127,20 +129,24 @@ def gpu_correctness(modes):
     (lp_ref * gl + ent_ref * ge).sum().backward()
     out = {}
     for mode in modes:
-        for dt in ([torch.float32, torch.bfloat16] if mode == "bf16" else [torch.float32]):
-            hm = h.to(dt).requires_grad_()
-            wm = w.to(dt).requires_grad_()
+        # (hidden dtype, weight dtype) pairs; bf16 hidden exercises bf16x3's exact 3-way split.
+        dts = {"bf16": [(torch.float32,) * 2, (torch.bfloat16,) * 2],
+               "bf16x3": [(torch.float32,) * 2, (torch.bfloat16, torch.float32)]}.get(
+                   mode, [(torch.float32,) * 2])
+        for hdt, wdt in dts:
+            hm = h.to(hdt).detach().clone().requires_grad_()
+            wm = w.to(wdt).detach().clone().requires_grad_()
             lp, ent = lm_head_logprobs(hm, wm, t, temp, True, mode, impl="triton", chunk_tokens=128)
             (lp * gl + ent * ge).sum().backward()
             rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()  # noqa: E731
-            key = f"{mode}/{str(dt).split('.')[-1]}"
+            key = f"{mode}/h:{str(hdt)[6:]}/w:{str(wdt)[6:]}"
             out[key] = dict(
                 logp_max_abs=(lp.double() - lp_ref).abs().max().item(),
                 ent_max_abs=(ent.double() - ent_ref).abs().max().item(),
                 grad_h_rel=rel(hm.grad, hd.grad), grad_w_rel=rel(wm.grad, wd.grad),
                 any_nan=bool(torch.isnan(lp).any() or torch.isnan(ent).any()
                              or torch.isnan(hm.grad).any() or torch.isnan(wm.grad).any()))
-            print(f"check {key:14s} " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+            print(f"check {key:32s} " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                                    for k, v in out[key].items()), flush=True)
     return out
 
@@ -174,8 +180,8 @@ def main():
         w32 = torch.randn(V, H, device="cuda") * (2 / math.sqrt(H))
         w16 = w32.to(torch.bfloat16)
         for T in args.T:
-            h32 = torch.randn(T, H, device="cuda")
-            h16 = h32.to(torch.bfloat16)
+            h16 = torch.randn(T, H, device="cuda").to(torch.bfloat16)
+            h32 = h16.float()
             t = torch.randint(0, V, (T,), device="cuda")
             g = torch.randn(T, device="cuda")
             rows = torch.randperm(T, device="cuda")[: args.ref_rows]
@@ -185,7 +191,7 @@ def main():
             for mode in args.modes:
                 if mode == "fp32" and T > args.fp32_max_T:
                     continue
-                hh, ww = (h16, w16) if mode == "bf16" else (h32, w32)
+                hh, ww = {"bf16": (h16, w16), "bf16x3": (h16, w32)}.get(mode, (h32, w32))
                 methods.append((f"fused_{mode}", fused(mode), hh, ww))
             if liger is not None:
                 methods += [("liger_bf16", liger, h16, w16), ("liger_fp32", liger, h32, w32)]

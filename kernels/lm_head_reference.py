@@ -36,6 +36,16 @@ def mode_matmul(a, b, mode):
     if mode == "bf16":
         return _bf16_values(a) @ _bf16_values(b)
     if mode == "bf16x3":
+        # Same rule as the Triton kernels: an operand stored in bf16 is exact, so the other
+        # one is split in three (all 24 bits, exact products); else both hi/lo (~2^-16).
+        if b.dtype == torch.bfloat16 or a.dtype == torch.bfloat16:
+            exact, other = (b.float(), a) if b.dtype == torch.bfloat16 else (a.float(), b)
+            hi = _bf16_values(other)
+            mid, lo = _split(other.float() - hi)  # hi + mid + lo == other to ~2^-25
+            parts = [lo, mid, hi]
+            if b.dtype == torch.bfloat16:
+                return sum(p @ exact for p in parts)
+            return sum(exact @ p for p in parts)
         a_hi, a_lo = _split(a)
         b_hi, b_lo = _split(b)
         return a_lo @ b_hi + a_hi @ b_lo + a_hi @ b_hi

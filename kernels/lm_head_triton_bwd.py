@@ -8,7 +8,7 @@ With z = logits / temperature, p = softmax(z), lse and entropy Hent saved by the
 
 Design choice (documented because it trades memory for speed and determinism):
 tokens are processed in chunks of C rows (default 1024). For each chunk one kernel recomputes
-the logits tile by tile and writes dlogits[C, V] (fp32, or bf16 in mode bf16: 0.6/0.3 GB at
+the logits tile by tile and writes dlogits^T[V, C] (fp32, or bf16 in mode bf16: 0.6/0.3 GB at
 V=152k); then two tiled matrix-product kernels compute grad_hidden[chunk] and add
 dlogits^T @ hidden[chunk] into an fp32 grad_weight. Backward work is one logits recompute plus
 the two gradient products, the minimum, and there are no atomics: every output element is
@@ -21,14 +21,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .lm_head_triton_common import logits_tile, mma
+from .lm_head_triton_common import logits_tile_t, mma
 from .lm_head_triton_fwd import BF16_TILES, FP32_TILES, make_configs, make_prune
 
 
 @triton.jit
 def _dlogits_kernel(
-    h_ptr, w_ptr, tgt_ptr, lse_ptr, ent_ptr, glogp_ptr, gent_ptr, dl_ptr,
-    T, V, H, stride_ht, stride_hh, stride_wv, stride_wh, stride_dt,
+    h_ptr, w_ptr, tgt_ptr, lse_ptr, ent_ptr, glogp_ptr, gent_ptr, dlt_ptr,
+    T, V, H, stride_ht, stride_hh, stride_wv, stride_wh, stride_dv,
     inv_temp,
     MODE: tl.constexpr, HAS_GENT: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -48,23 +48,25 @@ def _dlogits_kernel(
     cols = vb * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rows < T
     col_ok = cols < V
-    acc = logits_tile(h_ptr, w_ptr, rows, cols, T, V, H, stride_ht, stride_hh,
-                      stride_wv, stride_wh, MODE, BLOCK_T, BLOCK_V, BLOCK_H, INTERPRET)
+    # [BLOCK_V, BLOCK_T] tile (weight as the register operand, see logits_tile_t).
+    acc = logits_tile_t(h_ptr, w_ptr, rows, cols, T, V, H, stride_ht, stride_hh,
+                        stride_wv, stride_wh, MODE, BLOCK_T, BLOCK_V, BLOCK_H, INTERPRET)
     z = acc * inv_temp
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
     g = tl.load(glogp_ptr + rows, mask=row_ok, other=0.0)
-    zc = z - lse[:, None]          # log p
+    zc = z - lse[None, :]          # log p
     p = tl.exp(zc)
-    onehot = (cols[None, :] == tgt[:, None]).to(tl.float32)
-    dz = g[:, None] * (onehot - p)
+    onehot = (cols[:, None] == tgt[None, :]).to(tl.float32)
+    dz = g[None, :] * (onehot - p)
     if HAS_GENT:
         ge = tl.load(gent_ptr + rows, mask=row_ok, other=0.0)
         ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
-        dz -= ge[:, None] * p * (zc + ent[:, None])
+        dz -= ge[None, :] * p * (zc + ent[None, :])
     dl = dz * inv_temp
-    tl.store(dl_ptr + rows[:, None] * stride_dt + cols[None, :],
-             dl.to(dl_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    # Stored as dlogits^T [V, chunk]: contiguous along tokens, the tile's fast axis.
+    tl.store(dlt_ptr + cols[:, None] * stride_dv + rows[None, :],
+             dl.to(dlt_ptr.dtype.element_ty), mask=col_ok[:, None] & row_ok[None, :])
 
 
 @triton.jit
@@ -151,7 +153,7 @@ def lm_head_backward(hidden, weight, targets, lse, ent, g_logp, g_ent, inv_temp,
     # bf16 mode multiplies bf16 operands anyway, so dlogits can be stored in bf16.
     dl_dtype = torch.bfloat16 if mode_id == 1 else torch.float32
     C = min(chunk_tokens, T)
-    dl = torch.empty((C, V), device=dev, dtype=dl_dtype)
+    dlt = torch.empty((V, C), device=dev, dtype=dl_dtype)  # dlogits^T of one chunk
     grad_hidden = torch.empty_like(hidden) if need_grad_hidden else None
     grad_w32 = None
     if need_grad_weight:
@@ -161,7 +163,7 @@ def lm_head_backward(hidden, weight, targets, lse, ent, g_logp, g_ent, inv_temp,
         c1 = min(c0 + C, T)
         n = c1 - c0
         h = hidden[c0:c1]
-        d = dl[:n]
+        d = dlt[:, :n]
         args = (h, weight, targets[c0:c1], lse[c0:c1], ent[c0:c1], g_logp[c0:c1],
                 g_ent[c0:c1], d, n, V, H, h.stride(0), h.stride(1), weight.stride(0),
                 weight.stride(1), d.stride(0), inv_temp)
@@ -173,9 +175,9 @@ def lm_head_backward(hidden, weight, targets, lse, ent, g_logp, g_ent, inv_temp,
             grid = lambda meta: (triton.cdiv(n, meta["BLOCK_T"]) * triton.cdiv(V, meta["BLOCK_V"]),)  # noqa: E731,B023
             _dlogits_tuned[grid](*args, MODE=mode_id, HAS_GENT=has_gent, INTERPRET=False)
         if need_grad_hidden:
-            _matmul(d, weight, grad_hidden[c0:c1], False, mode_id, interpret)
+            _matmul(d.t(), weight, grad_hidden[c0:c1], False, mode_id, interpret)
         if need_grad_weight:
-            _matmul(d.t(), h, grad_w32, c0 > 0, mode_id, interpret)
+            _matmul(d, h, grad_w32, c0 > 0, mode_id, interpret)
     grad_weight = None
     if need_grad_weight:
         grad_weight = grad_w32 if grad_w32.dtype == weight.dtype else grad_w32.to(weight.dtype)

@@ -6,12 +6,14 @@ Precision modes (the `MODE` constexpr of every kernel):
   so Triton does not silently use TF32 (its default for fp32 dots on tensor cores);
   this runs on the FMA units, not the tensor cores, so it is the slow, exact mode.
 * ``MODE_BF16``   operands rounded to bf16, products on bf16 tensor cores, fp32 accumulation.
-* ``MODE_BF16X3`` each fp32 operand x is split as x = hi + lo with hi = bf16(x) and
-  lo = bf16(x - hi); a·b is computed as hi_a·hi_b + hi_a·lo_b + lo_a·hi_b on bf16 tensor
-  cores with fp32 accumulation. The dropped lo·lo term and the split residual are ~2^-16..2^-17
-  relative per product, i.e. close to fp32 accuracy, at 3 tensor-core products instead of
-  one FMA-unit product (tensor cores are ~15x faster than the FMA units on an H100).
-  hi + lo keeps 16 significant bits, so products are ~2^-16 accurate, not fp32's 2^-24.
+* ``MODE_BF16X3`` if one operand is stored in bf16 (the usual case: hidden states of a bf16
+  model, multiplied by an fp32 weight), the other is split into three bf16 parts that hold
+  all its 24 significant bits, and the three products are exact: fp32 accuracy for three
+  tensor-core products. If both are fp32, each is split as x = hi + lo with hi = bf16(x),
+  lo = bf16(x - hi), and a·b = hi_a·hi_b + hi_a·lo_b + lo_a·hi_b: hi + lo keeps only 16
+  significant bits, so products are ~2^-16 accurate (between bf16 and fp32).
+  Either way: 3 tensor-core products instead of one FMA-unit product (the tensor cores are
+  ~15x faster than the FMA units on an H100).
 * ``MODE_TF32X3`` the same three-product trick with tf32 parts (11 significant bits each,
   22 together): fp32-level accuracy. Tensor-core tf32 runs at half the bf16 rate, so it costs
   about twice bf16x3. On the GPU this is Triton's own ``input_precision="tf32x3"``.
@@ -84,6 +86,23 @@ def split_bf16(x, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def split3_bf16(x, INTERPRET: tl.constexpr):
+    """x = hi + mid + lo (+ ~2^-25 |x|): three bf16 parts hold all 24 bits of an fp32."""
+    x = x.to(tl.float32)
+    if INTERPRET:
+        hi = round_to_bf16_in_fp32(x)
+        r = x - hi
+        mid = round_to_bf16_in_fp32(r)
+        lo = round_to_bf16_in_fp32(r - mid)
+    else:
+        hi = x.to(tl.bfloat16)
+        r = x - hi.to(tl.float32)
+        mid = r.to(tl.bfloat16)
+        lo = (r - mid.to(tl.float32)).to(tl.bfloat16)
+    return hi, mid, lo
+
+
+@triton.jit
 def dot_bf16(a, b, acc, INTERPRET: tl.constexpr):
     if INTERPRET:
         # a, b hold bf16 values in fp32: an exact fp32 product emulates the tensor core.
@@ -94,18 +113,41 @@ def dot_bf16(a, b, acc, INTERPRET: tl.constexpr):
 
 @triton.jit
 def mma(a, b, acc, MODE: tl.constexpr, INTERPRET: tl.constexpr):
-    """acc += a @ b in the given precision mode; a, b are raw loaded tiles (any float dtype)."""
+    """acc += a @ b in the given precision mode; a, b are raw loaded tiles (any float dtype).
+
+    In the accurate modes each K step's product is formed in a fresh accumulator and then
+    added to acc with one fp32 add (blocked summation): the running sum then takes one
+    rounding per K step instead of one per multiply-add, and tensor cores, which do not
+    round their internal additions to nearest, only ever add up BLOCK_K products.
+    """
     if MODE == 0:
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     elif MODE == 1:
         acc = dot_bf16(as_bf16(a, INTERPRET), as_bf16(b, INTERPRET), acc, INTERPRET)
     elif MODE == 2:
-        a_hi, a_lo = split_bf16(a, INTERPRET)
-        b_hi, b_lo = split_bf16(b, INTERPRET)
         # Small terms first so they are not absorbed by the large one before being summed.
-        acc = dot_bf16(a_lo, b_hi, acc, INTERPRET)
-        acc = dot_bf16(a_hi, b_lo, acc, INTERPRET)
-        acc = dot_bf16(a_hi, b_hi, acc, INTERPRET)
+        if b.dtype == tl.bfloat16:
+            # b is exact in bf16 (e.g. bf16 hidden states): split a in three and the
+            # products are exact, so this is fp32 accuracy at the cost of three products.
+            a_hi, a_mid, a_lo = split3_bf16(a, INTERPRET)
+            b_x = as_bf16(b, INTERPRET)
+            part = dot_bf16(a_lo, b_x, tl.zeros(acc.shape, tl.float32), INTERPRET)
+            part = dot_bf16(a_mid, b_x, part, INTERPRET)
+            part = dot_bf16(a_hi, b_x, part, INTERPRET)
+        elif a.dtype == tl.bfloat16:
+            b_hi, b_mid, b_lo = split3_bf16(b, INTERPRET)
+            a_x = as_bf16(a, INTERPRET)
+            part = dot_bf16(a_x, b_lo, tl.zeros(acc.shape, tl.float32), INTERPRET)
+            part = dot_bf16(a_x, b_mid, part, INTERPRET)
+            part = dot_bf16(a_x, b_hi, part, INTERPRET)
+        else:
+            # Both fp32: hi/lo splits, lo*lo dropped: products good to ~2^-16 relative.
+            a_hi, a_lo = split_bf16(a, INTERPRET)
+            b_hi, b_lo = split_bf16(b, INTERPRET)
+            part = dot_bf16(a_lo, b_hi, tl.zeros(acc.shape, tl.float32), INTERPRET)
+            part = dot_bf16(a_hi, b_lo, part, INTERPRET)
+            part = dot_bf16(a_hi, b_hi, part, INTERPRET)
+        acc += part
     else:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
@@ -115,33 +157,37 @@ def mma(a, b, acc, MODE: tl.constexpr, INTERPRET: tl.constexpr):
             a_lo = round_to_tf32_in_fp32(a - a_hi)
             b_hi = round_to_tf32_in_fp32(b)
             b_lo = round_to_tf32_in_fp32(b - b_hi)
-            acc = tl.dot(a_lo, b_hi, acc, input_precision="ieee")
-            acc = tl.dot(a_hi, b_lo, acc, input_precision="ieee")
-            acc = tl.dot(a_hi, b_hi, acc, input_precision="ieee")
+            part = tl.dot(a_lo, b_hi, input_precision="ieee")
+            part = tl.dot(a_hi, b_lo, part, input_precision="ieee")
+            part = tl.dot(a_hi, b_hi, part, input_precision="ieee")
+            acc += part
         else:
-            acc = tl.dot(a, b, acc, input_precision="tf32x3")
+            acc += tl.dot(a, b, input_precision="tf32x3")
     return acc
 
 
 @triton.jit
-def logits_tile(h_ptr, w_ptr, rows, cols, T, V, H, stride_ht, stride_hh, stride_wv, stride_wh,
-                MODE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr,
-                BLOCK_H: tl.constexpr, INTERPRET: tl.constexpr):
-    """fp32 [BLOCK_T, BLOCK_V] tile of hidden[rows] @ weight[cols]^T, reduced over all of H.
+def logits_tile_t(h_ptr, w_ptr, rows, cols, T, V, H, stride_ht, stride_hh, stride_wv, stride_wh,
+                  MODE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr,
+                  BLOCK_H: tl.constexpr, INTERPRET: tl.constexpr):
+    """fp32 [BLOCK_V, BLOCK_T] tile of (hidden[rows] @ weight[cols]^T)^T, reduced over all of H.
 
-    Out-of-range rows/cols load zeros, so their logits are 0 and must be masked by the caller.
+    Transposed on purpose: the weight is the left operand, the one a Hopper tensor-core
+    instruction (wgmma) can read from registers, which is where the fp32 -> bf16 splits are
+    made; the right operand (hidden, bf16 in the usual case) then goes straight from shared
+    memory to the tensor cores. Out-of-range rows/cols load zeros: the caller masks them.
     """
-    acc = tl.zeros((BLOCK_T, BLOCK_V), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_V, BLOCK_T), dtype=tl.float32)
     ks = tl.arange(0, BLOCK_H)
     row_ok = rows < T
     col_ok = cols < V
     for k0 in range(0, H, BLOCK_H):
         k = k0 + ks
         k_ok = k < H
-        h = tl.load(h_ptr + rows[:, None] * stride_ht + k[None, :] * stride_hh,
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        # W is [V, H] row-major; loading it as [BLOCK_H, BLOCK_V] gives W^T without a copy.
-        w = tl.load(w_ptr + cols[None, :] * stride_wv + k[:, None] * stride_wh,
-                    mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        acc = mma(h, w, acc, MODE, INTERPRET)
+        w = tl.load(w_ptr + cols[:, None] * stride_wv + k[None, :] * stride_wh,
+                    mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        # hidden is [T, H] row-major; loading it as [BLOCK_H, BLOCK_T] gives hidden^T.
+        h = tl.load(h_ptr + rows[None, :] * stride_ht + k[:, None] * stride_hh,
+                    mask=row_ok[None, :] & k_ok[:, None], other=0.0)
+        acc = mma(w, h, acc, MODE, INTERPRET)
     return acc

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .lm_head_triton_common import logits_tile
+from .lm_head_triton_common import logits_tile_t
 
 # A split boundary is a multiple of this, so any BLOCK_V dividing it never straddles splits.
 VSPLIT_ALIGN = 256
@@ -47,6 +47,7 @@ def _lm_head_fwd_kernel(
     v_start = sp * v_per_split
     v_end = tl.minimum(v_start + v_per_split, V)
 
+    # Tiles are [BLOCK_V, BLOCK_T] (see logits_tile_t): per-token statistics reduce axis 0.
     m = tl.full((BLOCK_T,), -1.0e30, tl.float32)  # running max of z (NEG_BIG)
     s = tl.zeros((BLOCK_T,), tl.float32)           # sum exp(z - m)
     s1 = tl.zeros((BLOCK_T,), tl.float32)          # sum exp(z - m) * (z - m)
@@ -54,19 +55,19 @@ def _lm_head_fwd_kernel(
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < v_end
-        acc = logits_tile(h_ptr, w_ptr, rows, cols, T, V, H, stride_ht, stride_hh,
-                          stride_wv, stride_wh, MODE, BLOCK_T, BLOCK_V, BLOCK_H, INTERPRET)
+        acc = logits_tile_t(h_ptr, w_ptr, rows, cols, T, V, H, stride_ht, stride_hh,
+                            stride_wv, stride_wh, MODE, BLOCK_T, BLOCK_V, BLOCK_H, INTERPRET)
         z = acc * inv_temp
-        zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
-        z = tl.where(col_ok[None, :], z, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, axis=1))
+        zt += tl.sum(tl.where(cols[:, None] == tgt[None, :], z, 0.0), axis=0)
+        z = tl.where(col_ok[:, None], z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=0))
         alpha = tl.exp(m - m_new)
-        e = tl.exp(z - m_new[:, None])  # 0 on masked columns
+        e = tl.exp(z - m_new[None, :])  # 0 on masked columns
         if WITH_ENT:
             # Keep the entropy sum relative to the running max (values stay O(entropy)).
-            ez = e * tl.where(col_ok[None, :], z - m_new[:, None], 0.0)  # avoid 0 * -inf
-            s1 = alpha * (s1 + (m - m_new) * s) + tl.sum(ez, axis=1)
-        s = alpha * s + tl.sum(e, axis=1)
+            ez = e * tl.where(col_ok[:, None], z - m_new[None, :], 0.0)  # avoid 0 * -inf
+            s1 = alpha * (s1 + (m - m_new) * s) + tl.sum(ez, axis=0)
+        s = alpha * s + tl.sum(e, axis=0)
         m = m_new
 
     out = part_ptr + sp * T + rows
