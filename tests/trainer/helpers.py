@@ -79,7 +79,7 @@ def reference_updates(model_path, trajs, cfg, alg_eps, temperature, mini_batch_s
             loss.backward()
             norms.append(float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)))
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             k += 1
     return {n: p.detach().clone() for n, p in model.named_parameters()}, losses, norms
 
