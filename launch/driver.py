@@ -125,19 +125,15 @@ def run(cfg: DictConfig) -> Path:
 
 
 def run_warmup(conf: Config, model_path: str, out: Path, logger: MetricLogger) -> str:
-    from launch.tasks import get_task
+    from launch.tasks import format_warmup_examples
 
-    task = get_task(conf.data.path.split(":", 1)[1])
-    rows = task.generate(conf.warmup.examples, conf.data.difficulty, seed=conf.seed + 1)
-    answers = [r["answer"] for r in rows]
-    random.Random(conf.seed).shuffle(answers)  # the format, not the answers
-    eos = "<eos>"
-    examples = [(r["prompt"], f"{a}{eos}") for r, a in zip(rows, answers)]
+    examples = format_warmup_examples(conf.data.path, conf.warmup.examples, seed=conf.seed,
+                                      difficulty=conf.data.difficulty, shuffle_answers=True)
     log.info("warm-start: %d steps on %d format examples (answers shuffled)", conf.warmup.steps, len(examples))
 
     def on_step(step: int, loss: float) -> None:
         if step % 20 == 0 or step == conf.warmup.steps - 1:
-            logger.log(-conf.warmup.steps + step, {"warmup/loss": loss})
+            logger.log_warmup(step, {"warmup/loss": loss})
 
     return warm_start(model_path, examples, out, conf.warmup.steps, conf.warmup.lr, conf.warmup.batch_size,
                       conf.seed, on_step)

@@ -30,6 +30,11 @@ class JsonlSink:
     def __init__(self, output_dir: Path):
         self.path = output_dir / "metrics.jsonl"
         self.samples_path = output_dir / "samples.jsonl"
+        self.warmup_path = output_dir / "warmup.jsonl"
+
+    def log_warmup(self, step: int, metrics: dict[str, float]) -> None:
+        with self.warmup_path.open("a") as f:
+            f.write(json.dumps({"warmup_step": step, **metrics}) + "\n")
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         with self.path.open("a") as f:
@@ -76,6 +81,11 @@ class WandbSink:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.run.log(metrics, step=step)
 
+    def log_warmup(self, step: int, metrics: dict[str, float]) -> None:
+        # wandb's step axis belongs to RL steps (it must only grow); the warm-start's
+        # curve lives in warmup.jsonl, its last values in the run summary
+        self.run.summary.update(metrics)
+
     def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
         if not rows:
             return
@@ -98,6 +108,9 @@ class TensorboardSink:
             self.writer.add_scalar(key, value, step)
         self.writer.flush()
 
+    def log_warmup(self, step: int, metrics: dict[str, float]) -> None:
+        self.log(step, metrics)  # tensorboard keeps a step axis per tag
+
     def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
         text = "\n\n".join(" | ".join(f"**{k}**: {v}" for k, v in row.items()) for row in rows)
         self.writer.add_text("samples", text, step)
@@ -113,6 +126,9 @@ class ConsoleSink:
         keys = ("reward/mean", "rollout/response_len_mean", "train/entropy", "mismatch/pearson", "perf/step_time_s")
         shown = ", ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
         log.info("step %d: %s", step, shown)
+
+    def log_warmup(self, step: int, metrics: dict[str, float]) -> None:
+        log.info("warm-start step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
     def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
         for row in rows[:3]:
@@ -143,6 +159,10 @@ class MetricLogger:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         for sink in self.sinks:
             sink.log(step, metrics)
+
+    def log_warmup(self, step: int, metrics: dict[str, float]) -> None:
+        for sink in self.sinks:
+            sink.log_warmup(step, metrics)
 
     def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
         for sink in self.sinks:
