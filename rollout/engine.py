@@ -33,6 +33,7 @@ class RolloutEngine:
     model_path: a Hugging Face model folder. config: `RolloutConfig` (or a dict of its
     fields). dtype: the body's dtype ("bfloat16" on GPU; "float32" for exact tests).
     engine_index: a number naming this engine in errors and trajectory metadata.
+    fp32_head_impl: "auto" | "exact" | "split3" (see rollout.fp32_head).
     """
 
     def __init__(
@@ -43,6 +44,7 @@ class RolloutEngine:
         engine_index: int = 0,
         enforce_eager: bool | None = None,
         engine_kwargs: dict[str, Any] | None = None,
+        fp32_head_impl: str = "auto",
     ):
         from rollout import vllm_compat as compat
 
@@ -73,7 +75,8 @@ class RolloutEngine:
         self.inprocess = compat.is_inprocess(self.llm)
         self.tokenizer = self.llm.get_tokenizer()
         self.eos_token_id = self.tokenizer.eos_token_id
-        self.fp32_head = False
+        self.fp32_head_impl = fp32_head_impl
+        self.fp32_head: str | None = None
         self.set_fp32_head(self.cfg.lm_head_fp32)
 
     # ------------------------------------------------------------------ generation
@@ -196,10 +199,12 @@ class RolloutEngine:
         return "abort"
 
     # ------------------------------------------------------------------ FP32 head
-    def set_fp32_head(self, enabled: bool) -> bool:
-        """Switch the FP32 LM head on or off in the running engine; returns the state."""
-        self._compat.collective_rpc(self.llm, "cispo_set_fp32_head", args=(bool(enabled), self.model_path))
-        self.fp32_head = bool(enabled)
+    def set_fp32_head(self, enabled: bool, impl: str | None = None) -> str | None:
+        """Switch the FP32 LM head on or off in the running engine; returns the
+        implementation in use ("exact" / "split3"), or None when off."""
+        impl = impl or self.fp32_head_impl
+        got = self._compat.collective_rpc(self.llm, "cispo_set_fp32_head", args=(bool(enabled), self.model_path, impl))
+        self.fp32_head = got[0]
         return self.fp32_head
 
     def fp32_head_weight(self):

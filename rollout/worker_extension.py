@@ -43,19 +43,24 @@ def encode_weights(named: Iterable[tuple[str, torch.Tensor]]) -> bytes:
 
 class CispoWorkerExtension:
     # ----------------------------------------------------------------- FP32 head
-    def cispo_set_fp32_head(self, enabled: bool, model_path: str | None = None) -> bool:
+    def cispo_set_fp32_head(self, enabled: bool, model_path: str | None = None, impl: str = "auto") -> str | None:
+        """Install (or remove) the FP32 head; returns the implementation in use.
+
+        The fp32 copy, once made, is kept (and refreshed by every weight load) while
+        the head is switched off, so switching back on never serves stale weights. It
+        is first made from the checkpoint's own tensor (full precision) unless weights
+        were loaded since start-up, then from the live head."""
         model = compat.worker_model(self)
-        if not enabled:
-            compat.set_compute_logits(model, None)
-            self._cispo_head = None
-            return False
-        if getattr(self, "_cispo_head", None) is None:
+        head = getattr(self, "_cispo_head", None)
+        if head is None and enabled:
             full = None
-            if model_path is not None:
+            if model_path is not None and not getattr(self, "_cispo_updated", False):
                 full = read_checkpoint_tensor(model_path, head_source_names(compat.tied_word_embeddings(model)))
-            self._cispo_head = Fp32Head(model, full)
-        compat.set_compute_logits(model, self._cispo_head.compute_logits)
-        return True
+            head = self._cispo_head = Fp32Head(model, full, impl)
+        elif head is not None and impl != "auto" and impl != head.impl:
+            head.set_impl(impl)
+        compat.set_compute_logits(model, head.compute_logits if enabled else None)
+        return head.impl if enabled else None
 
     def cispo_fp32_head_weight(self) -> torch.Tensor | None:
         """This rank's fp32 head shard (for tests and diagnostics)."""
@@ -78,6 +83,7 @@ class CispoWorkerExtension:
                         seen["head32"] = tensor.detach().clone()
                 yield name, tensor
 
+        self._cispo_updated = True
         compat.reload_weights(self, tap(named))
         head = getattr(self, "_cispo_head", None)
         if head is not None and seen["head_any"]:
