@@ -1,0 +1,89 @@
+"""The generated job script under a real (local, single-node) Slurm, with a stand-in driver
+that follows the driver's contract in seconds (tests/slurm/stand_in_driver.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launch.config import compose_config
+from launch.slurm import submit
+
+pytestmark = pytest.mark.slurm
+STAND_IN = [sys.executable, str(Path(__file__).with_name("stand_in_driver.py"))]
+
+
+def _overrides(cluster, out: Path, steps: int) -> list[str]:
+    return [
+        "cluster=slurm", "cluster.nodes=1", "cluster.gpus_per_node=0", f"cluster.cpus_per_node={cluster.cpus}",
+        f"cluster.partition={cluster.partition}", "cluster.time_minutes=15", f"steps={steps}", f"output_dir={out}",
+    ]
+
+
+def _submit(cluster, out: Path, steps: int) -> str:
+    overrides = _overrides(cluster, out, steps)
+    return submit(compose_config(overrides), overrides, train_cmd=STAND_IN)
+
+
+def _metrics(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _ray_leftovers(job_id: str) -> str:
+    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return "\n".join(line for line in ps.splitlines() if f"cispo_ray_{job_id}_" in line)
+
+
+def _slurm_log(out: Path, job_id: str) -> str:
+    return (out / "logs" / f"slurm-{job_id}.out").read_text()
+
+
+def test_stand_in_run_completes_and_cleans_up(slurm_cluster, tmp_path, monkeypatch):
+    monkeypatch.setenv("STAND_IN_STEP_S", "0.2")
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)  # the script's default: token auth with a per-job token
+    out = tmp_path / "run"
+    job = _submit(slurm_cluster, out, steps=3)
+    info = slurm_cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, timeout=180)
+    log = _slurm_log(out, job)
+    assert info["JobState"] == "COMPLETED", log
+    assert [m["step"] for m in _metrics(out)] == [1, 2, 3]
+    assert "Ray cluster ready: 1 node(s)" in log and "driver exited with 0" in log
+    argv = json.loads((out / "argv.jsonl").read_text().splitlines()[0])
+    assert argv[:1] == ["cluster=slurm"] and "cluster.kind=local" in argv and f"output_dir='{out}'" in argv
+    job_logs = out / "logs" / f"{job}.0"
+    assert (job_logs / f"ray-head-{slurm_cluster.node}.out").exists()
+    assert (job_logs / f"ray-{slurm_cluster.node}" / "raylet.out").exists(), sorted(p.name for p in job_logs.iterdir())
+    assert not Path(f"/tmp/cispo_ray_{job}_0").exists()
+    time.sleep(1)
+    assert _ray_leftovers(job) == ""
+
+
+def test_time_limit_warning_checkpoints_and_requeues(slurm_cluster, tmp_path, monkeypatch):
+    """--signal=B:USR1@... reaches only the batch script: it sends SIGTERM to the driver,
+    the driver saves and exits 143, the script requeues the job, the new attempt resumes."""
+    monkeypatch.setenv("STAND_IN_STEP_S", "2")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    out = tmp_path / "run"
+    job = _submit(slurm_cluster, out, steps=5)
+    deadline = time.time() + 180
+    while not _metrics(out):
+        assert time.time() < deadline, "the first step never appeared"
+        assert slurm_cluster.job(job).get("JobState") in {"PENDING", "RUNNING", "CONFIGURING"}, _slurm_log(out, job)
+        time.sleep(0.5)
+    slurm_cluster.run("scancel", "--batch", "--signal=USR1", job)  # what Slurm sends before the time limit
+    info = slurm_cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=400)
+    log = _slurm_log(out, job)
+    assert info["JobState"] == "COMPLETED", log
+    assert info["Restarts"] == "1", info
+    steps = [(m["step"], m["attempt"]) for m in _metrics(out)]
+    assert [s for s, _ in steps] == [1, 2, 3, 4, 5][: len(steps)] and len(steps) == 5, steps
+    first = [s for s, a in steps if a == 0]
+    assert first and len(first) < 5 and all(a == 1 for s, a in steps if s > first[-1]), steps
+    assert "requeueing job" in log and "driver exited with 143" in log
+    assert f"resumed from checkpoint step {first[-1]}" in log
