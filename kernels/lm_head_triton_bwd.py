@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .lm_head_triton_common import logits_tile_t, mma
+from .lm_head_triton_common import logits_tile, mma, vocab_axis
 from .lm_head_triton_fwd import BF16_TILES, FP32_TILES, make_configs, make_prune
 
 
@@ -30,7 +30,7 @@ def _dlogits_kernel(
     h_ptr, w_ptr, tgt_ptr, lse_ptr, ent_ptr, glogp_ptr, gent_ptr, dlt_ptr,
     T, V, H, stride_ht, stride_hh, stride_wv, stride_wh, stride_dv,
     inv_temp,
-    MODE: tl.constexpr, HAS_GENT: tl.constexpr,
+    MODE: tl.constexpr, VAX: tl.constexpr, HAS_GENT: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     GROUP_T: tl.constexpr, INTERPRET: tl.constexpr,
 ):
@@ -47,26 +47,28 @@ def _dlogits_kernel(
     rows = tb * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = vb * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rows < T
-    col_ok = cols < V
-    # [BLOCK_V, BLOCK_T] tile (weight as the register operand, see logits_tile_t).
-    acc = logits_tile_t(h_ptr, w_ptr, rows, cols, T, V, H, stride_ht, stride_hh,
-                        stride_wv, stride_wh, MODE, BLOCK_T, BLOCK_V, BLOCK_H, INTERPRET)
+    # Vocabulary on axis VAX of the tile (see logits_tile); per-token vectors broadcast
+    # with expand_dims(v, VAX), per-column ones with expand_dims(v, 1 - VAX).
+    acc = logits_tile(h_ptr, w_ptr, rows, cols, T, V, H, stride_ht, stride_hh, stride_wv,
+                      stride_wh, MODE, VAX, BLOCK_T, BLOCK_V, BLOCK_H, INTERPRET)
     z = acc * inv_temp
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
     g = tl.load(glogp_ptr + rows, mask=row_ok, other=0.0)
-    zc = z - lse[None, :]          # log p
+    cols_b = tl.expand_dims(cols, 1 - VAX)
+    rows_b = tl.expand_dims(rows, VAX)
+    zc = z - tl.expand_dims(lse, VAX)          # log p
     p = tl.exp(zc)
-    onehot = (cols[:, None] == tgt[None, :]).to(tl.float32)
-    dz = g[None, :] * (onehot - p)
+    onehot = (cols_b == tl.expand_dims(tgt, VAX)).to(tl.float32)
+    dz = tl.expand_dims(g, VAX) * (onehot - p)
     if HAS_GENT:
         ge = tl.load(gent_ptr + rows, mask=row_ok, other=0.0)
         ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
-        dz -= ge[None, :] * p * (zc + ent[None, :])
+        dz -= tl.expand_dims(ge, VAX) * p * (zc + tl.expand_dims(ent, VAX))
     dl = dz * inv_temp
-    # Stored as dlogits^T [V, chunk]: contiguous along tokens, the tile's fast axis.
-    tl.store(dlt_ptr + cols[:, None] * stride_dv + rows[None, :],
-             dl.to(dlt_ptr.dtype.element_ty), mask=col_ok[:, None] & row_ok[None, :])
+    # Stored as dlogits^T [V, chunk] (the layout both gradient products read well).
+    tl.store(dlt_ptr + cols_b * stride_dv + rows_b, dl.to(dlt_ptr.dtype.element_ty),
+             mask=(cols_b < V) & (rows_b < T))
 
 
 @triton.jit
@@ -152,6 +154,7 @@ def lm_head_backward(hidden, weight, targets, lse, ent, g_logp, g_ent, inv_temp,
     ent = ent if ent is not None else lse
     # bf16 mode multiplies bf16 operands anyway, so dlogits can be stored in bf16.
     dl_dtype = torch.bfloat16 if mode_id == 1 else torch.float32
+    vax = vocab_axis(mode_id)
     C = min(chunk_tokens, T)
     dlt = torch.empty((V, C), device=dev, dtype=dl_dtype)  # dlogits^T of one chunk
     grad_hidden = torch.empty_like(hidden) if need_grad_hidden else None
@@ -169,11 +172,11 @@ def lm_head_backward(hidden, weight, targets, lse, ent, g_logp, g_ent, inv_temp,
                 weight.stride(1), d.stride(0), inv_temp)
         if interpret:
             grid = (triton.cdiv(n, 16) * triton.cdiv(V, 64),)
-            _dlogits_kernel[grid](*args, MODE=mode_id, HAS_GENT=has_gent, BLOCK_T=16,
+            _dlogits_kernel[grid](*args, MODE=mode_id, VAX=vax, HAS_GENT=has_gent, BLOCK_T=16,
                                   BLOCK_V=64, BLOCK_H=32, GROUP_T=2, INTERPRET=True)
         else:
             grid = lambda meta: (triton.cdiv(n, meta["BLOCK_T"]) * triton.cdiv(V, meta["BLOCK_V"]),)  # noqa: E731,B023
-            _dlogits_tuned[grid](*args, MODE=mode_id, HAS_GENT=has_gent, INTERPRET=False)
+            _dlogits_tuned[grid](*args, MODE=mode_id, VAX=vax, HAS_GENT=has_gent, INTERPRET=False)
         if need_grad_hidden:
             _matmul(d.t(), weight, grad_hidden[c0:c1], False, mode_id, interpret)
         if need_grad_weight:

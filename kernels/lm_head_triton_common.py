@@ -167,27 +167,44 @@ def mma(a, b, acc, MODE: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def logits_tile_t(h_ptr, w_ptr, rows, cols, T, V, H, stride_ht, stride_hh, stride_wv, stride_wh,
-                  MODE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr,
-                  BLOCK_H: tl.constexpr, INTERPRET: tl.constexpr):
-    """fp32 [BLOCK_V, BLOCK_T] tile of (hidden[rows] @ weight[cols]^T)^T, reduced over all of H.
+def logits_tile(h_ptr, w_ptr, rows, cols, T, V, H, stride_ht, stride_hh, stride_wv, stride_wh,
+                MODE: tl.constexpr, VAX: tl.constexpr, BLOCK_T: tl.constexpr,
+                BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, INTERPRET: tl.constexpr):
+    """fp32 tile of hidden[rows] @ weight[cols]^T reduced over all of H; vocabulary on axis VAX.
 
-    Transposed on purpose: the weight is the left operand, the one a Hopper tensor-core
-    instruction (wgmma) can read from registers, which is where the fp32 -> bf16 splits are
-    made; the right operand (hidden, bf16 in the usual case) then goes straight from shared
-    memory to the tensor cores. Out-of-range rows/cols load zeros: the caller masks them.
+    VAX=1: [BLOCK_T, BLOCK_V], hidden is the left operand. Per-token reductions then run
+    along the fast axis of the accumulator (inside a warp): the cheaper epilogue.
+    VAX=0: [BLOCK_V, BLOCK_T], the weight is the left operand, the one a Hopper tensor-core
+    instruction (wgmma) can read from registers, which is where bf16x3 splits the fp32
+    weight; the bf16 hidden then goes straight from shared memory to the tensor cores.
+    Out-of-range rows/cols load zeros: the caller masks them.
     """
-    acc = tl.zeros((BLOCK_V, BLOCK_T), dtype=tl.float32)
+    if VAX == 0:
+        acc = tl.zeros((BLOCK_V, BLOCK_T), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_T, BLOCK_V), dtype=tl.float32)
     ks = tl.arange(0, BLOCK_H)
     row_ok = rows < T
     col_ok = cols < V
     for k0 in range(0, H, BLOCK_H):
         k = k0 + ks
         k_ok = k < H
-        w = tl.load(w_ptr + cols[:, None] * stride_wv + k[None, :] * stride_wh,
-                    mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        # hidden is [T, H] row-major; loading it as [BLOCK_H, BLOCK_T] gives hidden^T.
-        h = tl.load(h_ptr + rows[None, :] * stride_ht + k[:, None] * stride_hh,
-                    mask=row_ok[None, :] & k_ok[:, None], other=0.0)
-        acc = mma(w, h, acc, MODE, INTERPRET)
+        if VAX == 0:
+            w = tl.load(w_ptr + cols[:, None] * stride_wv + k[None, :] * stride_wh,
+                        mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            # hidden is [T, H] row-major; loading it as [BLOCK_H, BLOCK_T] gives hidden^T.
+            h = tl.load(h_ptr + rows[None, :] * stride_ht + k[:, None] * stride_hh,
+                        mask=row_ok[None, :] & k_ok[:, None], other=0.0)
+            acc = mma(w, h, acc, MODE, INTERPRET)
+        else:
+            h = tl.load(h_ptr + rows[:, None] * stride_ht + k[None, :] * stride_hh,
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptr + cols[None, :] * stride_wv + k[:, None] * stride_wh,
+                        mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+            acc = mma(h, w, acc, MODE, INTERPRET)
     return acc
+
+
+def vocab_axis(mode_id: int) -> int:
+    """Tile orientation per mode (see logits_tile): weight-as-left-operand only for bf16x3."""
+    return 0 if mode_id == MODE_BF16X3 else 1

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .lm_head_triton_common import logits_tile_t
+from .lm_head_triton_common import logits_tile, vocab_axis
 
 # A split boundary is a multiple of this, so any BLOCK_V dividing it never straddles splits.
 VSPLIT_ALIGN = 256
@@ -28,7 +28,7 @@ def _lm_head_fwd_kernel(
     h_ptr, w_ptr, tgt_ptr, part_ptr,
     T, V, H, stride_ht, stride_hh, stride_wv, stride_wh,
     inv_temp, v_per_split, n_split,
-    MODE: tl.constexpr, WITH_ENT: tl.constexpr,
+    MODE: tl.constexpr, VAX: tl.constexpr, WITH_ENT: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     GROUP_T: tl.constexpr, INTERPRET: tl.constexpr,
 ):
@@ -47,27 +47,31 @@ def _lm_head_fwd_kernel(
     v_start = sp * v_per_split
     v_end = tl.minimum(v_start + v_per_split, V)
 
-    # Tiles are [BLOCK_V, BLOCK_T] (see logits_tile_t): per-token statistics reduce axis 0.
+    # Logits tiles have the vocabulary on axis VAX (see logits_tile): per-token statistics
+    # reduce that axis; per-token vectors broadcast with expand_dims(v, VAX).
     m = tl.full((BLOCK_T,), -1.0e30, tl.float32)  # running max of z (NEG_BIG)
     s = tl.zeros((BLOCK_T,), tl.float32)           # sum exp(z - m)
     s1 = tl.zeros((BLOCK_T,), tl.float32)          # sum exp(z - m) * (z - m)
     zt = tl.zeros((BLOCK_T,), tl.float32)          # z[target] if the target is in this split
+    tgt_b = tl.expand_dims(tgt, VAX)
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
-        col_ok = cols < v_end
-        acc = logits_tile_t(h_ptr, w_ptr, rows, cols, T, V, H, stride_ht, stride_hh,
-                            stride_wv, stride_wh, MODE, BLOCK_T, BLOCK_V, BLOCK_H, INTERPRET)
+        cols_b = tl.expand_dims(cols, 1 - VAX)
+        col_ok_b = cols_b < v_end
+        acc = logits_tile(h_ptr, w_ptr, rows, cols, T, V, H, stride_ht, stride_hh, stride_wv,
+                          stride_wh, MODE, VAX, BLOCK_T, BLOCK_V, BLOCK_H, INTERPRET)
         z = acc * inv_temp
-        zt += tl.sum(tl.where(cols[:, None] == tgt[None, :], z, 0.0), axis=0)
-        z = tl.where(col_ok[:, None], z, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, axis=0))
+        zt += tl.sum(tl.where(cols_b == tgt_b, z, 0.0), axis=VAX)
+        z = tl.where(col_ok_b, z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=VAX))
+        m_new_b = tl.expand_dims(m_new, VAX)
         alpha = tl.exp(m - m_new)
-        e = tl.exp(z - m_new[None, :])  # 0 on masked columns
+        e = tl.exp(z - m_new_b)  # 0 on masked columns
         if WITH_ENT:
             # Keep the entropy sum relative to the running max (values stay O(entropy)).
-            ez = e * tl.where(col_ok[:, None], z - m_new[None, :], 0.0)  # avoid 0 * -inf
-            s1 = alpha * (s1 + (m - m_new) * s) + tl.sum(ez, axis=0)
-        s = alpha * s + tl.sum(e, axis=0)
+            ez = e * tl.where(col_ok_b, z - m_new_b, 0.0)  # avoid 0 * -inf
+            s1 = alpha * (s1 + (m - m_new) * s) + tl.sum(ez, axis=VAX)
+        s = alpha * s + tl.sum(e, axis=VAX)
         m = m_new
 
     out = part_ptr + sp * T + rows
@@ -115,17 +119,19 @@ def lm_head_forward_stats(hidden, weight, targets, inv_temp, mode_id, with_entro
     V = weight.shape[0]
     v_per_split = triton.cdiv(triton.cdiv(V, n_split), VSPLIT_ALIGN) * VSPLIT_ALIGN
     n_split = triton.cdiv(V, v_per_split)
+    vax = vocab_axis(mode_id)
     part = torch.full((4, n_split, T), float("nan"), device=hidden.device, dtype=torch.float32)
     args = (hidden, weight, targets, part, T, V, H, hidden.stride(0), hidden.stride(1),
             weight.stride(0), weight.stride(1), inv_temp, v_per_split, n_split)
     if interpret:
         # Small blocks so that CPU tests cross several blocks in every dimension.
         grid = (triton.cdiv(T, 16) * n_split,)
-        _lm_head_fwd_kernel[grid](*args, MODE=mode_id, WITH_ENT=with_entropy, BLOCK_T=16,
+        _lm_head_fwd_kernel[grid](*args, MODE=mode_id, VAX=vax, WITH_ENT=with_entropy, BLOCK_T=16,
                                   BLOCK_V=64, BLOCK_H=32, GROUP_T=2, INTERPRET=True)
     else:
         grid = lambda meta: (triton.cdiv(T, meta["BLOCK_T"]) * n_split,)  # noqa: E731
-        _lm_head_fwd_tuned[grid](*args, MODE=mode_id, WITH_ENT=with_entropy, INTERPRET=False)
+        _lm_head_fwd_tuned[grid](*args, MODE=mode_id, VAX=vax, WITH_ENT=with_entropy,
+                                 INTERPRET=False)
     return combine_partials(part, with_entropy)
 
 
