@@ -77,6 +77,7 @@ def test_time_limit_warning_checkpoints_and_requeues(slurm_cluster, tmp_path, mo
         assert slurm_cluster.job(job).get("JobState") in {"PENDING", "RUNNING", "CONFIGURING"}, _slurm_log(out, job)
         time.sleep(0.5)
     slurm_cluster.run("scancel", "--batch", "--signal=USR1", job)  # what Slurm sends before the time limit
+    slurm_cluster.release_requeued(job, restarts=1)
     info = slurm_cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=400)
     log = _slurm_log(out, job)
     assert info["JobState"] == "COMPLETED", log
@@ -87,3 +88,29 @@ def test_time_limit_warning_checkpoints_and_requeues(slurm_cluster, tmp_path, mo
     assert first and len(first) < 5 and all(a == 1 for s, a in steps if s > first[-1]), steps
     assert "requeueing job" in log and "driver exited with 143" in log
     assert f"resumed from checkpoint step {first[-1]}" in log
+
+
+def test_preemption_sigterm_checkpoints_and_requeued_job_resumes(slurm_cluster, tmp_path, monkeypatch):
+    """`scontrol requeue` is what preemption with PreemptMode=REQUEUE does: SIGTERM to the
+    batch script and every process of the job, SIGKILL after KillWait, back to the queue."""
+    monkeypatch.setenv("STAND_IN_STEP_S", "2")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    out = tmp_path / "run"
+    job = _submit(slurm_cluster, out, steps=4)
+    deadline = time.time() + 180
+    while not _metrics(out):
+        assert time.time() < deadline, "the first step never appeared"
+        time.sleep(0.5)
+    slurm_cluster.run("scontrol", "requeue", job)
+    slurm_cluster.release_requeued(job, restarts=1)
+    info = slurm_cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=300)
+    log = _slurm_log(out, job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
+    steps = [(m["step"], m["attempt"]) for m in _metrics(out)]
+    assert [s for s, _ in steps] == [1, 2, 3, 4], steps
+    first = [s for s, a in steps if a == 0]
+    assert f"resumed from checkpoint step {first[-1]}" in log
+    assert "SIGTERM from Slurm" in log and "requeueing job" not in log  # Slurm requeued it, not the script
+    assert (out / "logs" / f"{job}.0").is_dir() and (out / "logs" / f"{job}.1").is_dir()
+    time.sleep(1)
+    assert _ray_leftovers(job) == ""
