@@ -156,12 +156,12 @@ def lm_head_backward(hidden, weight, targets, lse, ent, g_logp, g_ent, inv_temp,
     dl_dtype = torch.bfloat16 if mode_id == 1 else torch.float32
     vax = vocab_axis(mode_id)
     C = min(chunk_tokens, T)
-    dlt = torch.empty((V, C), device=dev, dtype=dl_dtype)  # dlogits^T of one chunk
-    grad_hidden = torch.empty_like(hidden) if need_grad_hidden else None
-    grad_w32 = None
-    if need_grad_weight:
-        grad_w32 = (torch.empty((V, H), device=dev, dtype=torch.float32)
-                    if weight.dtype != torch.float32 else torch.empty_like(weight))
+    # Under the interpreter (CPU tests) buffers start as NaN, so an element no program
+    # writes shows up in the test instead of passing as leftover memory.
+    new = (lambda *a, **k: torch.full(*a, float("nan"), **k)) if interpret else torch.empty  # noqa: E731
+    dlt = new((V, C), device=dev, dtype=dl_dtype)  # dlogits^T of one chunk
+    grad_hidden = new(hidden.shape, device=dev, dtype=hidden.dtype) if need_grad_hidden else None
+    grad_w32 = new((V, H), device=dev, dtype=torch.float32) if need_grad_weight else None
     for c0 in range(0, T, C):
         c1 = min(c0 + C, T)
         n = c1 - c0
@@ -183,5 +183,5 @@ def lm_head_backward(hidden, weight, targets, lse, ent, g_logp, g_ent, inv_temp,
             _matmul(d, h, grad_w32, c0 > 0, mode_id, interpret)
     grad_weight = None
     if need_grad_weight:
-        grad_weight = grad_w32 if grad_w32.dtype == weight.dtype else grad_w32.to(weight.dtype)
+        grad_weight = grad_w32.to(weight.dtype)  # no copy when the weight is fp32
     return grad_hidden, grad_weight
