@@ -164,7 +164,7 @@ def loop(system: RLSystem, dataset: PromptDataset, conf: Config, logger: MetricL
                 wait([pending])  # engines must be idle before their weights change
                 t_wait = time.perf_counter() - t0
             t0 = time.perf_counter()
-            system.sync_weights(version=step + 1)
+            engine_version = system.sync_weights(version=step + 1)
             t_sync = time.perf_counter() - t0
             if not asynchronous and not last:
                 pending = pool.submit(collect_step_batch, system, dataset, conf, counter)
@@ -172,7 +172,7 @@ def loop(system: RLSystem, dataset: PromptDataset, conf: Config, logger: MetricL
             step_time = time.perf_counter() - t_step
             metrics = {
                 **rollout_metrics(stats, batch, trainer_version=step),
-                **{k if "/" in k else f"train/{k}": v for k, v in train.items()},
+                **namespaced_train_metrics(train),
                 "perf/generate_s": stats["gen_s"],
                 "perf/reward_s": stats["reward_s"],
                 "perf/train_s": t_train,
@@ -181,6 +181,7 @@ def loop(system: RLSystem, dataset: PromptDataset, conf: Config, logger: MetricL
                 "perf/step_time_s": step_time,
                 "perf/tokens_per_s": sum(t.num_tokens for t in stats["generated"]) / max(step_time, 1e-9),
                 "policy/version": step + 1,
+                "rollout/engine_version": engine_version,
             }
             logger.log(step, metrics)
             if conf.logger.samples_every and step % conf.logger.samples_every == 0:
@@ -194,6 +195,15 @@ def loop(system: RLSystem, dataset: PromptDataset, conf: Config, logger: MetricL
     finally:
         progress.close()
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def namespaced_train_metrics(train: dict[str, float]) -> dict[str, float]:
+    """The trainer's metrics under `train/`, its train-vs-rollout mismatch under `mismatch/`."""
+    out = {}
+    for key, value in train.items():
+        name = key.split("/", 1)[-1]
+        out[f"mismatch/{name[len('mismatch_'):]}" if name.startswith("mismatch_") else f"train/{name}"] = value
+    return out
 
 
 def save(system: RLSystem, dataset: PromptDataset, ckpt: CheckpointDir, step: int) -> None:

@@ -40,14 +40,15 @@ class RLSystem:
                            self.rollout.init_weight_sync(host, port, world, self.backend), "weight-sync set-up")
             self.plan = self.trainer.weight_sync_plan(conf.rollout.sync_bucket_mb)
 
-    def _together(self, trainer_refs, rollout_refs, what: str) -> None:
+    def _together(self, trainer_refs, rollout_refs, what: str) -> list:
         """Wait for both sides of a collective; the rollout side's wait is bounded and names
         a dead engine (a trainer failure surfaces through ray.get)."""
         import ray
 
         trainer_refs = trainer_refs if isinstance(trainer_refs, list) else [trainer_refs]
-        self.rollout.wait(rollout_refs, what)
+        results = self.rollout.wait(rollout_refs, what)
         ray.get(trainer_refs)
+        return results
 
     # ---- one step's parts ----------------------------------------------------------------
 
@@ -79,13 +80,15 @@ class RLSystem:
     def train(self, batch: list[Trajectory]) -> dict[str, float]:
         return self.trainer.train_step(batch)
 
-    def sync_weights(self, version: int) -> None:
+    def sync_weights(self, version: int) -> int:
+        """Trainer weights into every engine; returns the lowest policy version the
+        engines report afterwards (what the next trajectories will carry)."""
         if self.plan is not None:
-            self._together(self.trainer.broadcast_weights(self.plan),
-                           self.rollout.receive_weights(self.plan, version), "weight sync")
-        else:
-            plan = self.trainer.weight_sync_plan(self.conf.rollout.sync_bucket_mb)
-            self.rollout.update_weights(self.trainer.get_weights_ref(plan), version)
+            versions = self._together(self.trainer.broadcast_weights(self.plan),
+                                      self.rollout.receive_weights(self.plan, version), "weight sync")
+            return min(versions)
+        plan = self.trainer.weight_sync_plan(self.conf.rollout.sync_bucket_mb)
+        return self.rollout.update_weights(self.trainer.get_weights_ref(plan), version)
 
     # ---- checkpoints ---------------------------------------------------------------------
 

@@ -71,33 +71,44 @@ RAY_PIDS=()
 WARNED=0      # the time-limit warning (USR1 from --signal=B:USR1@...) arrived
 TERMINATED=0  # SIGTERM from Slurm: scancel, scontrol requeue, preemption
 
-cleanup() {
-  local rc=$?
-  trap - EXIT
-  trap '' TERM USR1
-  if [ -n "$DRIVER_PID" ] && kill -0 "$DRIVER_PID" 2>/dev/null; then
-    log "stopping the driver (pid $DRIVER_PID)"
-    kill -TERM "$DRIVER_PID" 2>/dev/null
-    for _ in $(seq 60); do kill -0 "$DRIVER_PID" 2>/dev/null || break; sleep 1; done
-    kill -KILL "$DRIVER_PID" 2>/dev/null
+copy_ray_logs() {  # Ray's logs live in the node-local temp dir: copy them beside the job's logs
+  [ -d "$RAY_TMP/session_latest/logs" ] || return 0
+  mkdir -p "$JOB_LOG_DIR/ray-$HEAD_NODE" && cp -rLT "$RAY_TMP/session_latest/logs" "$JOB_LOG_DIR/ray-$HEAD_NODE" 2>/dev/null
+}
+
+STOPPED=0
+stop_all() {  # driver, then Ray on every node; idempotent; bounded in time
+  [ "$STOPPED" = 1 ] && return 0
+  STOPPED=1
+  local pid=$DRIVER_PID grace=30
+  DRIVER_PID=""
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+    log "stopping the driver (pid $pid)"
+    kill -TERM "$pid" 2>/dev/null
+    for _ in $(seq 60); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+    kill -KILL "$pid" 2>/dev/null
   fi
-  if [ ${#RAY_PIDS[@]} -gt 0 ]; then
-    log "stopping Ray on ${NODES[*]}"
-    kill -TERM "${RAY_PIDS[@]}" 2>/dev/null
-    for _ in $(seq 30); do kill -0 "${RAY_PIDS[@]}" 2>/dev/null || break; sleep 1; done
-    kill -KILL "${RAY_PIDS[@]}" 2>/dev/null
-    wait "${RAY_PIDS[@]}" 2>/dev/null
-  fi
-  # Ray's logs live in the node-local temp dir: copy them beside the job's other logs.
-  if [ -d "$RAY_TMP/session_latest/logs" ]; then
-    cp -rL "$RAY_TMP/session_latest/logs" "$JOB_LOG_DIR/ray-$HEAD_NODE" 2>/dev/null
-  fi
+  [ ${#RAY_PIDS[@]} -gt 0 ] || return 0
+  copy_ray_logs   # first, while there is time: Slurm's SIGKILL may follow a SIGTERM soon
+  log "stopping Ray on ${NODES[*]}"
+  [ "$TERMINATED" = 1 ] && grace=3  # Slurm is ending the job and stops the Ray steps itself
+  kill -TERM "${RAY_PIDS[@]}" 2>/dev/null
+  for _ in $(seq "$grace"); do kill -0 "${RAY_PIDS[@]}" 2>/dev/null || break; sleep 1; done
+  kill -KILL "${RAY_PIDS[@]}" 2>/dev/null
+  wait "${RAY_PIDS[@]}" 2>/dev/null
+  copy_ray_logs
   rm -rf "$RAY_TMP"
   if [ ${#WORKER_NODES[@]} -gt 0 ]; then
     timeout 120 srun --overlap --nodes=${#WORKER_NODES[@]} --ntasks-per-node=1 -w "$(IFS=,; echo "${WORKER_NODES[*]}")" \
-      bash -c 'd="$1/session_latest/logs"; [ -d "$d" ] && cp -rL "$d" "$2/ray-$(hostname -s)"; rm -rf "$1"' _ "$RAY_TMP" "$JOB_LOG_DIR" \
-      </dev/null >/dev/null 2>&1
+      bash -c 'd="$1/session_latest/logs"; o="$2/ray-$(hostname -s)"; [ -d "$d" ] && mkdir -p "$o" && cp -rLT "$d" "$o"; rm -rf "$1"' \
+      _ "$RAY_TMP" "$JOB_LOG_DIR" </dev/null >/dev/null 2>&1
   fi
+}
+
+cleanup() {
+  local rc=$?
+  trap - EXIT
+  stop_all
   log "exit $rc"
   exit "$rc"
 }
@@ -111,6 +122,9 @@ trap 'WARNED=1; forward "time limit near (SIGUSR1)"' USR1
 trap 'TERMINATED=1; forward "SIGTERM from Slurm"' TERM
 
 # ---- Ray: head on the first node, one worker per other node -------------------------
+rm -rf "${RAY_TMP%_*}"_*   # an earlier attempt of this job cut short by SIGKILL leaves its temp dir
+(exec 3<>"/dev/tcp/$HEAD_IP/$RAY_PORT") 2>/dev/null && \
+  die "port $RAY_PORT on $HEAD_NODE is already in use (a job whose id is equal modulo 50 on this node?)"
 srun --overlap --nodes=1 --ntasks=1 -w "$HEAD_NODE" --output="$JOB_LOG_DIR/ray-head-$HEAD_NODE.out" \
   "$RAY" start --head --node-ip-address="$HEAD_IP" --port="$RAY_PORT" --include-dashboard=false \
   --ray-client-server-port="$CLIENT_SERVER_PORT" "${RAY_NODE_ARGS[@]}" </dev/null &
@@ -150,6 +164,7 @@ requeue_if_warned() {  # after the time-limit warning: put the job back in the q
     return 1
   fi
   log "time limit: requeueing job $SLURM_JOB_ID; attempt $(( ATTEMPT + 1 )) resumes from the latest checkpoint"
+  stop_all  # before the requeue, which ends this attempt at once
   scontrol requeue "$SLURM_JOB_ID" || log "scontrol requeue $SLURM_JOB_ID failed"
 }
 [ "$TERMINATED" = 1 ] && exit 143                # signalled while Ray was starting
