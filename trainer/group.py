@@ -172,6 +172,13 @@ class TrainerGroup:
         self._all("save_checkpoint", same=(str(root), tag, {"step": self.step}))
         return str(Path(root) / tag)
 
+    def maybe_save_checkpoint(self, root: str, last: bool = False) -> str | None:
+        """Save when `trainer.save_every` divides the step count (0: only when `last`)."""
+        every = self.cfg.save_every
+        if last or (every and self.step % every == 0):
+            return self.save_checkpoint(root)
+        return None
+
     def load_checkpoint(self, root: str, tag: str | None = None) -> int | None:
         """Resume from `tag` (default: the newest complete one); returns its step, or None
         when there is none."""
