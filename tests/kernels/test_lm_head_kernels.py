@@ -1,0 +1,235 @@
+"""Correctness of kernels.lm_head_logprobs: torch reference and Triton kernels (issue 4).
+
+Runs on CPU: the Triton kernels execute in Triton's interpreter (TRITON_INTERPRET=1, set
+below and in conftest.py before any kernel module is imported). Shapes are small and
+deliberately not multiples of any block size (T=37, V=1013, H=72), so every kernel crosses
+ragged edges in every dimension. Inputs are fresh random numbers each run; the seed is in
+every failure message (set LM_HEAD_TEST_SEED to replay one).
+
+What the interpreter cannot emulate: bf16 tensor-core products (it would multiply the raw
+uint16 bit patterns) and rounded fp32->bf16 casts (it truncates). The kernels therefore keep
+"bf16" values in fp32 registers under the interpreter, rounded to nearest-even with integer
+bit operations, and multiply them with an exact fp32 dot: that is the same arithmetic as a
+tensor core (bf16 x bf16 products are exact in fp32), up to the order of fp32 additions. The
+GPU code path (real bf16 / tf32x3 dots) is checked against float64 by bench/kernels_lm_head.py.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import math  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from kernels import lm_head_logprobs, lm_head_logprobs_naive  # noqa: E402
+
+try:
+    import triton  # noqa: F401,E402
+    HAVE_TRITON = True
+except Exception:  # noqa: BLE001
+    HAVE_TRITON = False
+needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton not importable")
+
+T, V, H = 37, 1013, 72
+TEMP = 0.7
+# Max |error| vs float64 allowed per mode: (log p and entropy, gradients relative to their max).
+# bf16x3 on two fp32 operands keeps 16 significant bits (~2^-16 per product); bf16 rounds inputs.
+TOL64 = {"fp32": (1e-5, 1e-5), "tf32x3": (1e-5, 1e-5), "bf16x3": (2e-4, 1e-4), "bf16": (6e-2, 3e-2)}
+
+
+@pytest.fixture
+def seed():
+    s = int(os.environ.get("LM_HEAD_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+    torch.manual_seed(s)
+    return s
+
+
+def make_inputs(hidden_dtype=torch.float32, weight_dtype=torch.float32, t=T):
+    """Logits with std ~2 and /0.7 temperature: peaked enough to matter, no overflow."""
+    h = torch.randn(t, H).to(hidden_dtype)
+    w = (torch.randn(V, H) * (2 / math.sqrt(H))).to(weight_dtype)
+    tgt = torch.randint(0, V, (t,))
+    tgt[0], tgt[1] = V - 1, 0  # the ragged last vocabulary block and the first column
+    return h, w, tgt
+
+
+def float64_reference(h, w, tgt, g_logp, g_ent, with_entropy=True):
+    hd = h.double().requires_grad_()
+    wd = w.double().requires_grad_()
+    lp, ent = lm_head_logprobs_naive(hd, wd, tgt, TEMP, with_entropy)
+    loss = (lp * g_logp.double()).sum()
+    if with_entropy:
+        loss = loss + (ent * g_ent.double()).sum()
+    loss.backward()
+    return lp.detach(), (ent.detach() if with_entropy else None), hd.grad, wd.grad
+
+
+def run(h, w, tgt, g_logp, g_ent, mode, impl, with_entropy=True, chunk_tokens=16):
+    hr = h.clone().requires_grad_()
+    wr = w.clone().requires_grad_()
+    lp, ent = lm_head_logprobs(hr, wr, tgt, TEMP, with_entropy, mode, impl=impl,
+                               chunk_tokens=chunk_tokens)
+    loss = (lp * g_logp).sum()
+    if with_entropy:
+        loss = loss + (ent * g_ent).sum()
+    loss.backward()
+    return lp.detach(), (ent.detach() if with_entropy else None), hr.grad, wr.grad
+
+
+def max_abs(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def rel_to_max(a, b):
+    return max_abs(a, b) / b.double().abs().max().item()
+
+
+def check_all(got, ref, tol_val, tol_grad, seed, what):
+    lp, ent, gh, gw = got
+    lp0, ent0, gh0, gw0 = ref
+    for name, x in (("logp", lp), ("entropy", ent), ("grad_hidden", gh), ("grad_weight", gw)):
+        if x is not None:
+            assert not torch.isnan(x).any(), f"{what}: NaN in {name} (unwritten?) seed={seed}"
+    assert lp.dtype == torch.float32 and lp.shape == lp0.shape
+    assert max_abs(lp, lp0) <= tol_val, f"{what}: logp err {max_abs(lp, lp0):.3g} seed={seed}"
+    if ent0 is not None:
+        assert ent.dtype == torch.float32
+        assert max_abs(ent, ent0) <= 2 * tol_val, f"{what}: entropy err {max_abs(ent, ent0):.3g} seed={seed}"
+    assert rel_to_max(gh, gh0) <= tol_grad, f"{what}: grad_hidden err {rel_to_max(gh, gh0):.3g} seed={seed}"
+    assert rel_to_max(gw, gw0) <= tol_grad, f"{what}: grad_weight err {rel_to_max(gw, gw0):.3g} seed={seed}"
+
+
+# ---------------------------------------------------------------- torch reference (CPU path)
+
+def test_reference_matches_naive_log_softmax_gather(seed):
+    h, w, tgt = make_inputs()
+    lp, ent = lm_head_logprobs(h, w, tgt, TEMP, True, "fp32", impl="torch", chunk_tokens=8)
+    z = (h @ w.t()) / TEMP
+    lsm = torch.log_softmax(z, dim=-1)
+    assert max_abs(lp, lsm.gather(1, tgt[:, None])[:, 0]) < 1e-5, seed
+    assert max_abs(ent, -(lsm.exp() * lsm).sum(-1)) < 2e-5, seed
+
+
+@pytest.mark.parametrize("mode", ["fp32", "tf32x3", "bf16x3", "bf16"])
+def test_reference_fwd_bwd_vs_float64(seed, mode):
+    h, w, tgt = make_inputs()
+    g_logp, g_ent = torch.randn(T), torch.randn(T)
+    ref = float64_reference(h, w, tgt, g_logp, g_ent)
+    got = run(h, w, tgt, g_logp, g_ent, mode, "torch")
+    check_all(got, ref, *TOL64[mode], seed, f"torch/{mode}")
+
+
+def test_reference_chunking_does_not_change_results(seed):
+    h, w, tgt = make_inputs()
+    g_logp, g_ent = torch.randn(T), torch.randn(T)
+    a = run(h, w, tgt, g_logp, g_ent, "fp32", "torch", chunk_tokens=5)
+    b = run(h, w, tgt, g_logp, g_ent, "fp32", "torch", chunk_tokens=1024)
+    for x, y in zip(a, b):
+        assert max_abs(x, y) < 1e-5, seed
+
+
+# ---------------------------------------------------------------- Triton kernels (interpreter)
+
+@needs_triton
+@pytest.mark.parametrize("with_entropy", [True, False])
+@pytest.mark.parametrize("mode", ["fp32", "tf32x3", "bf16x3", "bf16"])
+def test_triton_forward(seed, mode, with_entropy):
+    h, w, tgt = make_inputs()
+    lp, ent = lm_head_logprobs(h, w, tgt, TEMP, with_entropy, mode, impl="triton")
+    lp64, ent64 = lm_head_logprobs_naive(h, w, tgt, TEMP, True)
+    lp_ref, ent_ref = lm_head_logprobs(h, w, tgt, TEMP, True, mode, impl="torch")
+    assert not torch.isnan(lp).any(), f"unwritten log-prob, seed={seed}"
+    assert lp.dtype == torch.float32 and lp.shape == (T,)
+    assert max_abs(lp, lp64) <= TOL64[mode][0], f"{mode}: {max_abs(lp, lp64):.3g} seed={seed}"
+    # Same mode in torch: same rounding of the operands, so much closer than to float64.
+    assert max_abs(lp, lp_ref) <= 2e-5, f"{mode}: vs torch {max_abs(lp, lp_ref):.3g} seed={seed}"
+    if with_entropy:
+        assert not torch.isnan(ent).any(), f"unwritten entropy, seed={seed}"
+        assert max_abs(ent, ent64) <= 2 * TOL64[mode][0], seed
+        assert max_abs(ent, ent_ref) <= 4e-5, seed
+    else:
+        assert ent is None
+
+
+@needs_triton
+@pytest.mark.parametrize("mode", ["fp32", "tf32x3", "bf16x3", "bf16"])
+def test_triton_fwd_bwd_vs_float64_and_reference(seed, mode):
+    """Entropy and log-prob both carry gradient; chunk of 16 tokens -> 3 chunks, the last
+    ragged, so grad_weight is accumulated across chunks."""
+    h, w, tgt = make_inputs()
+    g_logp, g_ent = torch.randn(T), torch.randn(T)
+    got = run(h, w, tgt, g_logp, g_ent, mode, "triton")
+    check_all(got, float64_reference(h, w, tgt, g_logp, g_ent), *TOL64[mode], seed, f"triton/{mode}")
+    ref = run(h, w, tgt, g_logp, g_ent, mode, "torch")
+    # bf16 mode rounds dlogits to bf16; ulp flips from a different fp32 summation order
+    # move some gradient entries by one bf16 ulp (2^-8 relative).
+    tols = (3e-5, 3e-5) + ((1e-2, 1e-2) if mode == "bf16" else (3e-5, 3e-5))
+    for name, x, y, tol in zip(("logp", "entropy", "grad_hidden", "grad_weight"), got, ref, tols):
+        assert rel_to_max(x, y) <= tol, f"{mode} {name} vs torch: {rel_to_max(x, y):.3g} seed={seed}"
+
+
+@needs_triton
+def test_triton_bwd_logprob_only_fp32(seed):
+    h, w, tgt = make_inputs()
+    g_logp = torch.randn(T)
+    got = run(h, w, tgt, g_logp, None, "fp32", "triton", with_entropy=False, chunk_tokens=1024)
+    ref = float64_reference(h, w, tgt, g_logp, None, with_entropy=False)
+    check_all(got, ref, 1e-5, 1e-5, seed, "triton/fp32 logp-only")
+
+
+@needs_triton
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_bf16x3_with_bf16_hidden_is_fp32_accurate(seed, impl):
+    """bf16 hidden (as out of a bf16 model) x fp32 weight: the weight is split in three bf16
+    parts, the products are exact, so log-probs and grad_weight reach fp32 accuracy."""
+    h, w, tgt = make_inputs(hidden_dtype=torch.bfloat16)
+    g_logp, g_ent = torch.randn(T), torch.randn(T)
+    lp, ent, gh, gw = run(h, w, tgt, g_logp, g_ent, "bf16x3", impl)
+    lp0, ent0, gh0, gw0 = float64_reference(h, w, tgt, g_logp, g_ent)
+    assert max_abs(lp, lp0) <= 1e-5, f"{max_abs(lp, lp0):.3g} seed={seed}"
+    assert max_abs(ent, ent0) <= 2e-5, f"{max_abs(ent, ent0):.3g} seed={seed}"
+    assert rel_to_max(gw, gw0) <= 1e-5, f"{rel_to_max(gw, gw0):.3g} seed={seed}"
+    assert gh.dtype == torch.bfloat16  # grads come back in the input's dtype
+    assert rel_to_max(gh, gh0) <= 1e-2, seed  # bf16 rounding of the returned grad only
+
+
+@needs_triton
+def test_bf16_mode_with_bf16_inputs(seed):
+    h, w, tgt = make_inputs(torch.bfloat16, torch.bfloat16)
+    g_logp, g_ent = torch.randn(T), torch.randn(T)
+    got = run(h, w, tgt, g_logp, g_ent, "bf16", "triton")
+    ref = run(h, w, tgt, g_logp, g_ent, "bf16", "torch")
+    assert got[2].dtype == torch.bfloat16 and got[3].dtype == torch.bfloat16
+    assert max_abs(got[0], ref[0]) <= 2e-5, seed
+    for x, y in zip(got[2:], ref[2:]):
+        assert rel_to_max(x, y) <= 2e-2, seed  # bf16 dlogits and bf16 outputs
+
+
+# ---------------------------------------------------------------- API
+
+def test_api_auto_on_cpu_leading_dims_and_errors(seed):
+    h, w, tgt = make_inputs(t=10)
+    lp, ent = lm_head_logprobs(h.view(2, 5, H), w, tgt.view(2, 5))  # auto -> torch on CPU
+    assert lp.shape == (2, 5) and ent is None
+    lp_ref, _ = lm_head_logprobs_naive(h, w, tgt, 1.0)
+    assert max_abs(lp.reshape(-1), lp_ref) < 1e-5, seed
+    with pytest.raises(ValueError):
+        lm_head_logprobs(h, w, tgt, mode="fp16")
+    with pytest.raises(ValueError):
+        lm_head_logprobs(h, w, tgt, temperature=0.0)
+    with pytest.raises(ValueError):
+        lm_head_logprobs(h, w[:, :10], tgt)
+
+
+def test_import_and_cpu_path_without_triton():
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch, kernels\n"
+            "h = torch.randn(4, 8); w = torch.randn(30, 8); t = torch.tensor([0, 1, 29, 5])\n"
+            "lp, ent = kernels.lm_head_logprobs(h, w, t, with_entropy=True)\n"
+            "assert lp.shape == (4,) and ent.shape == (4,)\n")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root,
+                   env={**os.environ, "PYTHONPATH": root})
