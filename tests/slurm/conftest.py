@@ -17,6 +17,7 @@ The session fixture `slurm_cluster`:
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -175,6 +176,7 @@ SlurmdLogFile={dir}/slurmd.log
 SlurmctldDebug=info
 SlurmdDebug=info
 MinJobAge=3600
+FirstJobId={first_job_id}
 KillWait=30
 InactiveLimit=0
 SlurmctldTimeout=30
@@ -215,6 +217,8 @@ def _start(folder: Path) -> SlurmCluster:
         SLURM_CONF.format(
             cluster=f"cispotest{os.getpid()}", node=node, ctld_port=_free_port(), slurmd_port=_free_port(),
             munge_socket=munge_socket, dir=folder, cpus=cpus, partition=partition,
+            # job ids (hence Ray port slots and temp dirs) apart from another session's cluster
+            first_job_id=random.randrange(1000, 1_000_000),
         )
     )
     env = dict(os.environ, SLURM_CONF=str(conf))
