@@ -87,7 +87,8 @@ def run_deepspeed(args, path, batch):
 
     cfg = TrainerConfig(num_ranks=1, zero_stage=args.zero_stage, dtype=args.dtype, lr=1e-6,
                         micro_batch_tokens=args.micro_batch_tokens, logprob_chunk_tokens=args.chunk_tokens)
-    worker = TrainerWorker(0, 1, str(path), cfg, AlgorithmConfig(), attn_implementation=args.attn)
+    worker = TrainerWorker(0, 1, str(path), cfg, AlgorithmConfig(), attn_implementation=args.attn,
+                           head_mode=args.head_mode)
     host, port = worker.address()
     worker.setup(host, port)
     plans, _ = plan_micro_batches(batch, list(range(batch.num_seqs)), 1, args.micro_batch_tokens)
@@ -107,7 +108,7 @@ def run_torch(args, path, batch):
     from trainer.policy import PolicyModel, load_hf_causal_lm, loss_positions
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    policy = PolicyModel(load_hf_causal_lm(str(path), args.attn), args.chunk_tokens).to(device)
+    policy = PolicyModel(load_hf_causal_lm(str(path), args.attn), args.chunk_tokens, args.head_mode).to(device)
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-6, betas=(0.9, 0.95), eps=1e-15,
                             fused=device == "cuda")
     alg = resolve_algorithm("cispo")
@@ -143,6 +144,7 @@ def main() -> None:
     ap.add_argument("--seqs-per-step", type=int, default=16)
     ap.add_argument("--micro-batch-tokens", type=int, default=4096)
     ap.add_argument("--chunk-tokens", type=int, default=1024)
+    ap.add_argument("--head-mode", default="fp32", help="LM-head product precision (fp32, tf32x3, bf16x3: kernels/)")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--out", default=None)
@@ -170,7 +172,8 @@ def main() -> None:
     flops = model_flops(batch, shape)
     result = {
         "preset": args.preset, "engine": args.engine, "zero_stage": args.zero_stage if args.engine == "deepspeed" else None,
-        "dtype": args.dtype, "attn": args.attn, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "dtype": args.dtype, "attn": args.attn, "head_mode": args.head_mode,
+        "head_impl": "kernels" if __import__("trainer.fp32_head").fp32_head.USE_KERNEL else "trainer-local", "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "torch": torch.__version__, "params_total": shape["params_total"], "params_body": shape["params_body"],
         "seqs_per_step": batch.num_seqs, "tokens_per_step": batch.num_tokens, "loss_tokens_per_step": batch.num_loss_tokens,
         "micro_batches_per_step": micro_batches, "micro_batch_tokens": args.micro_batch_tokens,
@@ -182,7 +185,7 @@ def main() -> None:
     print(json.dumps(result, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"SUMMARY {args.engine} {args.preset} mixed={args.mixed_lengths}: {result['tokens_per_s']:.0f} tok/s, "
+    print(f"SUMMARY {args.engine} {args.preset} head={args.head_mode} mixed={args.mixed_lengths}: {result['tokens_per_s']:.0f} tok/s, "
           f"{result['achieved_tflops']:.1f} TFLOP/s, MFU {result['mfu']:.3f}, step {median:.3f}s")
 
 

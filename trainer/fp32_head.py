@@ -6,7 +6,8 @@ does. Why chunked: a [tokens x vocab] fp32 logits tensor is 4k x 152k x 4 B = 2.
 for one 4k-token sequence, and autograd would keep it for backward. Here the head
 runs over `chunk_tokens` rows at a time, keeps only the per-row logsumexp, and the
 backward recomputes each chunk's logits — the same plan as the fused kernel in
-`kernels/`, so `head_logprobs` can switch to it with a one-line change.
+`kernels/`; `head_logprobs` uses `kernels.lm_head_logprobs` when it imports and keeps
+this local path as the fallback (and as a second implementation the tests compare).
 
 Temperature is applied exactly as the rollout samples: log_softmax(logits / T).
 """
@@ -16,14 +17,14 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-try:  # the fused kernel from kernels/ (Triton on GPU, torch reference on CPU), if it is there
+try:  # the fused kernel from kernels/ (Triton on GPU, its chunked torch reference elsewhere)
     from kernels import lm_head_logprobs as _kernel_lm_head_logprobs  # type: ignore[attr-defined]
-except Exception:  # not written yet, or triton missing: our own chunked torch path below
+except Exception:  # kernels/ absent or broken here: our own chunked torch path below
     _kernel_lm_head_logprobs = None
 
-# The kernel is used only once it has a backward (training needs gradients to the head
-# weight and the hidden states); flip this when kernels/ ships one.
-USE_KERNEL = False
+# kernels.lm_head_logprobs is differentiable in hidden and weight (fwd+bwd kernels), so
+# it is used whenever it imports; False forces the local path (e.g. to compare the two).
+USE_KERNEL = _kernel_lm_head_logprobs is not None
 
 
 def _chunk_logits(h: torch.Tensor, w: torch.Tensor, inv_temp: float) -> torch.Tensor:
@@ -90,14 +91,20 @@ def head_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     chunk_tokens: int = 1024,
+    mode: str = "fp32",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(logprobs [n] fp32 with grad to hidden and weight, entropy [n] fp32 or None).
 
-    hidden [n, H] (any float dtype), weight [V, H], targets [n] int64.
+    hidden [n, H] (any float dtype), weight [V, H], targets [n] int64. `mode` is the
+    kernel's product precision: "fp32" (exact, FMA units) or its tensor-core modes with
+    fp32-level accuracy ("tf32x3", "bf16x3"); the local path has "fp32" only.
     """
     if USE_KERNEL and _kernel_lm_head_logprobs is not None:
-        return _kernel_lm_head_logprobs(hidden, weight, targets, temperature=temperature,
-                                        with_entropy=with_entropy, mode="fp32")
+        lp, ent = _kernel_lm_head_logprobs(hidden, weight, targets, temperature=temperature,
+                                           with_entropy=with_entropy, mode=mode, chunk_tokens=int(chunk_tokens))
+        return lp, (ent.detach() if ent is not None else None)  # entropy is a statistic here
+    if mode != "fp32":
+        raise ValueError(f"LM-head mode {mode!r} needs kernels.lm_head_logprobs, which did not import")
     logprobs = _ChunkedFP32HeadLogprobs.apply(hidden, weight, targets, temperature, int(chunk_tokens))
     entropy = _chunked_entropy(hidden, weight, temperature, int(chunk_tokens)) if with_entropy else None
     return logprobs, entropy
@@ -114,10 +121,10 @@ class FP32LogprobHead(nn.Linear):
     """
 
     def forward(self, hidden, targets=None, temperature: float = 1.0, with_entropy: bool = False,
-                chunk_tokens: int = 1024):
+                chunk_tokens: int = 1024, mode: str = "fp32"):
         if targets is None:
             return super().forward(hidden)
-        return head_logprobs(hidden, self.weight, targets, temperature, with_entropy, chunk_tokens)
+        return head_logprobs(hidden, self.weight, targets, temperature, with_entropy, chunk_tokens, mode)
 
 
 def install_fp32_head(hf_model: nn.Module) -> FP32LogprobHead:

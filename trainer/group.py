@@ -47,6 +47,7 @@ class TrainerGroup:
         num_gpus_per_rank: float = 0,
         attn_implementation: str | None = None,
         dist_backend: str | None = None,
+        head_mode: str = "fp32",
     ):
         import os
 
@@ -73,7 +74,7 @@ class TrainerGroup:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=r),
                 runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
             ).remote(r, self.num_ranks, model_path, dataclasses.asdict(self.cfg),
-                     dataclasses.asdict(self.algorithm_cfg), temperature, seed, attn_implementation)
+                     dataclasses.asdict(self.algorithm_cfg), temperature, seed, attn_implementation, head_mode)
             for r in range(self.num_ranks)
         ]
         host, port = ray.get(self.workers[0].address.remote())

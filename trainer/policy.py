@@ -34,10 +34,11 @@ def load_hf_causal_lm(path: str, attn_implementation: str | None = None) -> nn.M
 
 
 class PolicyModel(nn.Module):
-    def __init__(self, hf_model: nn.Module, chunk_tokens: int = 1024):
+    def __init__(self, hf_model: nn.Module, chunk_tokens: int = 1024, head_mode: str = "fp32"):
         super().__init__()
         self.hf = hf_model
         self.chunk_tokens = int(chunk_tokens)
+        self.head_mode = head_mode  # see trainer.fp32_head.head_logprobs
         install_fp32_head(hf_model)
 
     def forward(
@@ -55,7 +56,7 @@ class PolicyModel(nn.Module):
         ).last_hidden_state[0]
         return self.hf.lm_head(
             hidden.index_select(0, positions), targets, temperature=temperature,
-            with_entropy=with_entropy, chunk_tokens=self.chunk_tokens,
+            with_entropy=with_entropy, chunk_tokens=self.chunk_tokens, mode=self.head_mode,
         )
 
 

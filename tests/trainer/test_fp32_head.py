@@ -5,7 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
+import trainer.fp32_head as fp32_head
 from trainer.fp32_head import FP32LogprobHead, head_logprobs, install_fp32_head
+
+IMPLS = ["local"] + (["kernels"] if fp32_head._kernel_lm_head_logprobs is not None else [])
+
+
+@pytest.fixture(params=IMPLS)
+def impl(request, monkeypatch):
+    """Both the trainer's own chunked path and kernels.lm_head_logprobs (when present)."""
+    monkeypatch.setattr(fp32_head, "USE_KERNEL", request.param == "kernels")
+    return request.param
 
 
 def _reference(hidden, weight, targets, temperature):
@@ -17,7 +27,7 @@ def _reference(hidden, weight, targets, temperature):
 
 @pytest.mark.parametrize("chunk", [1, 7, 64])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_values_and_gradients_match_float64(chunk, temperature):
+def test_values_and_gradients_match_float64(impl, chunk, temperature):
     g = torch.Generator().manual_seed(chunk)
     n, h, v = 37, 32, 301
     hidden = torch.randn(n, h, generator=g, requires_grad=True)
@@ -40,7 +50,7 @@ def test_values_and_gradients_match_float64(chunk, temperature):
     torch.testing.assert_close(weight.grad.double(), w64.grad, rtol=1e-5, atol=1e-6)
 
 
-def test_bf16_inputs_are_computed_in_fp32():
+def test_bf16_inputs_are_computed_in_fp32(impl):
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(16, 32, generator=g).bfloat16().requires_grad_()
     weight = (0.2 * torch.randn(100, 32, generator=g)).bfloat16().requires_grad_()
