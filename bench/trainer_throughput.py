@@ -144,6 +144,8 @@ def main() -> None:
     ap.add_argument("--seqs-per-step", type=int, default=16)
     ap.add_argument("--micro-batch-tokens", type=int, default=4096)
     ap.add_argument("--chunk-tokens", type=int, default=1024)
+    ap.add_argument("--head-impl", default="auto", choices=["auto", "local"],
+                    help="auto: kernels.lm_head_logprobs when it imports; local: trainer's chunked torch path")
     ap.add_argument("--head-mode", default="fp32", help="LM-head product precision (fp32, tf32x3, bf16x3: kernels/)")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
@@ -151,6 +153,10 @@ def main() -> None:
     args = ap.parse_args()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.head_impl == "local":
+        import trainer.fp32_head
+
+        trainer.fp32_head.USE_KERNEL = False
     with tempfile.TemporaryDirectory() as tmp:
         shape = make_model_folder(args.preset, Path(tmp) / "model")
         batch = make_batch(args, shape["vocab"])
