@@ -178,8 +178,10 @@ def main() -> None:
             "note": "in-process tensors already on the engine's device: the reload/re-shard cost of one full update",
         }
 
-    check = {}
+    check: dict = {}
     if args.check:
+        # runs after the weight updates above: agreement here also shows the updates
+        # left the engine intact
         check = mismatch_check(engine, path, prompts[: args.check], modes, cuda)
 
     info = engine.info()

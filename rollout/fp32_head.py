@@ -10,14 +10,17 @@ vLLM's `hf_overrides={"head_dtype": "float32"}` (0.32 only) gives fp32 logits bu
 the head weight in the model dtype, so an fp32 weight the trainer sends would be rounded
 to bf16 first; the copy here keeps it exact, and works on 0.24 too.
 
-On a GPU with a bf16 body the fp32 matmul (no tensor cores) is the slow part: at a
-151936-word vocabulary it can cost ~10% of decode throughput. Since the hidden state is
-exactly bf16-representable, implementation "split3" stores the fp32 weight as the sum
-of three bf16 tensors (hi + mid + lo carry all 24 mantissa bits) and runs one bf16
-tensor-core GEMM over the concatenation [h, h, h] x [hi | mid | lo] with fp32
-accumulation and fp32 output: every product is exact in fp32, so the logits agree with
-the fp32 matmul to fp32 rounding. "exact" is the plain fp32 F.linear; "auto" picks
-split3 on CUDA with a bf16 body (when torch.mm(..., out_dtype=float32) is available).
+On a GPU with a bf16 body the fp32 matmul (no tensor cores) costs ~1 ms per decode
+step at batch 256 and a 151936-word vocabulary. Measured on an H100 (vLLM 0.24, a
+0.5B Qwen2 shape, 256 x 512 tokens; bench/results/rollout_h100.md) that cost hid under
+the engine's per-step CPU work (it looks CPU-bound at this size): -4.1% and +0.7%
+throughput in two runs, within the run-to-run noise. For GPU-bound settings there is
+"split3": since the hidden state is
+exactly bf16-representable, the fp32 weight is stored as the sum of three bf16 tensors
+(hi + mid + lo carry all 24 mantissa bits) and one bf16 tensor-core GEMM over
+[h, h, h] x [hi | mid | lo] accumulates in fp32 with fp32 output: every product is
+exact in fp32, so the logits agree with the fp32 matmul to fp32 rounding. It was not
+faster in the CPU-bound runs measured, so "auto" means "exact" (plain fp32 F.linear).
 
 The copy must follow weight updates: `Fp32Head.set_rows` takes an fp32 tensor the
 trainer sent (exact), `refresh` re-derives it from the live head after a load where the
@@ -76,7 +79,8 @@ def split3(weight: torch.Tensor) -> torch.Tensor:
 
 
 def split3_linear(hidden: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
-    """fp32 logits of bf16 hidden states against a split3 weight, on tensor cores."""
+    """fp32 logits of bf16 hidden states against a split3 weight, on tensor cores
+    (torch.mm with out_dtype=float32 exists for CUDA only)."""
     flat = hidden.reshape(-1, hidden.shape[-1])
     out = torch.mm(torch.cat([flat, flat, flat], dim=1), w3.t(), out_dtype=torch.float32)
     return out.reshape(*hidden.shape[:-1], -1)
@@ -114,9 +118,9 @@ class Fp32Head:
         if impl not in HEAD_IMPLS:
             raise ValueError(f"FP32 head implementation {impl!r} is unknown; allowed: {', '.join(HEAD_IMPLS)}")
         live = self.head.weight
-        if impl == "auto":
-            return "split3" if live.dtype == torch.bfloat16 and _split3_available(live.device) else "exact"
-        return impl
+        if impl == "split3" and not (live.dtype == torch.bfloat16 and _split3_available(live.device)):
+            return "exact"  # needs a bf16 body and CUDA's torch.mm(..., out_dtype=float32)
+        return "exact" if impl == "auto" else impl
 
     def set_impl(self, impl: str) -> None:
         self.impl = self._resolve(impl)
