@@ -40,9 +40,16 @@ METRICS_EXPORT_PORT=$(( BASE + 6 ))
 RUNTIME_ENV_AGENT_PORT=$(( BASE + 7 ))
 MIN_WORKER_PORT=$(( 11000 + 400 * SLOT ))                  # 11000-30999: worker ports,
 MAX_WORKER_PORT=$(( MIN_WORKER_PORT + 399 ))                # below Linux's ephemeral range
-RAY_TMP="${CISPO_RAY_TMP_ROOT:-/tmp}/cispo_ray_${SLURM_JOB_ID}_${ATTEMPT}"   # node-local, per job
+# One Ray node per srun step, with the node's whole share: spelled out because srun of
+# Slurm 22.05 does not take --cpus-per-task from the job, and a step may be confined to
+# what it asked for. --overlap: the steps never wait for each other's resources.
+SRUN_NODE=(--nodes=1 --ntasks=1 --overlap --cpus-per-task="$NUM_CPUS")
+[ "$NUM_GPUS" -gt 0 ] && SRUN_NODE+=(--gpus-per-node="$NUM_GPUS")
+RAY_TMP_PREFIX="${CISPO_RAY_TMP_ROOT:-/tmp}/cispo_ray_${SLURM_JOB_ID}"   # node-local, short (socket paths)
+ray_tmp() { echo "${RAY_TMP_PREFIX}_${ATTEMPT}_$1"; }                 # per job, attempt and node
+RAY_TMP=$(ray_tmp "$HEAD_NODE")
 RAY_NODE_ARGS=(
-  --block --disable-usage-stats --temp-dir="$RAY_TMP"
+  --block --disable-usage-stats
   --num-cpus="$NUM_CPUS" --num-gpus="$NUM_GPUS"
   --node-manager-port="$NODE_MANAGER_PORT" --object-manager-port="$OBJECT_MANAGER_PORT"
   --min-worker-port="$MIN_WORKER_PORT" --max-worker-port="$MAX_WORKER_PORT"
@@ -50,6 +57,10 @@ RAY_NODE_ARGS=(
   --dashboard-agent-grpc-port="$DASHBOARD_AGENT_GRPC_PORT"
   --metrics-export-port="$METRICS_EXPORT_PORT" --runtime-env-agent-port="$RUNTIME_ENV_AGENT_PORT"
 )
+# Extra `ray start` arguments from the environment at submission (they come last and win),
+# e.g. CISPO_RAY_WORKER_START_ARGS="--object-store-memory=200000000000".
+read -ra RAY_HEAD_EXTRA <<< "${CISPO_RAY_HEAD_START_ARGS:-}"
+read -ra RAY_WORKER_EXTRA <<< "${CISPO_RAY_WORKER_START_ARGS:-}"
 
 # Ray's own token auth unless the environment says otherwise: a per-job token on the
 # shared output folder, readable only by the job's user.
@@ -63,7 +74,7 @@ HEAD_IP=${CISPO_RAY_HEAD_IP:-$("$PYTHON" -c 'import ray.util; print(ray.util.get
 [ -n "$HEAD_IP" ] || die "could not find the IP address of $HEAD_NODE"
 export RAY_ADDRESS="$HEAD_IP:$RAY_PORT"
 log "job $SLURM_JOB_ID attempt $ATTEMPT: nodes ${NODES[*]}, $NUM_CPUS CPUs and $NUM_GPUS GPUs per node"
-log "Ray head $HEAD_NODE at $RAY_ADDRESS, worker ports $MIN_WORKER_PORT-$MAX_WORKER_PORT, temp dir $RAY_TMP"
+log "Ray head $HEAD_NODE at $RAY_ADDRESS, worker ports $MIN_WORKER_PORT-$MAX_WORKER_PORT, temp dirs ${RAY_TMP_PREFIX}_${ATTEMPT}_<node>"
 log "logs: $JOB_LOG_DIR"
 
 DRIVER_PID=""
@@ -100,8 +111,8 @@ stop_all() {  # driver, then Ray on every node; idempotent; bounded in time
   rm -rf "$RAY_TMP"
   if [ ${#WORKER_NODES[@]} -gt 0 ]; then
     timeout 120 srun --overlap --nodes=${#WORKER_NODES[@]} --ntasks-per-node=1 -w "$(IFS=,; echo "${WORKER_NODES[*]}")" \
-      bash -c 'd="$1/session_latest/logs"; o="$2/ray-$(hostname -s)"; [ -d "$d" ] && mkdir -p "$o" && cp -rLT "$d" "$o"; rm -rf "$1"' \
-      _ "$RAY_TMP" "$JOB_LOG_DIR" </dev/null >/dev/null 2>&1
+      bash -c 'n=$SLURMD_NODENAME; d="$1_$n/session_latest/logs"; [ -d "$d" ] && mkdir -p "$2/ray-$n" && cp -rLT "$d" "$2/ray-$n"; rm -rf "$1_$n"' \
+      _ "${RAY_TMP_PREFIX}_${ATTEMPT}" "$JOB_LOG_DIR" </dev/null >/dev/null 2>&1
   fi
 }
 
@@ -122,12 +133,12 @@ trap 'WARNED=1; forward "time limit near (SIGUSR1)"' USR1
 trap 'TERMINATED=1; forward "SIGTERM from Slurm"' TERM
 
 # ---- Ray: head on the first node, one worker per other node -------------------------
-rm -rf "${RAY_TMP%_*}"_*   # an earlier attempt of this job cut short by SIGKILL leaves its temp dir
+rm -rf "$RAY_TMP_PREFIX"_*   # an earlier attempt of this job cut short by SIGKILL leaves its temp dir
 (exec 3<>"/dev/tcp/$HEAD_IP/$RAY_PORT") 2>/dev/null && \
   die "port $RAY_PORT on $HEAD_NODE is already in use (a job whose id is equal modulo 50 on this node?)"
-srun --overlap --nodes=1 --ntasks=1 -w "$HEAD_NODE" --output="$JOB_LOG_DIR/ray-head-$HEAD_NODE.out" \
+srun "${SRUN_NODE[@]}" -w "$HEAD_NODE" --output="$JOB_LOG_DIR/ray-head-$HEAD_NODE.out" \
   "$RAY" start --head --node-ip-address="$HEAD_IP" --port="$RAY_PORT" --include-dashboard=false \
-  --ray-client-server-port="$CLIENT_SERVER_PORT" "${RAY_NODE_ARGS[@]}" </dev/null &
+  --ray-client-server-port="$CLIENT_SERVER_PORT" --temp-dir="$RAY_TMP" "${RAY_NODE_ARGS[@]}" "${RAY_HEAD_EXTRA[@]}" </dev/null &
 RAY_PIDS+=($!)
 for _ in $(seq "$JOIN_TIMEOUT_S"); do
   (exec 3<>"/dev/tcp/$HEAD_IP/$RAY_PORT") 2>/dev/null && break
@@ -135,8 +146,8 @@ for _ in $(seq "$JOIN_TIMEOUT_S"); do
   sleep 1
 done
 for node in "${WORKER_NODES[@]}"; do
-  srun --overlap --nodes=1 --ntasks=1 -w "$node" --output="$JOB_LOG_DIR/ray-worker-$node.out" \
-    "$RAY" start --address="$RAY_ADDRESS" "${RAY_NODE_ARGS[@]}" </dev/null &
+  srun "${SRUN_NODE[@]}" -w "$node" --output="$JOB_LOG_DIR/ray-worker-$node.out" \
+    "$RAY" start --address="$RAY_ADDRESS" --temp-dir="$(ray_tmp "$node")" "${RAY_NODE_ARGS[@]}" "${RAY_WORKER_EXTRA[@]}" </dev/null &
   RAY_PIDS+=($!)
 done
 

@@ -9,7 +9,10 @@ The session fixture `slurm_cluster`:
 - cleans up after aborted sessions: a folder under /tmp/cispo-slurm-tests/ whose owning
   pytest process is gone has its daemons killed (by the pids it recorded, checked
   against /proc/<pid>/cmdline) and is removed before a new cluster starts;
-- waits until `sinfo` shows the node idle, sets SLURM_CONF for the session (sbatch,
+- runs two slurmd on this one machine (the hostname, and `<hostname>-2` with
+  NodeHostname=<hostname>): partition `debug` has the first, `pair` both, so 2-node jobs
+  and their srun steps are real;
+- waits until `sinfo` shows the nodes idle, sets SLURM_CONF for the session (sbatch,
   scontrol, and the jobs' own srun find the cluster through it), and at teardown stops
   what it started (`scontrol shutdown`, then munged).
 """
@@ -29,17 +32,21 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(os.environ.get("CISPO_SLURM_TEST_ROOT", "/tmp/cispo-slurm-tests"))
-DAEMONS = ("slurmd", "slurmctld", "munged")  # stop order
+DAEMON_ORDER = ("slurmd", "slurmctld", "munged")  # stop order (pid files: <daemon>[-<node>].pid)
 
 
 @dataclass
 class SlurmCluster:
     dir: Path
     conf: Path
-    node: str
+    node: str  # the machine's own hostname; partition `partition` holds only it
     partition: str
     cpus: int
     env: dict
+    # A second slurmd on the same machine (NodeHostname=node): partition `pair_partition`
+    # holds both, so a 2-node job, its srun steps and a 2-node Ray cluster are real.
+    node2: str = ""
+    pair_partition: str = "pair"
 
     def run(self, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
         return subprocess.run(list(args), env=self.env, capture_output=True, text=True, check=check, timeout=timeout)
@@ -92,8 +99,13 @@ def _alive(pid: int) -> bool:
 def _kill_recorded(folder: Path) -> None:
     """Stop the daemons an earlier session recorded in `folder` (only if the pid still runs
     a command that names this folder, so a recycled pid is never hit)."""
-    for name in DAEMONS:
-        pidfile = folder / f"{name}.pid"
+    def order(p: Path) -> int:
+        return next((i for i, d in enumerate(DAEMON_ORDER) if p.name.startswith(d)), len(DAEMON_ORDER))
+
+    pidfiles = sorted(folder.glob("*.pid"), key=order)
+    for pidfile in pidfiles:
+        if pidfile.name == "owner.pid":
+            continue
         try:
             pid = int(pidfile.read_text().split()[0])
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -168,11 +180,11 @@ JobAcctGatherType=jobacct_gather/none
 MpiDefault=none
 ReturnToService=2
 StateSaveLocation={dir}/state
-SlurmdSpoolDir={dir}/spool
+SlurmdSpoolDir={dir}/spool-%n
 SlurmctldPidFile={dir}/slurmctld.pid
-SlurmdPidFile={dir}/slurmd.pid
+SlurmdPidFile={dir}/slurmd-%n.pid
 SlurmctldLogFile={dir}/slurmctld.log
-SlurmdLogFile={dir}/slurmd.log
+SlurmdLogFile={dir}/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 MinJobAge=3600
@@ -181,8 +193,10 @@ KillWait=30
 InactiveLimit=0
 SlurmctldTimeout=30
 SlurmdTimeout=60
-NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
+NodeName={node} NodeHostname={node} NodeAddr=127.0.0.1 Port={slurmd_port} CPUs={cpus} State=UNKNOWN
+NodeName={node2} NodeHostname={node} NodeAddr=127.0.0.1 Port={slurmd2_port} CPUs={cpus} State=UNKNOWN
 PartitionName={partition} Nodes={node} Default=YES MaxTime=INFINITE State=UP
+PartitionName=pair Nodes={node},{node2} MaxTime=INFINITE State=UP
 """
 
 
@@ -210,12 +224,13 @@ def _start(folder: Path) -> SlurmCluster:
     )  # forks into the background
     (folder / "munged.pid").write_text((munge_dir / "munged.pid").read_text())
 
-    for sub in ("state", "spool"):
-        (folder / sub).mkdir()
+    (folder / "state").mkdir()
+    node2 = f"{node}-2"
     conf = folder / "slurm.conf"
     conf.write_text(
         SLURM_CONF.format(
-            cluster=f"cispotest{os.getpid()}", node=node, ctld_port=_free_port(), slurmd_port=_free_port(),
+            cluster=f"cispotest{os.getpid()}", node=node, node2=node2, ctld_port=_free_port(),
+            slurmd_port=_free_port(), slurmd2_port=_free_port(),
             munge_socket=munge_socket, dir=folder, cpus=cpus, partition=partition,
             # job ids (hence Ray port slots and temp dirs) apart from another session's cluster
             first_job_id=random.randrange(1000, 1_000_000),
@@ -223,18 +238,19 @@ def _start(folder: Path) -> SlurmCluster:
     )
     env = dict(os.environ, SLURM_CONF=str(conf))
     subprocess.run(["slurmctld", "-f", str(conf)], env=env, check=True, capture_output=True, text=True, timeout=60)
-    subprocess.run(["slurmd", "-f", str(conf)], env=env, check=True, capture_output=True, text=True, timeout=60)
-    cluster = SlurmCluster(dir=folder, conf=conf, node=node, partition=partition, cpus=cpus, env=env)
+    for name in (node, node2):
+        subprocess.run(["slurmd", "-f", str(conf), "-N", name], env=env, check=True, capture_output=True, text=True, timeout=60)
+    cluster = SlurmCluster(dir=folder, conf=conf, node=node, partition=partition, cpus=cpus, env=env, node2=node2)
     deadline = time.time() + 60
     state = ""
     while time.time() < deadline:
-        r = cluster.run("sinfo", "-h", "-n", node, "-o", "%T", check=False)
-        state = r.stdout.strip()
-        if state == "idle":
+        r = cluster.run("sinfo", "-h", "-N", "-n", f"{node},{node2}", "-o", "%T", check=False)
+        state = " ".join(sorted(set(r.stdout.split())))
+        if state == "idle" and len(r.stdout.split()) >= 2:
             return cluster
         time.sleep(1)
-    logs = "\n".join((folder / f).read_text()[-1500:] for f in ("slurmctld.log", "slurmd.log") if (folder / f).exists())
-    raise RuntimeError(f"Slurm node {node} not idle after 60 s (sinfo: {state!r}); logs:\n{logs}")
+    logs = "\n".join(p.read_text()[-1500:] for p in sorted(folder.glob("slurm*.log")))
+    raise RuntimeError(f"Slurm nodes {node},{node2} not idle after 60 s (sinfo: {state!r}); logs:\n{logs}")
 
 
 def _stop(cluster: SlurmCluster) -> None:
@@ -242,9 +258,9 @@ def _stop(cluster: SlurmCluster) -> None:
     deadline = time.time() + 20
     while time.time() < deadline:
         pids = []
-        for name in ("slurmctld", "slurmd"):
+        for pidfile in cluster.dir.glob("slurm*.pid"):
             try:
-                pids.append(int((cluster.dir / f"{name}.pid").read_text().split()[0]))
+                pids.append(int(pidfile.read_text().split()[0]))
             except (OSError, ValueError, IndexError):
                 pass
         if not any(_alive(p) for p in pids):

@@ -18,15 +18,16 @@ pytestmark = pytest.mark.slurm
 STAND_IN = [sys.executable, str(Path(__file__).with_name("stand_in_driver.py"))]
 
 
-def _overrides(cluster, out: Path, steps: int) -> list[str]:
+def _overrides(cluster, out: Path, steps: int, nodes: int = 1) -> list[str]:
     return [
-        "cluster=slurm", "cluster.nodes=1", "cluster.gpus_per_node=0", f"cluster.cpus_per_node={cluster.cpus}",
-        f"cluster.partition={cluster.partition}", "cluster.time_minutes=15", f"steps={steps}", f"output_dir={out}",
+        "cluster=slurm", f"cluster.nodes={nodes}", "cluster.gpus_per_node=0", f"cluster.cpus_per_node={cluster.cpus}",
+        f"cluster.partition={cluster.partition if nodes == 1 else cluster.pair_partition}", "cluster.time_minutes=15",
+        f"steps={steps}", f"output_dir={out}",
     ]
 
 
-def _submit(cluster, out: Path, steps: int) -> str:
-    overrides = _overrides(cluster, out, steps)
+def _submit(cluster, out: Path, steps: int, nodes: int = 1) -> str:
+    overrides = _overrides(cluster, out, steps, nodes)
     return submit(compose_config(overrides), overrides, train_cmd=STAND_IN)
 
 
@@ -59,9 +60,44 @@ def test_stand_in_run_completes_and_cleans_up(slurm_cluster, tmp_path, monkeypat
     job_logs = out / "logs" / f"{job}.0"
     assert (job_logs / f"ray-head-{slurm_cluster.node}.out").exists()
     assert (job_logs / f"ray-{slurm_cluster.node}" / "raylet.out").exists(), sorted(p.name for p in job_logs.iterdir())
-    assert not Path(f"/tmp/cispo_ray_{job}_0").exists()
+    assert not list(Path("/tmp").glob(f"cispo_ray_{job}_*"))
     time.sleep(1)
     assert _ray_leftovers(job) == ""
+
+
+def test_two_node_ray_cluster(slurm_cluster, tmp_path, monkeypatch):
+    """A 2-node allocation (two slurmd on this machine): Ray head on the first node, a Ray
+    worker started by srun on the second, both joined before the driver runs; both nodes'
+    Ray logs end up in the job's log folder."""
+    import socket
+
+    def free() -> int:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return s.getsockname()[1]
+
+    # Both "nodes" are one machine here, so the worker's node-local ports must differ from
+    # the head's (on real nodes the same numbers are fine): the documented override knob.
+    monkeypatch.setenv("CISPO_RAY_WORKER_START_ARGS", " ".join([
+        "--node-manager-port=0", "--object-manager-port=0", f"--dashboard-agent-listen-port={free()}",
+        f"--dashboard-agent-grpc-port={free()}", f"--metrics-export-port={free()}",
+        f"--runtime-env-agent-port={free()}", "--min-worker-port=31000", "--max-worker-port=31399"]))
+    monkeypatch.setenv("STAND_IN_STEP_S", "0.2")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    out = tmp_path / "run"
+    job = _submit(slurm_cluster, out, steps=2, nodes=2)
+    info = slurm_cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, timeout=240)
+    log = _slurm_log(out, job)
+    assert info["JobState"] == "COMPLETED", log
+    assert "Ray cluster ready: 2 node(s)" in log and "stand-in driver attached; nodes: 2" in log, log
+    job_logs = out / "logs" / f"{job}.0"
+    names = sorted(p.name for p in job_logs.iterdir())
+    assert f"ray-head-{slurm_cluster.node}.out" in names and f"ray-worker-{slurm_cluster.node2}.out" in names, names
+    assert (job_logs / f"ray-{slurm_cluster.node}" / "raylet.out").exists(), names
+    assert (job_logs / f"ray-{slurm_cluster.node2}" / "raylet.out").exists(), names
+    time.sleep(1)
+    assert _ray_leftovers(job) == ""
+    assert not list(Path("/tmp").glob(f"cispo_ray_{job}_*"))
 
 
 def test_time_limit_warning_checkpoints_and_requeues(slurm_cluster, tmp_path, monkeypatch):

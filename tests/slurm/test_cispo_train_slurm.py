@@ -1,0 +1,93 @@
+"""The real thing: `cispo-train cluster=slurm ...` submits the embedded default run to a
+local Slurm; the job starts Ray, runs the driver attached to it and ends COMPLETED; a
+requeued job resumes from the latest checkpoint in the same output_dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slurm
+REPO = Path(__file__).resolve().parents[2]
+DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
+
+
+def _cispo_train(cluster, out: Path, *extra: str) -> str:
+    """Submit through the project's own entry point; return the Slurm job id."""
+    exe = Path(sys.executable).with_name("cispo-train")
+    cmd = [str(exe)] if exe.exists() else ([shutil.which("cispo-train")] if shutil.which("cispo-train")
+                                           else [sys.executable, "-m", "launch.main"])
+    args = [
+        "cluster=slurm", "cluster.nodes=1", "cluster.gpus_per_node=0", f"cluster.cpus_per_node={cluster.cpus}",
+        f"cluster.partition={cluster.partition}", "cluster.time_minutes=30",
+        # small settings: no warm-start stage, a small batch
+        "warmup.steps=0", "data.rollout_batch_size=16", f"output_dir={out}", *extra,
+    ]
+    env = {**cluster.env, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    r = subprocess.run(cmd + args, capture_output=True, text=True, env=env, cwd=out.parent, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    m = re.search(r"submitted Slurm job (\d+)", r.stdout)
+    assert m, r.stdout + r.stderr
+    assert (out / "slurm_job.sh").exists()
+    return m.group(1)
+
+
+def _metrics_steps(out: Path) -> list[int]:
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [int(row["step"]) for row in map(json.loads, path.read_text().splitlines()) if "step" in row]
+
+
+def _checkpoints(out: Path) -> list[int]:
+    root = out / "checkpoints"
+    return sorted(int(p.name[5:]) for p in root.glob("step_*") if p.is_dir()) if root.exists() else []
+
+
+def _log(out: Path, job: str) -> str:
+    path = out / "logs" / f"slurm-{job}.out"
+    return path.read_text()[-6000:] if path.exists() else "(no job log)"
+
+
+def test_cispo_train_submits_and_the_job_completes(slurm_cluster, tmp_path):
+    out = tmp_path / "run"
+    job = _cispo_train(slurm_cluster, out, "steps=2")
+    info = slurm_cluster.wait_state(job, DONE, timeout=1200, poll=5)
+    assert info["JobState"] == "COMPLETED", _log(out, job)
+    steps = _metrics_steps(out)
+    assert steps and steps[-1] == 2, (steps, _log(out, job))
+    assert 2 in _checkpoints(out), (_checkpoints(out), _log(out, job))
+    assert "Ray cluster ready: 1 node(s)" in _log(out, job)
+
+
+def test_requeued_cispo_train_job_resumes_from_its_checkpoint(slurm_cluster, tmp_path):
+    out = tmp_path / "run"
+    job = _cispo_train(slurm_cluster, out, "steps=4", "trainer.save_every=1")
+    deadline = time.time() + 1200
+    while not _checkpoints(out):
+        info = slurm_cluster.job(job)
+        assert info.get("JobState") in {"PENDING", "RUNNING", "CONFIGURING"}, (info, _log(out, job))
+        assert time.time() < deadline, "no checkpoint within 20 minutes"
+        time.sleep(2)
+    slurm_cluster.run("scontrol", "requeue", job)  # as preemption does: SIGTERM now, SIGKILL after KillWait
+    slurm_cluster.release_requeued(job, restarts=1)
+    # The first attempt is over: what it left is what the second resumes from.
+    saved = max(_checkpoints(out))
+    steps_before = _metrics_steps(out)
+    info = slurm_cluster.wait_state(job, DONE, timeout=1200, poll=5)
+    log = _log(out, job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
+    steps = _metrics_steps(out)
+    resumed = steps[len(steps_before):]
+    assert resumed == list(range(saved + 1, 5)), (steps_before, resumed, saved, log)
+    assert max(_checkpoints(out)) == 4
+    assert f"resumed from checkpoint step {saved}" in log
+    assert (out / "logs" / f"{job}.0").is_dir() and (out / "logs" / f"{job}.1").is_dir()
