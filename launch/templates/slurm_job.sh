@@ -195,8 +195,10 @@ done
 DRIVER_PID=""
 log "driver exited with $RC"
 # The driver's contract: 0 = all steps done; 143 = stopped on SIGTERM after saving a
-# checkpoint (or killed by it); anything else = failed (never requeued by this script).
-if [ "$RC" -eq 143 ]; then
+# checkpoint (or killed by it); 15 = ray.init's own SIGTERM handler ran (no save of its
+# own: the requeued run resumes from the last periodic checkpoint); anything else =
+# failed, never requeued by this script (a crashing run must not loop).
+if [ "$RC" -eq 143 ] || [ "$RC" -eq 15 ]; then
   requeue_if_warned
 fi
 exit "$RC"
