@@ -40,7 +40,8 @@ def test_sbatch_resources_for_4_nodes_x_8_gpus(tmp_path):
 def test_cpu_job_has_no_gpu_or_exclusive_lines(tmp_path):
     text = _script(["cluster=slurm", "cluster.gpus_per_node=0", "cluster.cpus_per_node=2", "cluster.time_minutes=30"],
                    tmp_path / "run")
-    assert "--gpus-per-node" not in text and "--exclusive" not in text and "--partition" not in text
+    sbatch = "\n".join(re.findall(r"^#SBATCH .*$", text, flags=re.M))
+    assert "--gpus-per-node" not in sbatch and "--exclusive" not in sbatch and "--partition" not in sbatch
     assert "#SBATCH --time=0:30:00" in text and "#SBATCH --signal=B:USR1@300" in text
 
 
