@@ -48,7 +48,8 @@ class RolloutGroup:
     num_cpus / num_gpus: Ray resources per engine (default: 1 CPU; GPUs = TP size when
     CUDA is visible, else 0). timeout_s: the default bound on every wait (start-up
     included). engine_kwargs: extra `vllm.LLM` arguments. env: extra environment
-    variables for the actors (the repo root is put on their PYTHONPATH).
+    variables for the actors (the repo root is put on their PYTHONPATH). wait_ready=False
+    returns at once (start several groups side by side), then call `wait_ready()`.
     """
 
     def __init__(
@@ -63,6 +64,7 @@ class RolloutGroup:
         engine_kwargs: dict[str, Any] | None = None,
         env: dict[str, str] | None = None,
         name: str = "rollout",
+        wait_ready: bool = True,
     ):
         import ray
 
@@ -92,8 +94,15 @@ class RolloutGroup:
             ).remote(model_path, config, dtype, i, enforce_eager, engine_kwargs)
             for i in range(config.num_engines)
         ]
-        self.infos = self.wait([e.info.remote() for e in self.engines], "start-up")
         self.version = 0
+        self.infos: list[dict[str, Any]] = []
+        if wait_ready:
+            self.wait_ready()
+
+    def wait_ready(self, timeout_s: float | None = None) -> list[dict[str, Any]]:
+        """Block until every engine has started (bounded); returns their `info()`."""
+        self.infos = self.wait([e.info.remote() for e in self.engines], "start-up", timeout_s)
+        return self.infos
 
     # ------------------------------------------------------------------ waiting
     def wait(self, refs: Sequence[Any], what: str, timeout_s: float | None = None, engines: Sequence[int] | None = None) -> list[Any]:

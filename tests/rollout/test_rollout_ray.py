@@ -69,17 +69,25 @@ def _cfg(**kw) -> RolloutConfig:
 
 
 @pytest.fixture(scope="module")
-def fp32(cluster, model_path):
-    g = RolloutGroup(model_path, _cfg(num_engines=2), dtype="float32", timeout_s=300, env=ENV, name="rollout-fp32")
-    yield g
-    g.shutdown()
+def groups(cluster, model_path):
+    # both groups start side by side (start-up is most of this module's time)
+    fp32 = RolloutGroup(model_path, _cfg(num_engines=2), dtype="float32", timeout_s=300, env=ENV, name="rollout-fp32", wait_ready=False)
+    bf16 = RolloutGroup(model_path, _cfg(num_engines=1), dtype="bfloat16", timeout_s=300, env=ENV, name="rollout-bf16", wait_ready=False)
+    fp32.wait_ready()
+    bf16.wait_ready()
+    yield fp32, bf16
+    fp32.shutdown()
+    bf16.shutdown()
 
 
 @pytest.fixture(scope="module")
-def bf16(cluster, model_path):
-    g = RolloutGroup(model_path, _cfg(num_engines=1), dtype="bfloat16", timeout_s=300, env=ENV, name="rollout-bf16")
-    yield g
-    g.shutdown()
+def fp32(groups):
+    return groups[0]
+
+
+@pytest.fixture(scope="module")
+def bf16(groups):
+    return groups[1]
 
 
 # ----------------------------------------------------------------------------- helpers
