@@ -32,25 +32,33 @@ def _chunk_logits(h: torch.Tensor, w: torch.Tensor, inv_temp: float) -> torch.Te
 
 
 class _ChunkedFP32HeadLogprobs(torch.autograd.Function):
-    """logprobs[t] = log_softmax(h[t] @ W^T / T)[targets[t]], chunk by chunk, fp32."""
+    """logprobs[t] = log_softmax(h[t] @ W^T / T)[targets[t]], chunk by chunk, fp32.
+
+    The entropy (a statistic, no gradient) comes from the same chunk's logits, so asking
+    for it costs no extra pass over the [chunk x vocab] product.
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, chunk_tokens):
+    def forward(ctx, hidden, weight, targets, temperature, chunk_tokens, with_entropy):
         inv_temp = 1.0 / float(temperature)
         n = hidden.shape[0]
         logprobs = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        entropy = torch.empty(n if with_entropy else 0, dtype=torch.float32, device=hidden.device)
         for s in range(0, n, chunk_tokens):
             e = min(s + chunk_tokens, n)
             logits = _chunk_logits(hidden[s:e], weight, inv_temp)
             lse[s:e] = torch.logsumexp(logits, dim=-1)
             logprobs[s:e] = logits.gather(1, targets[s:e, None]).squeeze(1) - lse[s:e]
+            if with_entropy:  # H = lse - sum_v p_v * logit_v
+                entropy[s:e] = lse[s:e] - (torch.exp(logits - lse[s:e, None]) * logits).sum(-1)
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.inv_temp, ctx.chunk_tokens = inv_temp, chunk_tokens
-        return logprobs
+        ctx.mark_non_differentiable(entropy)
+        return logprobs, entropy
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_entropy):
         hidden, weight, targets, lse = ctx.saved_tensors
         inv_temp, chunk = ctx.inv_temp, ctx.chunk_tokens
         grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
@@ -70,18 +78,7 @@ class _ChunkedFP32HeadLogprobs(torch.autograd.Function):
                 grad_w.addmm_(g.t(), h32)
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
-        return grad_h, grad_w, None, None, None
-
-
-@torch.no_grad()
-def _chunked_entropy(hidden, weight, temperature, chunk_tokens) -> torch.Tensor:
-    # A statistic only (no entropy bonus in CISPO), so no graph is kept.
-    inv_temp = 1.0 / float(temperature)
-    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-    for s in range(0, hidden.shape[0], chunk_tokens):
-        logp = torch.log_softmax(_chunk_logits(hidden[s:s + chunk_tokens], weight, inv_temp), dim=-1)
-        out[s:s + chunk_tokens] = -(logp.exp() * logp).sum(-1)
-    return out
+        return grad_h, grad_w, None, None, None, None
 
 
 def head_logprobs(
@@ -105,9 +102,9 @@ def head_logprobs(
         return lp, (ent.detach() if ent is not None else None)  # entropy is a statistic here
     if mode != "fp32":
         raise ValueError(f"LM-head mode {mode!r} needs kernels.lm_head_logprobs, which did not import")
-    logprobs = _ChunkedFP32HeadLogprobs.apply(hidden, weight, targets, temperature, int(chunk_tokens))
-    entropy = _chunked_entropy(hidden, weight, temperature, int(chunk_tokens)) if with_entropy else None
-    return logprobs, entropy
+    logprobs, entropy = _ChunkedFP32HeadLogprobs.apply(hidden, weight, targets, temperature, int(chunk_tokens),
+                                                       bool(with_entropy))
+    return logprobs, (entropy if with_entropy else None)
 
 
 class FP32LogprobHead(nn.Linear):
