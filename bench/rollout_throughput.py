@@ -145,6 +145,7 @@ def main() -> None:
         for m in modes:
             rates[m].append(run(m))
     best = {m: max(v) for m, v in rates.items()}
+    median = {m: sorted(v)[len(v) // 2] for m, v in rates.items()}
 
     update = {}
     if not args.no_update:
@@ -202,14 +203,16 @@ def main() -> None:
         "model_make_s": make_s,
         "tokens_per_s": rates,
         "best_tokens_per_s": best,
+        "median_tokens_per_s": median,
+        "load_average_at_end": os.getloadavg(),
         "fp32_head_cost_pct": {m: 100.0 * (1 - best[m] / best["off"]) for m in modes if m != "off"},
         "weight_update": update,
         "mismatch_vs_transformers_fp32": check,
     }
-    print(f"\n{'FP32 head':<12}{'tokens/s (best)':>18}{'vs off':>10}   rounds")
+    print(f"\n{'FP32 head':<12}{'tokens/s (best)':>18}{'vs off':>10}{'median':>12}   rounds")
     for m in modes:
         rel = "" if m == "off" else f"{-result['fp32_head_cost_pct'][m]:+.1f}%"
-        print(f"{m:<12}{best[m]:>18.1f}{rel:>10}   {', '.join(f'{r:.1f}' for r in rates[m])}")
+        print(f"{m:<12}{best[m]:>18.1f}{rel:>10}{median[m]:>12.1f}   {', '.join(f'{r:.1f}' for r in rates[m])}")
     if update:
         print(f"weight update ({update['bytes'] / 1e6:.0f} MB): {update['named_tensors_s']:.3f} s named tensors, "
               f"{update['buckets_64mb_s']:.3f} s as {update['num_buckets']} x 64 MB buckets")
