@@ -195,10 +195,11 @@ done
 DRIVER_PID=""
 log "driver exited with $RC"
 # The driver's contract: 0 = all steps done; 143 = stopped on SIGTERM after saving a
-# checkpoint (or killed by it); 15 = ray.init's own SIGTERM handler ran (no save of its
-# own: the requeued run resumes from the last periodic checkpoint); anything else =
-# failed, never requeued by this script (a crashing run must not loop).
-if [ "$RC" -eq 143 ] || [ "$RC" -eq 15 ]; then
+# checkpoint. After this script's own time-limit warning any non-zero status counts as
+# "stopped" (a driver that died instead of saving resumes from its last periodic
+# checkpoint); otherwise non-zero = failed, never requeued here (no crash loops).
+if [ "$RC" -ne 0 ]; then
+  [ "$RC" -eq 143 ] || [ "$WARNED" = 0 ] || log "the driver did not exit with 143 after SIGTERM (no checkpoint of its own?)"
   requeue_if_warned
 fi
 exit "$RC"

@@ -71,6 +71,17 @@ class SlurmCluster:
             time.sleep(poll)
         raise AssertionError(f"job {job_id} not in {sorted(states)} after {timeout:.0f}s; last: {info}")
 
+    def cancel_all(self, timeout: float = 60) -> None:
+        """Cancel every job of this cluster and wait until they are gone (a failed test
+        must not leave a job holding the node's CPUs for the next one)."""
+        ids = self.run("squeue", "-h", "-o", "%i", check=False).stdout.split()
+        if not ids:
+            return
+        self.run("scancel", *ids, check=False)
+        deadline = time.time() + timeout
+        while time.time() < deadline and self.run("squeue", "-h", "-o", "%i", check=False).stdout.split():
+            time.sleep(1)
+
     def release_requeued(self, job_id: str, restarts: int, timeout: float = 120) -> None:
         """Slurm holds a requeued job PENDING for 120 s (Reason=BeginTime) before it may
         start again; tests skip that wait once the requeue has happened."""
@@ -254,6 +265,7 @@ def _start(folder: Path) -> SlurmCluster:
 
 
 def _stop(cluster: SlurmCluster) -> None:
+    cluster.cancel_all()  # slurmstepd and its jobs outlive `scontrol shutdown`
     cluster.run("scontrol", "shutdown", check=False)
     deadline = time.time() + 20
     while time.time() < deadline:
@@ -296,3 +308,10 @@ def slurm_cluster():
             os.environ["SLURM_CONF"] = old
         _stop(cluster)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _cancel_jobs_after_test(request):
+    yield
+    if "slurm_cluster" in request.fixturenames:
+        request.getfixturevalue("slurm_cluster").cancel_all()

@@ -101,4 +101,38 @@ def test_requeued_cispo_train_job_resumes_from_its_checkpoint(slurm_cluster, tmp
     assert sorted(set(steps)) == list(range(base, base + 4))
     assert max(_checkpoints(out)) == 4
     assert f"resumed from checkpoint step {saved}" in log
-    assert (out / "logs" / f"{job}.0").is_dir() and (out / "logs" / f"{job}.1").is_dir()
+    assert "SIGTERM from Slurm" in log and "requeueing job" not in log  # Slurm requeued it, not the script
+    for attempt in (0, 1):
+        assert (out / "logs" / f"{job}.{attempt}" / f"ray-{slurm_cluster.node}" / "raylet.out").exists()
+    assert not list(Path("/tmp").glob(f"cispo_ray_{job}_*"))
+
+
+def test_time_limit_warning_makes_cispo_train_checkpoint_and_the_job_requeue(slurm_cluster, tmp_path):
+    """The driver's SIGTERM contract (docs/slurm_launch.md), end to end: Slurm's warning
+    before the time limit (SIGUSR1 to the batch shell, as --signal=B:USR1@s sends it) ->
+    the script sends SIGTERM to the driver -> the driver checkpoints the step it is in and
+    exits 143 -> the script requeues the job -> the new attempt resumes from that step.
+    No periodic checkpoints (save_every=0): the only checkpoint is the one the signal made."""
+    out = tmp_path / "run"
+    job = _cispo_train(slurm_cluster, out, "steps=3", "trainer.save_every=0")
+    deadline = time.time() + 1200
+    while not _metrics_steps(out):
+        info = slurm_cluster.job(job)
+        assert info.get("JobState") in {"PENDING", "RUNNING", "CONFIGURING"}, (info, Tail(_log(out, job)))
+        assert time.time() < deadline, "no step within 20 minutes"
+        time.sleep(1)
+    slurm_cluster.run("scancel", "--batch", "--signal=USR1", job)
+    slurm_cluster.release_requeued(job, restarts=1, timeout=300)
+    saved = _checkpoints(out)
+    steps_before = _metrics_steps(out)
+    log = Tail(_log(out, job))
+    assert "driver exited with 143" in log and saved, (
+        "the driver did not checkpoint and exit 143 on SIGTERM (install its handler after ray.init: docs/slurm_launch.md)",
+        saved, log)
+    info = slurm_cluster.wait_state(job, DONE, timeout=1200, poll=5)
+    log = Tail(_log(out, job))
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
+    steps = _metrics_steps(out)
+    base = steps[0]
+    assert steps[len(steps_before):] == list(range(base + max(saved), base + 3)), (steps_before, steps, saved, log)
+    assert f"resumed from checkpoint step {max(saved)}" in log
