@@ -134,7 +134,7 @@ def _matmul(a, b, c, accumulate, mode_id, interpret):
     if interpret:
         grid = (triton.cdiv(M, 64) * triton.cdiv(N, 32),)
         _matmul_kernel[grid](*args, MODE=mode_id, ACCUMULATE=accumulate, BLOCK_M=64,
-                             BLOCK_N=32, BLOCK_K=32, GROUP_M=2, INTERPRET=True)
+                             BLOCK_N=32, BLOCK_K=64, GROUP_M=2, INTERPRET=True)
     else:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
         _matmul_tuned[grid](*args, MODE=mode_id, ACCUMULATE=accumulate, INTERPRET=False)

@@ -126,7 +126,11 @@ def mma(a, b, acc, MODE: tl.constexpr, INTERPRET: tl.constexpr):
         acc = dot_bf16(as_bf16(a, INTERPRET), as_bf16(b, INTERPRET), acc, INTERPRET)
     elif MODE == 2:
         # Small terms first so they are not absorbed by the large one before being summed.
-        if b.dtype == tl.bfloat16:
+        if a.dtype == tl.bfloat16 and b.dtype == tl.bfloat16:
+            # Both exact in bf16: one product is already exact (all lo parts would be 0).
+            part = dot_bf16(as_bf16(a, INTERPRET), as_bf16(b, INTERPRET),
+                            tl.zeros(acc.shape, tl.float32), INTERPRET)
+        elif b.dtype == tl.bfloat16:
             # b is exact in bf16 (e.g. bf16 hidden states): split a in three and the
             # products are exact, so this is fp32 accuracy at the cost of three products.
             a_hi, a_mid, a_lo = split3_bf16(a, INTERPRET)
