@@ -39,8 +39,9 @@ def test_arithmetic_answers_are_correct():
 def test_difficulty_one_is_tiny_and_regular():
     rows = get_task("arithmetic").generate(500, 1, seed=0)
     assert all(len(r["prompt"]) == 4 and r["prompt"][1] == "+" for r in rows)  # "3+4="
-    assert all(1 <= len(r["answer"]) <= 2 for r in rows)
-    assert len({r["prompt"] for r in rows}) > 90  # covers (almost) all 100 single-digit sums
+    assert all(len(r["answer"]) == 1 for r in rows)  # sums stay single-digit
+    assert len({r["prompt"] for r in rows}) == 55  # all 55 such sums appear
+    assert len({r["prompt"] for r in get_task("arithmetic").generate(500, 2, seed=0)}) > 90
     assert max(len(r["prompt"]) for r in get_task("arithmetic").generate(100, 3)) > 4
 
 
