@@ -165,7 +165,9 @@ def test_logprobs_equal_transformers_fp32(fp32, hf, base_state, temperature):
     assert all(t.finish_reason in ("stop", "length") for t in trajs)
     assert trajs[2].prompt_ids == PROMPTS[1]
     # text prompts went through the chat template
-    tok = __import__("transformers").AutoTokenizer.from_pretrained(hf.name_or_path)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf.name_or_path)
     text = tok.apply_chat_template([{"role": "user", "content": PROMPTS[0]}], tokenize=False, add_generation_prompt=True)
     assert trajs[0].prompt_ids == tok.encode(text, add_special_tokens=False)
     err = max_logprob_err(hf, trajs, temperature)
