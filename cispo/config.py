@@ -212,8 +212,9 @@ def validate(cfg: Any) -> None:
     _at_least("rollout.max_new_tokens", r.max_new_tokens, 1)
     if not 0 < r.gpu_memory_utilization <= 1:
         raise ConfigError("rollout.gpu_memory_utilization", f"{r.gpu_memory_utilization!r} must be in (0, 1]")
-    if not 0 < r.repetition_prob < 1:
-        raise ConfigError("rollout.repetition_prob", f"{r.repetition_prob!r} must be in (0, 1)")
+    if not 0.5 <= r.repetition_prob < 1:
+        # at p >= 0.5 "each token above p" identifies the argmax, which the stop relies on
+        raise ConfigError("rollout.repetition_prob", f"{r.repetition_prob!r} must be in [0.5, 1)")
     _at_least("rollout.repetition_window", r.repetition_window, 1)
     _one_of("rollout.weight_sync", r.weight_sync, WEIGHT_SYNC_PATHS)
     _at_least("rollout.sync_bucket_mb", r.sync_bucket_mb, 1)
@@ -238,6 +239,12 @@ def validate(cfg: Any) -> None:
     _at_least("trainer.mini_batch_size", t.mini_batch_size, 0)
     _at_least("trainer.epochs", t.epochs, 1)
     _one_of("trainer.old_logprobs", t.old_logprobs, OLD_LOGPROB_SOURCES)
+    if (r.top_p < 1 or r.top_k > 0) and t.old_logprobs == "rollout":
+        raise ConfigError(
+            "trainer.old_logprobs",
+            "'rollout' with rollout.top_p < 1 or rollout.top_k > 0: the engine's log-probs are then over the "
+            "truncated distribution, not the full one the trainer computes; use trainer.old_logprobs=recompute",
+        )
     _at_least("trainer.logprob_chunk_tokens", t.logprob_chunk_tokens, 1)
     if t.micro_batch_tokens < d.max_prompt_tokens + r.max_new_tokens:
         raise ConfigError(

@@ -36,6 +36,9 @@ def test_each_algorithm_group_loads(group):
         ("model.dtype=int8", "model.dtype", "allowed values: float32, bfloat16, float16"),
         ("logger.backends=[console,mlflow]", "logger.backends[1]", "allowed values: console, jsonl, wandb, tensorboard"),
         ("mode=offline", "mode", "allowed values: sync, async"),
+        ("rollout.repetition_prob=0.3", "rollout.repetition_prob", "must be in [0.5, 1)"),
+        ("rollout.top_p=0.9", "trainer.old_logprobs", "use trainer.old_logprobs=recompute"),
+        ("max_staleness=-1", "max_staleness", "must be >= 0"),
         ("reward.weights=[1.0,2.0]", "reward.weights", "has 2 entries for 1 reward.functions"),
     ],
 )
