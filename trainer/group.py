@@ -52,7 +52,7 @@ class TrainerGroup:
         import os
 
         import ray
-        from ray.util.placement_group import placement_group
+        from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self.cfg = trainer_cfg or TrainerConfig()
@@ -77,8 +77,16 @@ class TrainerGroup:
                      dataclasses.asdict(self.algorithm_cfg), temperature, seed, attn_implementation, head_mode)
             for r in range(self.num_ranks)
         ]
-        host, port = ray.get(self.workers[0].address.remote())
-        infos = ray.get([w.setup.remote(host, port, dist_backend) for w in self.workers])
+        try:
+            host, port = ray.get(self.workers[0].address.remote())
+            infos = ray.get([w.setup.remote(host, port, dist_backend) for w in self.workers])
+        except BaseException:
+            # one rank failing leaves the others blocked in init: take all of them down
+            for w in self.workers:
+                ray.kill(w)
+            remove_placement_group(self._pg)
+            self.workers = []
+            raise
         self.num_params = infos[0]["num_params"]
 
     def _all(self, method: str, *per_rank_args, same=()):

@@ -25,3 +25,18 @@ def ray_cluster():
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tied_tiny_model_path(tiny_model_path, tmp_path_factory) -> str:
+    """The tiny model with tie_word_embeddings=True, as Qwen2-0.5B/1.5B ship: the LM head
+    is the embedding (one Parameter shared by two modules, which ZeRO-3 must handle)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("models") / "tiny-qwen2-tied"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_path).save_pretrained(out)
+    return str(out)

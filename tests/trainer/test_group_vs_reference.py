@@ -43,13 +43,13 @@ def _config(zero_stage: int, **kw) -> TrainerConfig:
 CASES = {
     # ZeRO-2: pi_old recomputed by the trainer, two mini-batches of 4 samples
     2: dict(cfg=_config(2, mini_batch_size=4, epochs=1, old_logprobs="recompute"), mini=4, epochs=1),
-    # ZeRO-3: pi_old from the rollout, the whole batch twice (epochs=2)
-    3: dict(cfg=_config(3, mini_batch_size=0, epochs=2, old_logprobs="rollout"), mini=0, epochs=2),
+    # ZeRO-3: pi_old from the rollout, the whole batch twice (epochs=2), tied embeddings
+    3: dict(cfg=_config(3, mini_batch_size=0, epochs=2, old_logprobs="rollout"), mini=0, epochs=2, tied=True),
 }
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
-def stage_run(request, ray_cluster, tiny_model_path, tmp_path_factory):
+def stage_run(request, ray_cluster, tiny_model_path, tied_tiny_model_path, tmp_path_factory):
     """A 2-rank group of one ZeRO stage after one RL step, with the reference's result."""
     from transformers import AutoModelForCausalLM
 
@@ -57,6 +57,8 @@ def stage_run(request, ray_cluster, tiny_model_path, tmp_path_factory):
 
     stage = request.param
     case = CASES[stage]
+    if case.get("tied"):
+        tiny_model_path = tied_tiny_model_path
     model64 = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float64, attn_implementation="eager")
     trajs = random_trajectories(8, vocab=model64.config.vocab_size, seed=stage)
     set_rollout_logprobs(model64, trajs, TEMPERATURE, noise=0.0 if case["cfg"].old_logprobs == "recompute" else 0.6)
@@ -89,6 +91,7 @@ def test_step_matches_float64_reference(stage_run):
     assert min(r["ref_norms"]) > 0.02
     got = r["group"].state_dict()
     assert set(got) == set(r["ref_w"])
+    assert ("lm_head.weight" in got) == (r["stage"] != 3)  # tied (ZeRO-3 case): sent once, as the embedding
     rel = max_rel_diff(got, r["ref_w"])
     in_lr = max(float((got[k].double() - r["ref_w"][k]).abs().max()) for k in got) / r["lr"]
     print(f"zero{r['stage']}: weights max |diff| {in_lr:.2e} lr (max rel {rel:.2e}); grad norms {m['train/grad_norm_max']:.6g} "
@@ -129,6 +132,7 @@ def test_export_loads_in_transformers(stage_run):
     out = r["tmp"] / "hf"
     r["group"].export_hf(str(out))
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == (r["stage"] == 3)
     assert AutoTokenizer.from_pretrained(out) is not None
     live = r["group"].state_dict()
     for name, p in model.named_parameters():
