@@ -49,6 +49,8 @@ def lm_head_logprobs(hidden, weight, targets, temperature=1.0, with_entropy=Fals
     targets1 = targets.reshape(-1)
     if impl == "auto":
         impl = "triton" if hidden.is_cuda and _triton_available() else "torch"
+    if targets1.numel() == 0:
+        impl = "torch"  # nothing to launch; the torch path returns empty tensors
     if impl == "triton":
         from .lm_head_triton import lm_head_logprobs_triton  # lazy: needs a working triton
         logp, ent = lm_head_logprobs_triton(hidden2, weight, targets1, temperature,

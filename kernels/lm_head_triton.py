@@ -18,7 +18,14 @@ class LMHeadLogprobsTriton(torch.autograd.Function):
         inv_temp = 1.0 / float(temperature)
         hidden = hidden.contiguous()
         weight = weight.contiguous()
-        targets = targets.contiguous().to(torch.int32) if targets.dtype != torch.int32 else targets.contiguous()
+        targets = targets.to(torch.int32).contiguous()
+        # Kernels index with int32 offsets (row * stride); 64-bit offsets would cost address
+        # arithmetic in the inner loop for shapes no one runs (V=152k, H=8192 is 1.2e9).
+        T, H = hidden.shape
+        V = weight.shape[0]
+        if max(T, V, chunk_tokens) * H >= 2**31 or V * min(chunk_tokens, T) >= 2**31:
+            raise ValueError(f"T={T}, V={V}, H={H}: offsets exceed int32; split the tokens "
+                             "into several calls or use impl='torch'")
         # The entropy statistics are also needed by backward when entropy gets a gradient.
         logp, lse, ent = lm_head_forward_stats(hidden, weight, targets, inv_temp, mode_id,
                                                with_entropy, interpret=interpret)

@@ -231,6 +231,8 @@ def test_api_auto_on_cpu_leading_dims_and_errors(seed):
         lm_head_logprobs(h, w, tgt, temperature=0.0)
     with pytest.raises(ValueError):
         lm_head_logprobs(h, w[:, :10], tgt)
+    lp0, ent0 = lm_head_logprobs(h[:0], w, tgt[:0], with_entropy=True)
+    assert lp0.shape == (0,) and ent0.shape == (0,)
 
 
 def test_import_and_cpu_path_without_triton():
