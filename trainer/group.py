@@ -34,6 +34,24 @@ from trainer.worker import TrainerWorker
 _REPO_ROOT = str(Path(__file__).resolve().parents[1])
 
 
+def _as_dataclass(cls, value):
+    """A `cls` from a `cls`, another dataclass, an OmegaConf node (Hydra) or a mapping."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if dataclasses.is_dataclass(value):
+        return cls(**dataclasses.asdict(value))
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(value, DictConfig):
+            value = OmegaConf.to_container(value, resolve=True)
+    except ImportError:
+        pass
+    return cls(**dict(value))
+
+
 class TrainerGroup:
     def __init__(
         self,
@@ -55,8 +73,8 @@ class TrainerGroup:
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        self.cfg = trainer_cfg or TrainerConfig()
-        self.algorithm_cfg = algorithm_cfg or AlgorithmConfig()
+        self.cfg = _as_dataclass(TrainerConfig, trainer_cfg)
+        self.algorithm_cfg = _as_dataclass(AlgorithmConfig, algorithm_cfg)
         self.num_ranks = int(num_ranks or self.cfg.num_ranks)
         self.model_path = model_path
         self.step = 0  # RL steps done (train_step calls)
