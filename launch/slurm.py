@@ -155,6 +155,20 @@ def render_script(cfg: Any, overrides: Sequence[str], train_cmd: Optional[Sequen
     return text
 
 
+def _active_jobs(out: Path) -> list[str]:
+    """Jobs submitted earlier for this run folder that Slurm still knows as pending/running."""
+    try:
+        ids = [line.split()[0] for line in (out / "slurm_jobs.txt").read_text().splitlines() if line.strip()]
+    except OSError:
+        return []
+    active = []
+    for job_id in ids:
+        r = subprocess.run(["squeue", "-h", "-o", "%i %T", "-j", job_id], capture_output=True, text=True)
+        if r.returncode == 0 and r.stdout.split()[:1] == [job_id] and not r.stdout.split()[1:2] == ["COMPLETING"]:
+            active.append(job_id)
+    return active
+
+
 def submit(cfg: Any, overrides: Sequence[str], train_cmd: Optional[Sequence[str]] = None) -> Optional[str]:
     """Write <output_dir>/slurm_job.sh and submit it with sbatch; return the Slurm job id.
 
@@ -173,6 +187,10 @@ def submit(cfg: Any, overrides: Sequence[str], train_cmd: Optional[Sequence[str]
         return None
     if not shutil.which("sbatch"):
         raise RuntimeError("sbatch not found: submit from a Slurm login node, or use cluster.dry_run=true")
+    busy = _active_jobs(out)
+    if busy:
+        raise RuntimeError(f"{out} already belongs to Slurm job(s) {', '.join(busy)} (pending or running): two jobs "
+                           f"would write the same checkpoints; scancel them or choose another output_dir")
     proc = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"sbatch {path} failed ({proc.returncode}): {proc.stderr.strip()}")

@@ -111,6 +111,9 @@ def _cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     fake = bindir / "sbatch"
     fake.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/sbatch_calls\necho 4242\n")
     fake.chmod(0o755)
+    squeue = bindir / "squeue"  # job 4242 counts as running while the file `running` exists
+    squeue.write_text(f"#!/bin/sh\n[ -e {tmp_path}/running ] && echo '4242 RUNNING'\nexit 0\n")
+    squeue.chmod(0o755)
     env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-m", "launch.main", *args], capture_output=True, text=True, env=env,
                           cwd=tmp_path, timeout=120)
@@ -133,3 +136,12 @@ def test_submit_calls_sbatch_with_the_saved_script(tmp_path):
     assert "submitted Slurm job 4242" in r.stdout
     assert (tmp_path / "runs" / "sub" / "logs").is_dir()  # sbatch --output needs it before the job starts
     assert (tmp_path / "runs" / "sub" / "slurm_jobs.txt").read_text().startswith("4242 ")
+
+
+def test_second_submission_to_a_run_with_a_live_job_is_refused(tmp_path):
+    assert _cli(FOUR_BY_EIGHT + ["output_dir=runs/sub"], tmp_path).returncode == 0
+    (tmp_path / "running").touch()
+    r = _cli(FOUR_BY_EIGHT + ["output_dir=runs/sub"], tmp_path)
+    assert r.returncode != 0 and "already belongs to Slurm job(s) 4242" in r.stdout + r.stderr
+    (tmp_path / "running").unlink()
+    assert _cli(FOUR_BY_EIGHT + ["output_dir=runs/sub"], tmp_path).returncode == 0  # finished: resubmit resumes
