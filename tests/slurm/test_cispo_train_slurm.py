@@ -67,7 +67,7 @@ class Tail(str):
 def test_cispo_train_submits_and_the_job_completes(slurm_cluster, tmp_path):
     out = tmp_path / "run"
     job = _cispo_train(slurm_cluster, out, "steps=2")
-    info = slurm_cluster.wait_state(job, DONE, timeout=1200, poll=5)
+    info = slurm_cluster.wait_state(job, DONE, timeout=600, poll=5)
     log = Tail(_log(out, job))
     assert info["JobState"] == "COMPLETED", log
     steps = _metrics_steps(out)  # one row per step; the driver numbers them from 0 (or 1)
@@ -80,18 +80,18 @@ def test_requeued_cispo_train_job_resumes_from_its_checkpoint(slurm_cluster, tmp
     out = tmp_path / "run"
     # Steps take ~0.5 s here once the run is up: enough of them that the requeue lands mid-run.
     job = _cispo_train(slurm_cluster, out, "steps=12", "trainer.save_every=1")
-    deadline = time.time() + 1200
+    deadline = time.time() + 600
     while not _checkpoints(out):
         info = slurm_cluster.job(job)
         assert info.get("JobState") in {"PENDING", "RUNNING", "CONFIGURING"}, (info, Tail(_log(out, job)))
-        assert time.time() < deadline, "no checkpoint within 20 minutes"
+        assert time.time() < deadline, "no checkpoint within 10 minutes"
         time.sleep(2)
     slurm_cluster.run("scontrol", "requeue", job)  # as preemption does: SIGTERM now, SIGKILL after KillWait
     slurm_cluster.release_requeued(job, restarts=1)
     # The first attempt is over: what it left is what the second resumes from.
     saved = max(_checkpoints(out))
     steps_before = _metrics_steps(out)
-    info = slurm_cluster.wait_state(job, DONE, timeout=1200, poll=5)
+    info = slurm_cluster.wait_state(job, DONE, timeout=600, poll=5)
     log = Tail(_log(out, job))
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
     steps = _metrics_steps(out)
@@ -116,11 +116,11 @@ def test_time_limit_warning_makes_cispo_train_checkpoint_and_the_job_requeue(slu
     No periodic checkpoints (save_every=0): the only checkpoint is the one the signal made."""
     out = tmp_path / "run"
     job = _cispo_train(slurm_cluster, out, "steps=20", "trainer.save_every=0")
-    deadline = time.time() + 1200
+    deadline = time.time() + 600
     while not _metrics_steps(out):
         info = slurm_cluster.job(job)
         assert info.get("JobState") in {"PENDING", "RUNNING", "CONFIGURING"}, (info, Tail(_log(out, job)))
-        assert time.time() < deadline, "no step within 20 minutes"
+        assert time.time() < deadline, "no step within 10 minutes"
         time.sleep(0.3)
     slurm_cluster.run("scancel", "--batch", "--signal=USR1", job)
     slurm_cluster.release_requeued(job, restarts=1, timeout=300)
@@ -130,7 +130,7 @@ def test_time_limit_warning_makes_cispo_train_checkpoint_and_the_job_requeue(slu
     assert "driver exited with 143" in log and saved, (
         "the driver did not checkpoint and exit 143 on SIGTERM (install its handler after ray.init: docs/slurm_launch.md)",
         saved, log)
-    info = slurm_cluster.wait_state(job, DONE, timeout=1200, poll=5)
+    info = slurm_cluster.wait_state(job, DONE, timeout=600, poll=5)
     log = Tail(_log(out, job))
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
     steps = _metrics_steps(out)
