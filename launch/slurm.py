@@ -34,8 +34,10 @@ SCRIPT_NAME = "slurm_job.sh"
 
 # Port layout; the job script computes the same from SLURM_JOB_ID at run time.
 PORT_SLOTS = 50
-SINGLE_PORT_BASE, SINGLE_PORTS_PER_SLOT = 10000, 10
-WORKER_PORT_BASE, WORKER_PORTS_PER_SLOT = 11000, 400
+# 20000-32499: above Ray's default worker ports (10002-19999, used by any other Ray on the
+# node) and below Linux's ephemeral range (32768+).
+SINGLE_PORT_BASE, SINGLE_PORTS_PER_SLOT = 20000, 10
+WORKER_PORT_BASE, WORKER_PORTS_PER_SLOT = 20500, 240
 
 # Overrides the job replaces: it attaches to its own Ray cluster and writes to one fixed folder.
 _REPLACED_KEYS = {"cluster.kind", "cluster.address", "cluster.dry_run", "output_dir"}

@@ -29,7 +29,7 @@ NUM_GPUS=${NUM_GPUS##*:}                                    # "h100:8" -> 8
 
 # ---- ports: one slot of 50 from the job id, so two jobs sharing nodes do not collide ----
 SLOT=$(( SLURM_JOB_ID % 50 ))
-BASE=$(( 10000 + 10 * SLOT ))                               # 10000-10499: single ports
+BASE=$(( 20000 + 10 * SLOT ))                               # 20000-20499: single ports
 RAY_PORT=$BASE
 NODE_MANAGER_PORT=$(( BASE + 1 ))
 OBJECT_MANAGER_PORT=$(( BASE + 2 ))
@@ -38,8 +38,8 @@ DASHBOARD_AGENT_LISTEN_PORT=$(( BASE + 4 ))
 DASHBOARD_AGENT_GRPC_PORT=$(( BASE + 5 ))
 METRICS_EXPORT_PORT=$(( BASE + 6 ))
 RUNTIME_ENV_AGENT_PORT=$(( BASE + 7 ))
-MIN_WORKER_PORT=$(( 11000 + 400 * SLOT ))                  # 11000-30999: worker ports,
-MAX_WORKER_PORT=$(( MIN_WORKER_PORT + 399 ))                # below Linux's ephemeral range
+MIN_WORKER_PORT=$(( 20500 + 240 * SLOT ))                  # 20500-32499: worker ports, above Ray's
+MAX_WORKER_PORT=$(( MIN_WORKER_PORT + 239 ))                # defaults (10002-19999), below ephemeral
 # One Ray node per srun step, with the node's whole share: spelled out because srun of
 # Slurm 22.05 does not take --cpus-per-task from the job, and a step may be confined to
 # what it asked for. --overlap: the steps never wait for each other's resources.

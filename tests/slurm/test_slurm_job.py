@@ -61,7 +61,7 @@ def test_two_node_ray_cluster(slurm_cluster, tmp_path, monkeypatch):
     monkeypatch.setenv("CISPO_RAY_WORKER_START_ARGS", " ".join([
         "--node-manager-port=0", "--object-manager-port=0", f"--dashboard-agent-listen-port={free()}",
         f"--dashboard-agent-grpc-port={free()}", f"--metrics-export-port={free()}",
-        f"--runtime-env-agent-port={free()}", "--min-worker-port=31000", "--max-worker-port=31399"]))
+        f"--runtime-env-agent-port={free()}", "--min-worker-port=32500", "--max-worker-port=32739"]))
     monkeypatch.setenv("STAND_IN_STEP_S", "0.2")
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)  # the script's default: token auth, a per-job token
     out = tmp_path / "run"
