@@ -57,7 +57,7 @@ def collect_step_batch(system: RLSystem, dataset: PromptDataset, conf: Config, g
     a = conf.algorithm
     need = conf.data.rollout_batch_size // a.group_size
     kept: list[list[Trajectory]] = []
-    stats = {"dropped_groups": 0, "refills": 0, "reward_failures": 0, "generated": [], "gen_s": 0.0, "reward_s": 0.0}
+    stats = {"data_state": dataset.state_dict(), "dropped_groups": 0, "refills": 0, "reward_failures": 0, "generated": [], "gen_s": 0.0, "reward_s": 0.0}
     while True:
         items = dataset.next_batch(need - len(kept))
         gids = list(range(group_counter[0], group_counter[0] + len(items)))
@@ -166,8 +166,6 @@ def loop(system: RLSystem, dataset: PromptDataset, conf: Config, logger: MetricL
             t0 = time.perf_counter()
             engine_version = system.sync_weights(version=step + 1)
             t_sync = time.perf_counter() - t0
-            if not asynchronous and not last:
-                pending = pool.submit(collect_step_batch, system, dataset, conf, counter)
 
             step_time = time.perf_counter() - t_step
             metrics = {
@@ -189,9 +187,16 @@ def loop(system: RLSystem, dataset: PromptDataset, conf: Config, logger: MetricL
             progress.update(metrics)
             due = conf.trainer.save_every and (step + 1) % conf.trainer.save_every == 0
             if due or last or stop.requested:
-                save(system, dataset, ckpt, step + 1)
+                # in async mode the next step's prompts are already drawn (and generated
+                # by the old policy): a resumed run draws them again from this state
+                drawn_ahead = asynchronous and not last
+                data_state = pending.result()[1]["data_state"] if drawn_ahead else dataset.state_dict()
+                save(system, data_state, ckpt, step + 1)
             if stop.requested and not last:
                 raise Preempted()
+            if not asynchronous and not last:
+                # only now: the checkpoint above must not see the next step's prompts drawn
+                pending = pool.submit(collect_step_batch, system, dataset, conf, counter)
     finally:
         progress.close()
         pool.shutdown(wait=True, cancel_futures=True)
@@ -206,8 +211,8 @@ def namespaced_train_metrics(train: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def save(system: RLSystem, dataset: PromptDataset, ckpt: CheckpointDir, step: int) -> None:
+def save(system: RLSystem, data_state: dict, ckpt: CheckpointDir, step: int) -> None:
     folder = ckpt.begin(step)
     system.save(folder, step)
-    (folder / "driver_state.json").write_text(json.dumps({"step": step, "data": dataset.state_dict()}))
+    (folder / "driver_state.json").write_text(json.dumps({"step": step, "data": data_state}))
     ckpt.commit(folder)
