@@ -145,3 +145,9 @@ def test_second_submission_to_a_run_with_a_live_job_is_refused(tmp_path):
     assert r.returncode != 0 and "already belongs to Slurm job(s) 4242" in r.stdout + r.stderr
     (tmp_path / "running").unlink()
     assert _cli(FOUR_BY_EIGHT + ["output_dir=runs/sub"], tmp_path).returncode == 0  # finished: resubmit resumes
+
+
+@pytest.mark.parametrize("minutes,limit,warn", [(5, "0:05:00", 60), (30, "0:30:00", 300), (1500, "1-01:00:00", 300)])
+def test_time_limit_and_warning(tmp_path, minutes, limit, warn):
+    text = _script(["cluster=slurm", f"cluster.time_minutes={minutes}"], tmp_path / "run")
+    assert f"#SBATCH --time={limit}\n" in text and f"#SBATCH --signal=B:USR1@{warn}\n" in text
