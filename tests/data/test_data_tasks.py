@@ -41,6 +41,8 @@ def test_difficulty_one_is_tiny_and_regular():
     assert all(len(r["prompt"]) == 4 and r["prompt"][1] == "+" for r in rows)  # "3+4="
     assert all(len(r["answer"]) == 1 for r in rows)  # sums stay single-digit
     assert len({r["prompt"] for r in rows}) == 55  # all 55 such sums appear
+    counts = [sum(r["answer"] == str(s) for r in rows) for s in range(10)]
+    assert max(counts) < 0.15 * len(rows)  # no answer is a shortcut: each about 10%
     assert len({r["prompt"] for r in get_task("arithmetic").generate(500, 2, seed=0)}) > 90
     assert max(len(r["prompt"]) for r in get_task("arithmetic").generate(100, 3)) > 4
 
