@@ -45,6 +45,11 @@ class Preempted(Exception):
 class StopFlag:
     def __init__(self) -> None:
         self.requested = False
+        self.install()
+
+    def install(self) -> None:
+        # ray.init installs its own SIGTERM handler (exit at once, nothing saved), so
+        # this runs again after it; the early install remembers a SIGTERM during start-up
         signal.signal(signal.SIGTERM, self._on_term)
 
     def _on_term(self, signum, frame) -> None:
@@ -103,6 +108,7 @@ def run(cfg: DictConfig) -> Path:
 
     dataset = PromptDataset(conf.data, model_path, seed=conf.seed)
     init_ray(conf.cluster.address)
+    stop.install()
     system = RLSystem(conf, model_path)
     start = 0
     try:
