@@ -144,8 +144,6 @@ def main() -> None:
     ap.add_argument("--seqs-per-step", type=int, default=16)
     ap.add_argument("--micro-batch-tokens", type=int, default=4096)
     ap.add_argument("--chunk-tokens", type=int, default=1024)
-    ap.add_argument("--head-impl", default="auto", choices=["auto", "local"],
-                    help="auto: kernels.lm_head_logprobs when it imports; local: trainer's chunked torch path")
     ap.add_argument("--head-mode", default="fp32", help="LM-head product precision (fp32, tf32x3, bf16x3: kernels/)")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
@@ -153,10 +151,6 @@ def main() -> None:
     args = ap.parse_args()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.head_impl == "local":
-        import trainer.fp32_head
-
-        trainer.fp32_head.USE_KERNEL = False
     with tempfile.TemporaryDirectory() as tmp:
         shape = make_model_folder(args.preset, Path(tmp) / "model")
         batch = make_batch(args, shape["vocab"])
@@ -179,7 +173,7 @@ def main() -> None:
     result = {
         "preset": args.preset, "engine": args.engine, "zero_stage": args.zero_stage if args.engine == "deepspeed" else None,
         "dtype": args.dtype, "attn": args.attn, "head_mode": args.head_mode,
-        "head_impl": "kernels" if __import__("trainer.fp32_head").fp32_head.USE_KERNEL else "trainer-local", "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "head_impl": "kernels", "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "torch": torch.__version__, "params_total": shape["params_total"], "params_body": shape["params_body"],
         "seqs_per_step": batch.num_seqs, "tokens_per_step": batch.num_tokens, "loss_tokens_per_step": batch.num_loss_tokens,
         "micro_batches_per_step": micro_batches, "micro_batch_tokens": args.micro_batch_tokens,

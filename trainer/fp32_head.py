@@ -5,9 +5,9 @@ Why FP32: MiniMax-M1 found the train/rollout token-probability correlation goes 
 does. Why chunked: a [tokens x vocab] fp32 logits tensor is 4k x 152k x 4 B = 2.5 GB
 for one 4k-token sequence, and autograd would keep it for backward. Here the head
 runs over `chunk_tokens` rows at a time, keeps only the per-row logsumexp, and the
-backward recomputes each chunk's logits — the same plan as the fused kernel in
-`kernels/`; `head_logprobs` uses `kernels.lm_head_logprobs` when it imports and keeps
-this local path as the fallback (and as a second implementation the tests compare).
+backward recomputes each chunk's logits. That is `kernels.lm_head_logprobs` (the fused
+Triton kernel on GPU, its chunked torch reference on CPU); this module only puts it
+behind the model's `lm_head` so ZeRO-3's hooks still gather the weight.
 
 Temperature is applied exactly as the rollout samples: log_softmax(logits / T).
 """
@@ -17,68 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-try:  # the fused kernel from kernels/ (Triton on GPU, its chunked torch reference elsewhere)
-    from kernels import lm_head_logprobs as _kernel_lm_head_logprobs  # type: ignore[attr-defined]
-except Exception:  # kernels/ absent or broken here: our own chunked torch path below
-    _kernel_lm_head_logprobs = None
-
-# kernels.lm_head_logprobs is differentiable in hidden and weight (fwd+bwd kernels), so
-# it is used whenever it imports; False forces the local path (e.g. to compare the two).
-USE_KERNEL = _kernel_lm_head_logprobs is not None
-
-
-def _chunk_logits(h: torch.Tensor, w: torch.Tensor, inv_temp: float) -> torch.Tensor:
-    return (h.float() @ w.float().t()) * inv_temp
-
-
-class _ChunkedFP32HeadLogprobs(torch.autograd.Function):
-    """logprobs[t] = log_softmax(h[t] @ W^T / T)[targets[t]], chunk by chunk, fp32.
-
-    The entropy (a statistic, no gradient) comes from the same chunk's logits, so asking
-    for it costs no extra pass over the [chunk x vocab] product.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, chunk_tokens, with_entropy):
-        inv_temp = 1.0 / float(temperature)
-        n = hidden.shape[0]
-        logprobs = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        entropy = torch.empty(n if with_entropy else 0, dtype=torch.float32, device=hidden.device)
-        for s in range(0, n, chunk_tokens):
-            e = min(s + chunk_tokens, n)
-            logits = _chunk_logits(hidden[s:e], weight, inv_temp)
-            lse[s:e] = torch.logsumexp(logits, dim=-1)
-            logprobs[s:e] = logits.gather(1, targets[s:e, None]).squeeze(1) - lse[s:e]
-            if with_entropy:  # H = lse - sum_v p_v * logit_v
-                entropy[s:e] = lse[s:e] - (torch.exp(logits - lse[s:e, None]) * logits).sum(-1)
-        ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.inv_temp, ctx.chunk_tokens = inv_temp, chunk_tokens
-        ctx.mark_non_differentiable(entropy)
-        return logprobs, entropy
-
-    @staticmethod
-    def backward(ctx, grad_out, _grad_entropy):
-        hidden, weight, targets, lse = ctx.saved_tensors
-        inv_temp, chunk = ctx.inv_temp, ctx.chunk_tokens
-        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
-        w32 = weight.float()
-        for s in range(0, hidden.shape[0], chunk):
-            e = min(s + chunk, hidden.shape[0])
-            h32 = hidden[s:e].float()
-            logits = (h32 @ w32.t()) * inv_temp
-            # d logp / d logits = onehot(target) - softmax; then the 1/T of the scaling
-            g = -torch.exp(logits - lse[s:e, None])
-            g.scatter_add_(1, targets[s:e, None], torch.ones_like(g[:, :1]))
-            g *= (grad_out[s:e].float() * inv_temp)[:, None]
-            if grad_h is not None:
-                grad_h[s:e] = (g @ w32).to(hidden.dtype)
-            if grad_w is not None:
-                grad_w.addmm_(g.t(), h32)
-        if grad_w is not None:
-            grad_w = grad_w.to(weight.dtype)
-        return grad_h, grad_w, None, None, None, None
+from kernels import lm_head_logprobs
 
 
 def head_logprobs(
@@ -94,17 +33,12 @@ def head_logprobs(
 
     hidden [n, H] (any float dtype), weight [V, H], targets [n] int64. `mode` is the
     kernel's product precision: "fp32" (exact, FMA units) or its tensor-core modes with
-    fp32-level accuracy ("tf32x3", "bf16x3"); the local path has "fp32" only.
+    fp32-level accuracy ("tf32x3", "bf16x3"). Triton on CUDA, the kernels' chunked torch
+    reference elsewhere.
     """
-    if USE_KERNEL and _kernel_lm_head_logprobs is not None:
-        lp, ent = _kernel_lm_head_logprobs(hidden, weight, targets, temperature=temperature,
-                                           with_entropy=with_entropy, mode=mode, chunk_tokens=int(chunk_tokens))
-        return lp, (ent.detach() if ent is not None else None)  # entropy is a statistic here
-    if mode != "fp32":
-        raise ValueError(f"LM-head mode {mode!r} needs kernels.lm_head_logprobs, which did not import")
-    logprobs, entropy = _ChunkedFP32HeadLogprobs.apply(hidden, weight, targets, temperature, int(chunk_tokens),
-                                                       bool(with_entropy))
-    return logprobs, (entropy if with_entropy else None)
+    lp, ent = lm_head_logprobs(hidden, weight, targets, temperature=temperature,
+                               with_entropy=with_entropy, mode=mode, chunk_tokens=int(chunk_tokens))
+    return lp, (ent.detach() if ent is not None else None)  # entropy is a statistic here
 
 
 class FP32LogprobHead(nn.Linear):

@@ -5,17 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-import trainer.fp32_head as fp32_head
 from trainer.fp32_head import FP32LogprobHead, head_logprobs, install_fp32_head
 
-IMPLS = ["local"] + (["kernels"] if fp32_head._kernel_lm_head_logprobs is not None else [])
 
-
-@pytest.fixture(params=IMPLS)
-def impl(request, monkeypatch):
-    """Both the trainer's own chunked path and kernels.lm_head_logprobs (when present)."""
-    monkeypatch.setattr(fp32_head, "USE_KERNEL", request.param == "kernels")
-    return request.param
+@pytest.fixture
+def impl():
+    """The head goes through kernels.lm_head_logprobs (its torch reference on CPU)."""
+    return "kernels"
 
 
 def _reference(hidden, weight, targets, temperature):
