@@ -176,7 +176,13 @@ requeue_if_warned() {  # after the time-limit warning: put the job back in the q
   fi
   log "time limit: requeueing job $SLURM_JOB_ID; attempt $(( ATTEMPT + 1 )) resumes from the latest checkpoint"
   stop_all  # before the requeue, which ends this attempt at once
-  scontrol requeue "$SLURM_JOB_ID" || log "scontrol requeue $SLURM_JOB_ID failed"
+  if scontrol requeue "$SLURM_JOB_ID"; then
+    # Let Slurm end this attempt (its SIGTERM interrupts the wait) rather than exiting on our
+    # own: an exit racing the requeue could be recorded as the job's end (seen: FAILED).
+    sleep 120 & wait $!
+  else
+    log "scontrol requeue $SLURM_JOB_ID failed"
+  fi
 }
 [ "$TERMINATED" = 1 ] && exit 143                # signalled while Ray was starting
 [ "$WARNED" = 1 ] && { requeue_if_warned; exit 143; }

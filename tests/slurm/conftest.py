@@ -84,14 +84,13 @@ class SlurmCluster:
 
     def release_requeued(self, job_id: str, restarts: int, timeout: float = 120) -> None:
         """Slurm holds a requeued job PENDING for 120 s (Reason=BeginTime) before it may
-        start again; tests skip that wait once the requeue has happened."""
+        start again; tests skip that wait once the requeue has happened (the job is seen
+        PENDING with the restart count: polling each second cannot miss that window)."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             info = self.job(job_id)
             if int(info.get("Restarts", 0)) >= restarts and info.get("JobState") == "PENDING":
                 self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
-                return
-            if int(info.get("Restarts", 0)) >= restarts and info.get("JobState") == "RUNNING":
                 return
             time.sleep(1)
         raise AssertionError(f"job {job_id} was not requeued ({restarts} restarts) within {timeout:.0f}s: {self.job(job_id)}")
