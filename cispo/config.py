@@ -141,6 +141,12 @@ class ClusterConfig:
     partition: Optional[str] = None
     time_minutes: int = 60
     dry_run: bool = False
+    exclusive: Optional[bool] = None  # whole nodes; None = only when GPUs are asked for
+    signal_seconds: Optional[int] = None  # time-limit warning lead; None = min(300, time/5), >= 60
+    join_timeout_s: int = 300  # bound on waiting for every node to join the Ray cluster
+    max_requeues: int = 20  # the job's own requeues after time-limit warnings
+    sbatch_args: list[str] = field(default_factory=list)  # extra #SBATCH lines, e.g. ["--account=rl"]
+    job_name: Optional[str] = None
 
 
 @dataclass
@@ -285,6 +291,11 @@ def validate(cfg: Any) -> None:
 
     _one_of("cluster.kind", cfg.cluster.kind, CLUSTER_KINDS)
     _at_least("cluster.nodes", cfg.cluster.nodes, 1)
+    _at_least("cluster.time_minutes", cfg.cluster.time_minutes, 1)
+    _at_least("cluster.join_timeout_s", cfg.cluster.join_timeout_s, 1)
+    _at_least("cluster.max_requeues", cfg.cluster.max_requeues, 0)
+    if cfg.cluster.signal_seconds is not None:
+        _at_least("cluster.signal_seconds", cfg.cluster.signal_seconds, 1)
 
     _at_least("steps", cfg.steps, 1)
     _one_of("mode", cfg.mode, RUN_MODES)

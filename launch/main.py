@@ -32,7 +32,11 @@ def _app(cfg: DictConfig) -> None:
 
         from launch.slurm import submit
 
-        submit(cfg, list(HydraConfig.get().overrides.task))
+        try:
+            submit(cfg, list(HydraConfig.get().overrides.task))
+        except RuntimeError as err:  # sbatch refused, a run folder still busy, ...: one line, no traceback
+            log.error("Slurm submission failed: %s", err)
+            sys.exit(1)
         return
     from launch.driver import run
 
