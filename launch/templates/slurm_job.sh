@@ -177,9 +177,12 @@ requeue_if_warned() {  # after the time-limit warning: put the job back in the q
   log "time limit: requeueing job $SLURM_JOB_ID; attempt $(( ATTEMPT + 1 )) resumes from the latest checkpoint"
   stop_all  # before the requeue, which ends this attempt at once
   if scontrol requeue "$SLURM_JOB_ID"; then
-    # Let Slurm end this attempt (its SIGTERM interrupts the wait) rather than exiting on our
-    # own: an exit racing the requeue could be recorded as the job's end (seen: FAILED).
-    sleep 120 & wait $!
+    # Let Slurm end this attempt rather than exiting on our own: an exit racing the requeue
+    # can be recorded as the job's end (seen: FAILED, also right after Slurm's SIGTERM), so
+    # from here SIGTERM is only noted and Slurm's SIGKILL after KillWait ends the script.
+    trap 'log "SIGTERM from Slurm: the requeue is ending this attempt"' TERM
+    for _ in 1 2 3 4 5; do sleep 60 & wait $!; done
+    log "Slurm did not end this attempt within 300 s of the requeue"
   else
     log "scontrol requeue $SLURM_JOB_ID failed"
   fi
