@@ -15,7 +15,6 @@ import random
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
