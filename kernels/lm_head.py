@@ -12,16 +12,21 @@ def _triton_available() -> bool:
 
 
 def lm_head_logprobs(hidden, weight, targets, temperature=1.0, with_entropy=False,
-                     mode="fp32", impl="auto", chunk_tokens=1024):
+                     mode="auto", impl="auto", chunk_tokens=1024):
     """Log-prob of each target under softmax((hidden @ weight.T) / temperature), fp32.
 
     hidden [..., H] (any float dtype), weight [V, H], targets [...] integer ids in [0, V).
     Modes (products; softmax, log-sum-exp and entropy are always fp32):
-      "bf16x3"  recommended: pass hidden in bf16 as the model produces it (do not upcast)
-                and the fp32 LM-head weight; the weight is split into three bf16 parts
-                and the products are exact: fp32 accuracy (max |d log p| <= 3e-6 vs
-                float64 on an H100 at V=152k) at 2.3x the forward speed of a torch fp32
-                head. bf16 hidden and bf16 weight: one exact product per tile.
+      "auto"    "fp16x2" on the Triton path, "fp32" on the torch path.
+      "fp16x2"  recommended on GPUs: fp32 accuracy from two fp16 tensor-core products per
+                product (power-of-two-scaled hi/lo fp16 parts, 22 bits; the weight is split
+                one vocabulary chunk at a time). Pass hidden in bf16 as the model produces
+                it: then it is exact in one part. See kernels/lm_head_triton_fp16x2.py.
+      "bf16x3"  pass hidden in bf16 (do not upcast) and the fp32 LM-head weight: the
+                weight is split into three bf16 parts in registers and the products are
+                exact: fp32 accuracy (max |d log p| <= 3e-6 vs float64 on an H100 at
+                V=152k) at 2.3x the forward speed of a torch fp32 head, one product more
+                than fp16x2. bf16 hidden and bf16 weight: one exact product per tile.
                 Both operands fp32: hi/lo splits of both, 16-bit products (~1e-5..1e-4).
       "bf16"    operands rounded to bf16, fp32 accumulation (exact when both inputs are
                 already bf16, since bf16 x bf16 products are exact in fp32).
@@ -34,8 +39,8 @@ def lm_head_logprobs(hidden, weight, targets, temperature=1.0, with_entropy=Fals
     Returns (logprobs [...] fp32, entropy [...] fp32 in nats or None). Differentiable
     with respect to hidden and weight, through either output.
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}, expected one of {MODES}")
+    if mode not in MODES and mode != "auto":
+        raise ValueError(f"unknown mode {mode!r}, expected 'auto' or one of {MODES}")
     if impl not in ("auto", "triton", "torch"):
         raise ValueError(f"unknown impl {impl!r}")
     if temperature <= 0:
@@ -51,6 +56,8 @@ def lm_head_logprobs(hidden, weight, targets, temperature=1.0, with_entropy=Fals
         impl = "triton" if hidden.is_cuda and _triton_available() else "torch"
     if targets1.numel() == 0:
         impl = "torch"  # nothing to launch; the torch path returns empty tensors
+    if mode == "auto":
+        mode = "fp16x2" if impl == "triton" else "fp32"
     if impl == "triton":
         from .lm_head_triton import lm_head_logprobs_triton  # lazy: needs a working triton
         logp, ent = lm_head_logprobs_triton(hidden2, weight, targets1, temperature,

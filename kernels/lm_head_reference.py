@@ -6,11 +6,12 @@ recomputes each chunk's logits instead of keeping them, like the Triton path).
 
 Precision modes are emulated with fp32 matrix products: bf16 values multiply exactly in fp32,
 so `bf16` = fp32 product of bf16-rounded operands (= tensor-core math up to summation order),
-`bf16x3` = three such products of the hi/lo bf16 parts, `tf32x3` likewise with tf32 parts.
+`bf16x3` = three such products of the hi/lo bf16 parts, `tf32x3` likewise with tf32 parts,
+`fp16x2` = products of power-of-two-scaled fp16 parts (see lm_head_triton_fp16x2.py).
 """
 import torch
 
-MODES = ("fp32", "bf16", "bf16x3", "tf32x3")
+MODES = ("fp32", "bf16", "bf16x3", "tf32x3", "fp16x2")
 
 
 def _bf16_values(x):
@@ -29,8 +30,31 @@ def _tf32_values(x):
     return ((u + 0x1000) & -0x2000).view(torch.float32)
 
 
-def mode_matmul(a, b, mode):
-    """a @ b in fp32 with operands treated according to `mode`."""
+def _fp16_parts(x, two_parts):
+    """fp16 hi (and lo) parts of x * 2^k, as fp32 values, with max |x| * 2^k in [2^13, 2^14)."""
+    _, e = torch.frexp(x.detach().abs().max().float())
+    k = (14 - e).clamp(-100, 100)
+    xs = torch.ldexp(x.float(), k)
+    hi = xs.half().float()
+    return [hi, (xs - hi).half().float()] if two_parts else [hi], k
+
+
+def mode_matmul(a, b, mode, products=3):
+    """a @ b in fp32 with operands treated according to `mode`.
+
+    products: for fp16x2, 1 multiplies the hi parts only (what the kernels do for a gradient
+    that is returned in 16 bits anyway).
+    """
+    if mode == "fp16x2":
+        # A 16-bit operand is exact in one fp16 part; an fp32 one takes two.
+        (a_hi, *a_lo), ka = _fp16_parts(a, a.element_size() > 2 and products > 1)
+        (b_hi, *b_lo), kb = _fp16_parts(b, b.element_size() > 2 and products > 1)
+        out = a_hi @ b_hi
+        for lo in b_lo:
+            out = a_hi @ lo + out
+        for lo in a_lo:
+            out = lo @ b_hi + out
+        return torch.ldexp(out, -(ka + kb))
     if mode == "fp32":
         return a.float() @ b.float()
     if mode == "bf16":
@@ -115,7 +139,9 @@ class LMHeadLogprobsReference(torch.autograd.Function):
                 dz -= g_ent[c0:c1, None].float() * p * (logp_all + ent[c0:c1, None])
             dl = dz * inv_temp
             if need_h:
-                grad_h[c0:c1] = mode_matmul(dl, weight, mode)
+                # fp16x2: 1 product when grad_h is returned in 16 bits (see the kernels).
+                grad_h[c0:c1] = mode_matmul(dl, weight, mode,
+                                            products=1 if hidden.element_size() == 2 else 3)
             if need_w:
                 grad_w += mode_matmul(dl.t(), h, mode)
         return (grad_h.to(hidden.dtype) if need_h else None,

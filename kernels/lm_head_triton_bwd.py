@@ -24,39 +24,38 @@ import torch
 import triton
 import triton.language as tl
 
-from .lm_head_triton_common import logits_tile, mma, vocab_axis
+from .lm_head_triton_common import grouped_tile, logits_tile, mma, vocab_axis
 from .lm_head_triton_fwd import BF16_TILES, FP32_TILES, make_configs, make_prune
 
 
 @triton.jit
 def _dlogits_kernel(
-    h_ptr, w_ptr, tgt_ptr, lse_ptr, ent_ptr, glogp_ptr, gent_ptr, dlt_ptr,
-    T, V, H, stride_ht, stride_hh, stride_wv, stride_wh, stride_dv,
-    inv_temp,
-    MODE: tl.constexpr, VAX: tl.constexpr, HAS_GENT: tl.constexpr,
+    h_ptr, hl_ptr, w_ptr, wl_ptr, tgt_ptr, lse_ptr, ent_ptr, glogp_ptr, gent_ptr,
+    dl_ptr, dll_ptr, scale_ptr, dl_scale_ptr,
+    T, V, H, stride_ht, stride_hh, stride_wv, stride_wh, stride_dt, stride_dv,
+    inv_temp, v_base,
+    MODE: tl.constexpr, VAX: tl.constexpr, H_PARTS: tl.constexpr, HAS_GENT: tl.constexpr,
+    SPLIT_OUT: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     GROUP_T: tl.constexpr, INTERPRET: tl.constexpr,
 ):
+    """dlogits[t, v] for tokens [0, T) and vocabulary rows [v_base, v_base + V) held by w_ptr,
+    stored at dl_ptr + t * stride_dt + v * stride_dv in dl_ptr's dtype; with SPLIT_OUT
+    (mode fp16x2) as fp16 hi (dl_ptr) and lo (dll_ptr) parts of dlogits * dl_scale_ptr[0]."""
     # Grouped order: consecutive programs share a vocabulary block across GROUP_T token blocks.
-    pid = tl.program_id(0)
-    n_tb = tl.cdiv(T, BLOCK_T)
-    n_vb = tl.cdiv(V, BLOCK_V)
-    per_group = GROUP_T * n_vb
-    first_tb = (pid // per_group) * GROUP_T
-    group_size = tl.minimum(n_tb - first_tb, GROUP_T)
-    tb = first_tb + (pid % per_group) % group_size
-    vb = (pid % per_group) // group_size
+    tb, vb = grouped_tile(tl.program_id(0), tl.cdiv(T, BLOCK_T), tl.cdiv(V, BLOCK_V), GROUP_T)
 
     rows = tb * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = vb * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rows < T
     # Vocabulary on axis VAX of the tile (see logits_tile); per-token vectors broadcast
     # with expand_dims(v, VAX), per-column ones with expand_dims(v, 1 - VAX).
-    acc = logits_tile(h_ptr, w_ptr, rows, cols, T, V, H, stride_ht, stride_hh, stride_wv,
-                      stride_wh, MODE, VAX, BLOCK_T, BLOCK_V, BLOCK_H, INTERPRET)
-    z = acc * inv_temp
+    acc = logits_tile(h_ptr, hl_ptr, w_ptr, wl_ptr, rows, cols, T, V, H, stride_ht, stride_hh,
+                      stride_wv, stride_wh, MODE, VAX, H_PARTS, BLOCK_T, BLOCK_V, BLOCK_H,
+                      INTERPRET)
+    z = acc * (inv_temp * tl.load(scale_ptr))
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
+    tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1) - v_base
     g = tl.load(glogp_ptr + rows, mask=row_ok, other=0.0)
     cols_b = tl.expand_dims(cols, 1 - VAX)
     rows_b = tl.expand_dims(rows, VAX)
@@ -69,9 +68,34 @@ def _dlogits_kernel(
         ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
         dz -= tl.expand_dims(ge, VAX) * p * (zc + tl.expand_dims(ent, VAX))
     dl = dz * inv_temp
-    # Stored as dlogits^T [V, chunk] (the layout both gradient products read well).
-    tl.store(dlt_ptr + cols_b * stride_dv + rows_b, dl.to(dlt_ptr.dtype.element_ty),
-             mask=(cols_b < V) & (rows_b < T))
+    offs = rows_b * stride_dt + cols_b * stride_dv
+    mask = (cols_b < V) & (rows_b < T)
+    if SPLIT_OUT:
+        dl = dl * tl.load(dl_scale_ptr)
+        hi = dl.to(tl.float16)
+        tl.store(dl_ptr + offs, hi, mask=mask)
+        tl.store(dll_ptr + offs, (dl - hi.to(tl.float32)).to(tl.float16), mask=mask)
+    else:
+        tl.store(dl_ptr + offs, dl.to(dl_ptr.dtype.element_ty), mask=mask)
+
+
+def launch_dlogits(h, hl, w, wl, targets, lse, ent, g_logp, g_ent, dl, dll, scale, dl_scale,
+                   inv_temp, v_base, mode_id, h_parts, has_gent, split_out, interpret):
+    """One dlogits launch: dl (and dll) are [T, V]-shaped views, any strides."""
+    T, H = h.shape
+    V = w.shape[0]
+    args = (h, hl, w, wl, targets, lse, ent, g_logp, g_ent, dl, dll, scale, dl_scale, T, V, H,
+            h.stride(0), h.stride(1), w.stride(0), w.stride(1), dl.stride(0), dl.stride(1),
+            inv_temp, v_base)
+    meta = dict(MODE=mode_id, VAX=vocab_axis(mode_id), H_PARTS=h_parts, HAS_GENT=has_gent,
+                SPLIT_OUT=split_out)
+    if interpret:
+        grid = (triton.cdiv(T, 16) * triton.cdiv(V, 64),)
+        _dlogits_kernel[grid](*args, **meta, BLOCK_T=16, BLOCK_V=64, BLOCK_H=32, GROUP_T=2,
+                              INTERPRET=True)
+    else:
+        grid = lambda m: (triton.cdiv(T, m["BLOCK_T"]) * triton.cdiv(V, m["BLOCK_V"]),)  # noqa: E731
+        _dlogits_tuned[grid](*args, **meta, INTERPRET=False)
 
 
 @triton.jit
@@ -83,14 +107,7 @@ def _matmul_kernel(
     GROUP_M: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """c (+)= a @ b in precision MODE; any strides, so transposed operands need no copy."""
-    pid = tl.program_id(0)
-    n_pm = tl.cdiv(M, BLOCK_M)
-    n_pn = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * n_pn
-    first_m = (pid // per_group) * GROUP_M
-    group_size = tl.minimum(n_pm - first_m, GROUP_M)
-    pm = first_m + (pid % per_group) % group_size
-    pn = (pid % per_group) // group_size
+    pm, pn = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     rm = pm * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pn * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -113,17 +130,18 @@ def _matmul_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
+_DL_NAMES = ["BLOCK_T", "BLOCK_V", "BLOCK_H", "GROUP_T"]
+# dl_ptr is written in full by the kernel; the tuner's trial runs only overwrite it.
 _dlogits_tuned = triton.autotune(
-    configs=make_configs(["BLOCK_T", "BLOCK_V", "BLOCK_H", "GROUP_T"], BF16_TILES + FP32_TILES),
-    key=["H", "MODE", "HAS_GENT"],
-    prune_configs_by={"early_config_prune": make_prune("h_ptr", "BLOCK_H")},
+    configs=make_configs(_DL_NAMES), key=["H", "MODE", "H_PARTS", "HAS_GENT", "SPLIT_OUT"],
+    prune_configs_by={"early_config_prune": make_prune("h_ptr", _DL_NAMES)},
 )(_dlogits_kernel)
 
-# dl_ptr is written in full by the kernel; the tuner's trial runs only overwrite it.
+_MM_NAMES = ["BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"]
 _matmul_tuned = triton.autotune(
-    configs=make_configs(["BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"], BF16_TILES + FP32_TILES),
+    configs=make_configs(_MM_NAMES, BF16_TILES + FP32_TILES),
     key=["N", "MODE", "ACCUMULATE", "stride_am"],
-    prune_configs_by={"early_config_prune": make_prune("a_ptr", "BLOCK_K")},
+    prune_configs_by={"early_config_prune": make_prune("a_ptr", _MM_NAMES)},
     restore_value=["c_ptr"],
 )(_matmul_kernel)
 
@@ -157,7 +175,7 @@ def lm_head_backward(hidden, weight, targets, lse, ent, g_logp, g_ent, inv_temp,
     ent = ent if ent is not None else lse
     # bf16 mode multiplies bf16 operands anyway, so dlogits can be stored in bf16.
     dl_dtype = torch.bfloat16 if mode_id == 1 else torch.float32
-    vax = vocab_axis(mode_id)
+    one = torch.ones(1, device=dev, dtype=torch.float32)
     C = min(chunk_tokens, T)
     # Under the interpreter (CPU tests) buffers start as NaN, so an element no program
     # writes shows up in the test instead of passing as leftover memory.
@@ -170,16 +188,9 @@ def lm_head_backward(hidden, weight, targets, lse, ent, g_logp, g_ent, inv_temp,
         n = c1 - c0
         h = hidden[c0:c1]
         d = dlt[:, :n]
-        args = (h, weight, targets[c0:c1], lse[c0:c1], ent[c0:c1], g_logp[c0:c1],
-                g_ent[c0:c1], d, n, V, H, h.stride(0), h.stride(1), weight.stride(0),
-                weight.stride(1), d.stride(0), inv_temp)
-        if interpret:
-            grid = (triton.cdiv(n, 16) * triton.cdiv(V, 64),)
-            _dlogits_kernel[grid](*args, MODE=mode_id, VAX=vax, HAS_GENT=has_gent, BLOCK_T=16,
-                                  BLOCK_V=64, BLOCK_H=32, GROUP_T=2, INTERPRET=True)
-        else:
-            grid = lambda meta: (triton.cdiv(n, meta["BLOCK_T"]) * triton.cdiv(V, meta["BLOCK_V"]),)  # noqa: E731,B023
-            _dlogits_tuned[grid](*args, MODE=mode_id, VAX=vax, HAS_GENT=has_gent, INTERPRET=False)
+        launch_dlogits(h, h, weight, weight, targets[c0:c1], lse[c0:c1], ent[c0:c1],
+                       g_logp[c0:c1], g_ent[c0:c1], d.t(), d.t(), one, one, inv_temp, 0,
+                       mode_id, 1, has_gent, False, interpret)
         if need_grad_hidden:
             _matmul(d.t(), weight, grad_hidden[c0:c1], False, mode_id, interpret)
         if need_grad_weight:

@@ -17,6 +17,10 @@ Precision modes (the `MODE` constexpr of every kernel):
 * ``MODE_TF32X3`` the same three-product trick with tf32 parts (11 significant bits each,
   22 together): fp32-level accuracy. Tensor-core tf32 runs at half the bf16 rate, so it costs
   about twice bf16x3. On the GPU this is Triton's own ``input_precision="tf32x3"``.
+* ``MODE_FP16X2`` fp32 accuracy from two fp16 products: operands are scaled by powers of two
+  and split into fp16 hi/lo parts *before* the kernels run (lm_head_triton_fp16x2.py), so the
+  kernels only load fp16 tiles and multiply them; `logits_tile` takes the lo parts as extra
+  pointers. Only the VAX=1 orientation.
 
 Operands are split in registers right after they are loaded, so no hi/lo copy of the weight
 ([V, H], 2.5 GB at V=152k, H=4096) is ever stored.
@@ -36,7 +40,9 @@ MODE_FP32 = 0
 MODE_BF16 = 1
 MODE_BF16X3 = 2
 MODE_TF32X3 = 3
-MODES = {"fp32": MODE_FP32, "bf16": MODE_BF16, "bf16x3": MODE_BF16X3, "tf32x3": MODE_TF32X3}
+MODE_FP16X2 = 4
+MODES = {"fp32": MODE_FP32, "bf16": MODE_BF16, "bf16x3": MODE_BF16X3, "tf32x3": MODE_TF32X3,
+         "fp16x2": MODE_FP16X2}
 
 
 def interpret_mode() -> bool:
@@ -112,6 +118,30 @@ def dot_bf16(a, b, acc, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def dot_fp16(a, b, acc, INTERPRET: tl.constexpr):
+    """acc += a @ b for fp16 tiles (fp16 x fp16 products are exact in fp32)."""
+    if INTERPRET:
+        # numpy would multiply float16 arrays in float16; fp32 holds the products exactly.
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def grouped_tile(pid, n_a, n_b, GROUP: tl.constexpr):
+    """Program id -> (index along a, index along b), GROUP a-blocks at a time.
+
+    Programs that run together then share the same few b-blocks (and a-blocks) through L2.
+    """
+    per_group = GROUP * n_b
+    first_a = (pid // per_group) * GROUP
+    group_size = tl.minimum(n_a - first_a, GROUP)
+    ia = first_a + (pid % per_group) % group_size
+    ib = (pid % per_group) // group_size
+    return ia, ib
+
+
+@triton.jit
 def mma(a, b, acc, MODE: tl.constexpr, INTERPRET: tl.constexpr):
     """acc += a @ b in the given precision mode; a, b are raw loaded tiles (any float dtype).
 
@@ -171,9 +201,11 @@ def mma(a, b, acc, MODE: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def logits_tile(h_ptr, w_ptr, rows, cols, T, V, H, stride_ht, stride_hh, stride_wv, stride_wh,
-                MODE: tl.constexpr, VAX: tl.constexpr, BLOCK_T: tl.constexpr,
-                BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, INTERPRET: tl.constexpr):
+def logits_tile(h_ptr, hl_ptr, w_ptr, wl_ptr, rows, cols, T, V, H,
+                stride_ht, stride_hh, stride_wv, stride_wh,
+                MODE: tl.constexpr, VAX: tl.constexpr, H_PARTS: tl.constexpr,
+                BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                INTERPRET: tl.constexpr):
     """fp32 tile of hidden[rows] @ weight[cols]^T reduced over all of H; vocabulary on axis VAX.
 
     VAX=1: [BLOCK_T, BLOCK_V], hidden is the left operand. Per-token reductions then run
@@ -181,6 +213,9 @@ def logits_tile(h_ptr, w_ptr, rows, cols, T, V, H, stride_ht, stride_hh, stride_
     VAX=0: [BLOCK_V, BLOCK_T], the weight is the left operand, the one a Hopper tensor-core
     instruction (wgmma) can read from registers, which is where bf16x3 splits the fp32
     weight; the bf16 hidden then goes straight from shared memory to the tensor cores.
+    MODE_FP16X2 (VAX=1 only): h_ptr/w_ptr hold the fp16 hi parts, hl_ptr/wl_ptr the lo parts
+    (hl_ptr is read only when H_PARTS == 2), all with the strides given; the tile is
+    h @ w_lo^T [+ h_lo @ w^T] + h @ w^T, small terms first.
     Out-of-range rows/cols load zeros: the caller masks them.
     """
     if VAX == 0:
@@ -201,11 +236,20 @@ def logits_tile(h_ptr, w_ptr, rows, cols, T, V, H, stride_ht, stride_hh, stride_
                         mask=row_ok[None, :] & k_ok[:, None], other=0.0)
             acc = mma(w, h, acc, MODE, INTERPRET)
         else:
-            h = tl.load(h_ptr + rows[:, None] * stride_ht + k[None, :] * stride_hh,
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptr + cols[None, :] * stride_wv + k[:, None] * stride_wh,
-                        mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-            acc = mma(h, w, acc, MODE, INTERPRET)
+            h_off = rows[:, None] * stride_ht + k[None, :] * stride_hh
+            h_mask = row_ok[:, None] & k_ok[None, :]
+            w_off = cols[None, :] * stride_wv + k[:, None] * stride_wh
+            w_mask = col_ok[None, :] & k_ok[:, None]
+            h = tl.load(h_ptr + h_off, mask=h_mask, other=0.0)
+            w = tl.load(w_ptr + w_off, mask=w_mask, other=0.0)
+            if MODE == 4:
+                acc = dot_fp16(h, tl.load(wl_ptr + w_off, mask=w_mask, other=0.0), acc, INTERPRET)
+                if H_PARTS == 2:
+                    acc = dot_fp16(tl.load(hl_ptr + h_off, mask=h_mask, other=0.0), w, acc,
+                                   INTERPRET)
+                acc = dot_fp16(h, w, acc, INTERPRET)
+            else:
+                acc = mma(h, w, acc, MODE, INTERPRET)
     return acc
 
 

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .lm_head_triton_common import logits_tile, vocab_axis
+from .lm_head_triton_common import MODE_BF16, MODE_FP16X2, grouped_tile, logits_tile, vocab_axis
 
 # A split boundary is a multiple of this, so any BLOCK_V dividing it never straddles splits.
 VSPLIT_ALIGN = 256
@@ -25,25 +25,22 @@ NEG_BIG = -1.0e30  # finite "-inf": keeps (m_old - m_new) * s == 0 instead of Na
 
 @triton.jit
 def _lm_head_fwd_kernel(
-    h_ptr, w_ptr, tgt_ptr, part_ptr,
+    h_ptr, hl_ptr, w_ptr, wl_ptr, tgt_ptr, part_ptr, scale_ptr,
     T, V, H, stride_ht, stride_hh, stride_wv, stride_wh,
-    inv_temp, v_per_split, n_split,
-    MODE: tl.constexpr, VAX: tl.constexpr, WITH_ENT: tl.constexpr,
+    inv_temp, v_base, v_per_split, n_split, stride_plane,
+    MODE: tl.constexpr, VAX: tl.constexpr, H_PARTS: tl.constexpr, WITH_ENT: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     GROUP_T: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    # Grouped launch order (see module docstring).
-    pid = tl.program_id(0)
-    n_tb = tl.cdiv(T, BLOCK_T)
-    per_group = GROUP_T * n_split
-    first_tb = (pid // per_group) * GROUP_T
-    group_size = tl.minimum(n_tb - first_tb, GROUP_T)
-    tb = first_tb + (pid % per_group) % group_size
-    sp = (pid % per_group) // group_size
+    """w_ptr holds vocabulary rows [v_base, v_base + V) (a chunk of the vocabulary in mode
+    fp16x2, all of it otherwise); logits = tile * inv_temp * scale_ptr[0] (the powers of two
+    the fp16x2 operands were scaled by; 1 in the other modes)."""
+    tb, sp = grouped_tile(tl.program_id(0), tl.cdiv(T, BLOCK_T), n_split, GROUP_T)
 
     rows = tb * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
-    tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
+    tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1) - v_base
+    inv_temp = inv_temp * tl.load(scale_ptr)
     v_start = sp * v_per_split
     v_end = tl.minimum(v_start + v_per_split, V)
 
@@ -58,8 +55,9 @@ def _lm_head_fwd_kernel(
         cols = v0 + tl.arange(0, BLOCK_V)
         cols_b = tl.expand_dims(cols, 1 - VAX)
         col_ok_b = cols_b < v_end
-        acc = logits_tile(h_ptr, w_ptr, rows, cols, T, V, H, stride_ht, stride_hh, stride_wv,
-                          stride_wh, MODE, VAX, BLOCK_T, BLOCK_V, BLOCK_H, INTERPRET)
+        acc = logits_tile(h_ptr, hl_ptr, w_ptr, wl_ptr, rows, cols, T, V, H, stride_ht, stride_hh,
+                          stride_wv, stride_wh, MODE, VAX, H_PARTS, BLOCK_T, BLOCK_V, BLOCK_H,
+                          INTERPRET)
         z = acc * inv_temp
         zt += tl.sum(tl.where(cols_b == tgt_b, z, 0.0), axis=VAX)
         z = tl.where(col_ok_b, z, float("-inf"))
@@ -75,41 +73,68 @@ def _lm_head_fwd_kernel(
         m = m_new
 
     out = part_ptr + sp * T + rows
-    plane = n_split * T
     tl.store(out, m, mask=row_ok)
-    tl.store(out + plane, s, mask=row_ok)
-    tl.store(out + 2 * plane, s1, mask=row_ok)
-    tl.store(out + 3 * plane, zt, mask=row_ok)
+    tl.store(out + stride_plane, s, mask=row_ok)
+    tl.store(out + 2 * stride_plane, s1, mask=row_ok)
+    tl.store(out + 3 * stride_plane, zt, mask=row_ok)
 
 
-# (BLOCK_T, BLOCK_V, BLOCK_H, num_warps, num_stages). bf16 operands loaded as bf16 take 64-deep
-# K steps; operands loaded as fp32 (modes fp32, bf16x3, tf32x3, or bf16 on fp32 inputs) need
-# twice the shared memory per K element, so they take 32-deep steps. Two candidates each keeps
-# autotuning (which runs once per H and mode) short.
-BF16_TILES = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3)]
+# (BLOCK_T, BLOCK_V, BLOCK_H, num_warps, num_stages). Three tile families by what is loaded:
+# - BF16_TILES: 16-bit operands (mode bf16 on bf16 inputs), 64-deep K steps;
+# - FP32_TILES: fp32 loads (modes fp32, bf16x3, tf32x3, bf16 on fp32 inputs) need twice the
+#   shared memory per K element, so 32-deep steps;
+# - FP16X2_TILES: one fp16 hidden tile and two fp16 weight tiles (hi, lo) per K step:
+#   (BT + 2 BV) * 64 * 2 bytes per pipeline stage, <= ~200 KB of the H100's 227 KB in all.
+BF16_TILES = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4)]
 FP32_TILES = [(128, 128, 32, 8, 3), (64, 128, 32, 4, 3)]
+FP16X2_TILES = [(128, 128, 64, 8, 4), (256, 128, 64, 8, 3), (128, 256, 64, 8, 2)]
+ALL_TILES = list(dict.fromkeys(BF16_TILES + FP32_TILES + FP16X2_TILES))
 
 
-def make_configs(names, tiles):
+def make_configs(names, tiles=ALL_TILES):
     return [triton.Config({names[0]: a, names[1]: b, names[2]: c, names[3]: 8},
                           num_warps=nw, num_stages=ns) for a, b, c, nw, ns in tiles]
 
 
-def make_prune(operand_name, k_name):
-    """Keep the tile list that matches the operand dtype: bf16 loads only in mode bf16."""
+def make_prune(operand_name, names):
+    """Keep the tile family that matches what the kernel will load (see the lists above)."""
     def prune(configs, named_args, **kwargs):
         mode = kwargs.get("MODE", named_args.get("MODE"))
-        bf16_loads = mode == 1 and named_args[operand_name].element_size() == 2
-        keep = [c for c in configs if (c.kwargs[k_name] == 64) == bf16_loads]
+        if mode == MODE_FP16X2:
+            family = FP16X2_TILES
+        elif mode == MODE_BF16 and named_args[operand_name].element_size() == 2:
+            family = BF16_TILES
+        else:
+            family = FP32_TILES
+        keep = [c for c in configs
+                if (*(c.kwargs[n] for n in names[:3]), c.num_warps, c.num_stages) in family]
         return keep or configs[:1]
     return prune
 
 
 _FWD_NAMES = ["BLOCK_T", "BLOCK_V", "BLOCK_H", "GROUP_T"]
 _lm_head_fwd_tuned = triton.autotune(
-    configs=make_configs(_FWD_NAMES, BF16_TILES + FP32_TILES), key=["H", "MODE", "WITH_ENT"],
-    prune_configs_by={"early_config_prune": make_prune("h_ptr", "BLOCK_H")},
+    configs=make_configs(_FWD_NAMES), key=["H", "MODE", "H_PARTS", "WITH_ENT"],
+    prune_configs_by={"early_config_prune": make_prune("h_ptr", _FWD_NAMES)},
 )(_lm_head_fwd_kernel)
+
+
+def launch_forward(h, hl, w, wl, targets, part, scale, inv_temp, v_base, v_per_split, n_split,
+                   mode_id, h_parts, with_entropy, interpret):
+    """One forward launch over the vocabulary rows held by w (see _lm_head_fwd_kernel);
+    part is a [4, >= n_split, T] view whose first n_split columns this launch fills."""
+    T, H = h.shape
+    args = (h, hl, w, wl, targets, part, scale, T, w.shape[0], H, h.stride(0), h.stride(1),
+            w.stride(0), w.stride(1), inv_temp, v_base, v_per_split, n_split, part.stride(0))
+    meta = dict(MODE=mode_id, VAX=vocab_axis(mode_id), H_PARTS=h_parts, WITH_ENT=with_entropy)
+    if interpret:
+        # Small blocks so that CPU tests cross several blocks in every dimension.
+        grid = (triton.cdiv(T, 16) * n_split,)
+        _lm_head_fwd_kernel[grid](*args, **meta, BLOCK_T=16, BLOCK_V=64, BLOCK_H=32, GROUP_T=2,
+                                  INTERPRET=True)
+    else:
+        grid = lambda m: (triton.cdiv(T, m["BLOCK_T"]) * n_split,)  # noqa: E731
+        _lm_head_fwd_tuned[grid](*args, **meta, INTERPRET=False)
 
 
 def lm_head_forward_stats(hidden, weight, targets, inv_temp, mode_id, with_entropy,
@@ -119,19 +144,10 @@ def lm_head_forward_stats(hidden, weight, targets, inv_temp, mode_id, with_entro
     V = weight.shape[0]
     v_per_split = triton.cdiv(triton.cdiv(V, n_split), VSPLIT_ALIGN) * VSPLIT_ALIGN
     n_split = triton.cdiv(V, v_per_split)
-    vax = vocab_axis(mode_id)
     part = torch.full((4, n_split, T), float("nan"), device=hidden.device, dtype=torch.float32)
-    args = (hidden, weight, targets, part, T, V, H, hidden.stride(0), hidden.stride(1),
-            weight.stride(0), weight.stride(1), inv_temp, v_per_split, n_split)
-    if interpret:
-        # Small blocks so that CPU tests cross several blocks in every dimension.
-        grid = (triton.cdiv(T, 16) * n_split,)
-        _lm_head_fwd_kernel[grid](*args, MODE=mode_id, VAX=vax, WITH_ENT=with_entropy, BLOCK_T=16,
-                                  BLOCK_V=64, BLOCK_H=32, GROUP_T=2, INTERPRET=True)
-    else:
-        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_T"]) * n_split,)  # noqa: E731
-        _lm_head_fwd_tuned[grid](*args, MODE=mode_id, VAX=vax, WITH_ENT=with_entropy,
-                                 INTERPRET=False)
+    one = torch.ones(1, device=hidden.device, dtype=torch.float32)
+    launch_forward(hidden, hidden, weight, weight, targets, part, one, inv_temp, 0, v_per_split,
+                   n_split, mode_id, 1, with_entropy, interpret)
     return combine_partials(part, with_entropy)
 
 

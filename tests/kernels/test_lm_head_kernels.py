@@ -37,7 +37,9 @@ T, V, H = 37, 1013, 72
 TEMP = 0.7
 # Max |error| vs float64 allowed per mode: (log p and entropy, gradients relative to their max).
 # bf16x3 on two fp32 operands keeps 16 significant bits (~2^-16 per product); bf16 rounds inputs.
-TOL64 = {"fp32": (1e-5, 1e-5), "tf32x3": (1e-5, 1e-5), "bf16x3": (2e-4, 1e-4), "bf16": (6e-2, 3e-2)}
+TOL64 = {"fp32": (1e-5, 1e-5), "tf32x3": (1e-5, 1e-5), "bf16x3": (2e-4, 1e-4), "bf16": (6e-2, 3e-2),
+         "fp16x2": (1e-5, 1e-5)}
+ALL_MODES = ["fp32", "tf32x3", "bf16x3", "bf16", "fp16x2"]
 
 
 @pytest.fixture
@@ -113,7 +115,7 @@ def test_reference_matches_naive_log_softmax_gather(seed):
     assert max_abs(ent, -(lsm.exp() * lsm).sum(-1)) < 2e-5, seed
 
 
-@pytest.mark.parametrize("mode", ["fp32", "tf32x3", "bf16x3", "bf16"])
+@pytest.mark.parametrize("mode", ALL_MODES)
 def test_reference_fwd_bwd_vs_float64(seed, mode):
     h, w, tgt = make_inputs()
     g_logp, g_ent = torch.randn(T), torch.randn(T)
@@ -135,7 +137,7 @@ def test_reference_chunking_does_not_change_results(seed):
 
 @needs_triton
 @pytest.mark.parametrize("with_entropy", [True, False])
-@pytest.mark.parametrize("mode", ["fp32", "tf32x3", "bf16x3", "bf16"])
+@pytest.mark.parametrize("mode", ALL_MODES)
 def test_triton_forward(seed, mode, with_entropy):
     h, w, tgt = make_inputs()
     lp, ent = lm_head_logprobs(h, w, tgt, TEMP, with_entropy, mode, impl="triton")
@@ -155,7 +157,7 @@ def test_triton_forward(seed, mode, with_entropy):
 
 
 @needs_triton
-@pytest.mark.parametrize("mode", ["fp32", "tf32x3", "bf16x3", "bf16"])
+@pytest.mark.parametrize("mode", ALL_MODES)
 def test_triton_fwd_bwd_vs_float64_and_reference(seed, mode):
     """Entropy and log-prob both carry gradient; chunks of 24 tokens -> 2 chunks, the last
     ragged, so grad_weight is accumulated across chunks."""
@@ -217,6 +219,53 @@ def test_bf16_mode_with_bf16_inputs(seed):
         assert rel_to_max(x, y) <= 2e-2, seed  # bf16 dlogits and bf16 outputs
 
 
+@pytest.fixture
+def small_vocab_chunks(monkeypatch):
+    """fp16x2 splits the weight 256 rows at a time: V=1013 crosses 4 chunks, the last ragged."""
+    import kernels.lm_head_triton_fp16x2 as fp16x2
+    monkeypatch.setattr(fp16x2, "VOCAB_CHUNK", 256)
+
+
+def bf16_rounding_error(ref):
+    """Norm-wise error of the exact result rounded to bf16: the floor for a bf16 gradient."""
+    ref = ref.double()
+    return ((ref.to(torch.bfloat16).double() - ref).norm() / ref.norm()).item()
+
+
+@needs_triton
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_fp16x2_with_bf16_hidden_is_fp32_accurate(seed, impl, small_vocab_chunks):
+    """The recommended use: bf16 hidden, fp32 weight. 4 vocabulary chunks x 3 token chunks in
+    backward (chunk_tokens=4 -> 16 tokens, T=37). Log-probs, entropy and grad_weight at fp32
+    accuracy; grad_hidden comes back in bf16 from one fp16 product, so its error may exceed
+    plain bf16 rounding of the exact gradient by at most 10%."""
+    h, w, tgt = make_inputs(hidden_dtype=torch.bfloat16)
+    g_logp, g_ent = torch.randn(T), torch.randn(T)
+    lp, ent, gh, gw = run(h, w, tgt, g_logp, g_ent, "fp16x2", impl, chunk_tokens=4)
+    lp0, ent0, gh0, gw0 = float64_reference(h, w, tgt, g_logp, g_ent)
+    for name, x in (("logp", lp), ("entropy", ent), ("grad_hidden", gh), ("grad_weight", gw)):
+        assert not torch.isnan(x).any(), f"NaN in {name} (unwritten?) seed={seed}"
+    assert max_abs(lp, lp0) <= 1e-5, f"{max_abs(lp, lp0):.3g} seed={seed}"
+    assert max_abs(ent, ent0) <= 2e-5, f"{max_abs(ent, ent0):.3g} seed={seed}"
+    assert rel_to_max(gw, gw0) <= 1e-5, f"{rel_to_max(gw, gw0):.3g} seed={seed}"
+    assert gh.dtype == torch.bfloat16
+    err = ((gh.double() - gh0).norm() / gh0.norm()).item()
+    assert err <= 1.1 * bf16_rounding_error(gh0), f"{err:.3g} seed={seed}"
+
+
+@needs_triton
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_fp16x2_scales_operands_outside_fp16_range(seed, impl, small_vocab_chunks):
+    """Hidden values up to ~4e5 (fp16 overflows at 65504) and weights ~1e-7 (fp16 subnormal):
+    the power-of-two scaling keeps every part normal, so accuracy is unchanged."""
+    h, w, tgt = make_inputs()
+    h, w = h * 1e5, w * 1e-5
+    g_logp, g_ent = torch.randn(T) * 1e-3, torch.randn(T) * 1e-3
+    got = run(h, w, tgt, g_logp, g_ent, "fp16x2", impl, chunk_tokens=4)
+    check_all(got, float64_reference(h, w, tgt, g_logp, g_ent), 1e-5, 1e-5, seed,
+              f"{impl}/fp16x2 scaled")
+
+
 # ---------------------------------------------------------------- API
 
 def test_api_auto_on_cpu_leading_dims_and_errors(seed):
@@ -225,7 +274,7 @@ def test_api_auto_on_cpu_leading_dims_and_errors(seed):
     assert lp.shape == (2, 5) and ent is None
     lp_ref, _ = lm_head_logprobs_naive(h, w, tgt, 1.0)
     assert max_abs(lp.reshape(-1), lp_ref) < 1e-5, seed
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown mode 'fp16'"):
         lm_head_logprobs(h, w, tgt, mode="fp16")
     with pytest.raises(ValueError):
         lm_head_logprobs(h, w, tgt, temperature=0.0)

@@ -1,0 +1,259 @@
+"""Mode fp16x2: fp32-accurate LM-head log-probs from two fp16 tensor-core products.
+
+Why fp16 parts and not bf16: fp16 keeps 11 significant bits, bf16 8. Two fp16 parts hold 22
+bits of an fp32 (~2^-23 relative), two bf16 parts only 16 (~2e-5 in log p at H=4096, over
+the 1e-5 target), so bf16 needs a third part and a third product (mode bf16x3). fp16's price
+is its range (6e-5 .. 65504): every operand is first multiplied by a power of two chosen
+from its largest magnitude, so that it lands in [2^13, 2^14). That is exact, and undone
+exactly on the fp32 result. The hi/lo parts then stay normal fp16 numbers for every element
+within 2^17 of the largest; smaller elements lose low bits only below 2^-39 of the largest,
+far under the rounding of an fp32 sum.
+
+Products per fp32 product:
+* forward logits: a bf16/fp16 hidden state is exact in one fp16 part (its 8 or 11 bits fit),
+  so logits = h @ W_hi^T + h @ W_lo^T, 2 products (an fp32 hidden adds h_lo @ W_hi^T: 3).
+* backward, per (vocabulary chunk, token chunk): the dlogits kernel recomputes the logits
+  the same way and writes dlogits as scaled fp16 hi/lo parts; then
+  grad_W += dl_hi^T @ h + dl_lo^T @ h (2 products: fp32-accurate, the weight is fp32), and
+  grad_h += dl_hi @ W_hi (1 product) when grad_h goes back in bf16/fp16: its error (~2^-12)
+  is 8x under the final bf16 rounding; 3 products (+ dl_hi @ W_lo + dl_lo @ W_hi) when fp32.
+
+Memory: the weight is split one vocabulary chunk at a time (VOCAB_CHUNK rows x H x 2 parts
+x 2 bytes: 256 MiB at H=4096), never all at once; backward also keeps an fp32 grad_h
+accumulator when hidden is 16-bit (T x H x 4 bytes) and two fp16 dlogits buffers of
+chunk x VOCAB_CHUNK (sized from chunk_tokens so they take chunk_tokens x V x 4 bytes).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .lm_head_triton_bwd import launch_dlogits
+from .lm_head_triton_common import MODE_FP16X2, dot_fp16, grouped_tile
+from .lm_head_triton_fwd import (FP16X2_TILES, VSPLIT_ALIGN, combine_partials, launch_forward,
+                                 make_configs)
+
+VOCAB_CHUNK = 16384   # weight rows split to fp16 at a time (a multiple of VSPLIT_ALIGN)
+TOP_EXP = 14          # scaled operands lie in [2^(TOP_EXP-1), 2^TOP_EXP): far from fp16's 65504
+SMS_TO_FILL = 264     # forward programs per launch to aim for (2 waves on an H100's 132 SMs)
+
+
+def pow2_exponent(amax):
+    """Integer k (int32 tensor) with amax * 2^k in [2^13, 2^14); 0-d, stays on the device.
+
+    frexp gives amax = m * 2^e with m in [0.5, 1). Zero gives k = TOP_EXP; clamped so that
+    2^k and 2^-k are finite normal fp32 numbers.
+    """
+    _, e = torch.frexp(amax.float())
+    return (TOP_EXP - e).clamp(-100, 100).to(torch.int32)
+
+
+def max_abs(x):
+    lo, hi = torch.aminmax(x)  # one pass, no |x| temporary (the weight is up to GBs)
+    return torch.maximum(-lo, hi).float()
+
+
+def exp2(k):
+    return torch.ldexp(torch.ones_like(k, dtype=torch.float32), k).reshape(1)
+
+
+@triton.jit
+def _split_kernel(x_ptr, hi_ptr, lo_ptr, scale_ptr, R, C, stride_xr, stride_xc, stride_or,
+                  TWO_PARTS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """hi = fp16(x * s), lo = fp16(x * s - hi): x * s == hi + lo to ~2^-23 relative."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (r[:, None] < R) & (c[None, :] < C)
+    x = tl.load(x_ptr + r[:, None] * stride_xr + c[None, :] * stride_xc, mask=mask, other=0.0)
+    x = x.to(tl.float32) * tl.load(scale_ptr)
+    hi = x.to(tl.float16)
+    out = r[:, None] * stride_or + c[None, :]
+    tl.store(hi_ptr + out, hi, mask=mask)
+    if TWO_PARTS:
+        tl.store(lo_ptr + out, (x - hi.to(tl.float32)).to(tl.float16), mask=mask)
+
+
+def split_fp16(x, scale, two_parts, hi, lo):
+    """Write the scaled fp16 parts of the 2-D tensor x into hi and lo (contiguous, x's shape;
+    lo is not touched when two_parts is False)."""
+    R, C = x.shape
+    grid = (triton.cdiv(R, 32), triton.cdiv(C, 128))
+    _split_kernel[grid](x, hi, lo, scale, R, C, x.stride(0), x.stride(1), hi.stride(0),
+                        TWO_PARTS=two_parts, BLOCK_R=32, BLOCK_C=128)
+
+
+@triton.jit
+def _matmul_parts_kernel(
+    a_ptr, al_ptr, b_ptr, bl_ptr, c_ptr, alpha_ptr, M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    A_PARTS: tl.constexpr, B_PARTS: tl.constexpr, ACCUMULATE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """c (+)= alpha * (a @ b [+ a @ b_lo] [+ a_lo @ b]) with fp16 parts; the lo parts share the
+    strides of their hi parts; alpha = alpha_ptr[0] undoes the operands' power-of-two scales."""
+    pm, pn = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    rm = pm * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    n_ok = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + rk
+        k_ok = k < K
+        a_off = rm[:, None] * stride_am + k[None, :] * stride_ak
+        a_mask = m_ok[:, None] & k_ok[None, :]
+        b_off = k[:, None] * stride_bk + rn[None, :] * stride_bn
+        b_mask = k_ok[:, None] & n_ok[None, :]
+        a = tl.load(a_ptr + a_off, mask=a_mask, other=0.0)
+        b = tl.load(b_ptr + b_off, mask=b_mask, other=0.0)
+        if B_PARTS == 2:
+            acc = dot_fp16(a, tl.load(bl_ptr + b_off, mask=b_mask, other=0.0), acc, INTERPRET)
+        if A_PARTS == 2:
+            acc = dot_fp16(tl.load(al_ptr + a_off, mask=a_mask, other=0.0), b, acc, INTERPRET)
+        acc = dot_fp16(a, b, acc, INTERPRET)
+    acc = acc * tl.load(alpha_ptr)
+    c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
+    c_mask = m_ok[:, None] & n_ok[None, :]
+    if ACCUMULATE:
+        acc += tl.load(c_ptrs, mask=c_mask, other=0.0)
+    tl.store(c_ptrs, acc, mask=c_mask)
+
+
+_MM_NAMES = ["BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"]
+_matmul_parts_tuned = triton.autotune(
+    configs=make_configs(_MM_NAMES, FP16X2_TILES),
+    key=["N", "A_PARTS", "B_PARTS", "ACCUMULATE", "stride_am", "stride_bn"],
+    restore_value=["c_ptr"],
+)(_matmul_parts_kernel)
+
+
+def matmul_parts(a, al, b, bl, c, alpha, accumulate, interpret):
+    """c (+)= alpha * sum of part products; al / bl None for a one-part operand. c is fp32."""
+    M, K = a.shape
+    N = b.shape[1]
+    args = (a, a if al is None else al, b, b if bl is None else bl, c, alpha, M, N, K,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
+    meta = dict(A_PARTS=1 if al is None else 2, B_PARTS=1 if bl is None else 2,
+                ACCUMULATE=accumulate)
+    if interpret:
+        grid = (triton.cdiv(M, 32) * triton.cdiv(N, 32),)
+        _matmul_parts_kernel[grid](*args, **meta, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2,
+                                   INTERPRET=True)
+    else:
+        grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)  # noqa: E731
+        _matmul_parts_tuned[grid](*args, **meta, INTERPRET=False)
+
+
+class _Operands:
+    """Scaled fp16 parts of hidden (whole) and the power-of-two scales of hidden and weight."""
+
+    def __init__(self, hidden, weight, w_exp=None):
+        self.h_parts = 1 if hidden.element_size() == 2 else 2  # bf16/fp16 fit one fp16 part
+        self.h_exp = pow2_exponent(max_abs(hidden))
+        self.w_exp = pow2_exponent(max_abs(weight)) if w_exp is None else w_exp
+        self.h_hi = torch.empty(hidden.shape, device=hidden.device, dtype=torch.float16)
+        self.h_lo = torch.empty_like(self.h_hi) if self.h_parts == 2 else None
+        split_fp16(hidden, exp2(self.h_exp), self.h_parts == 2, self.h_hi,
+                   self.h_hi if self.h_lo is None else self.h_lo)
+        self.w_scale = exp2(self.w_exp)
+
+
+def vocab_chunks(weight, vocab_chunk):
+    """Yield (v0, w_hi, w_lo) for each chunk of weight rows, split into two reused buffers."""
+    V, H = weight.shape
+    n = min(vocab_chunk, V)
+    w_hi = torch.empty((n, H), device=weight.device, dtype=torch.float16)
+    w_lo = torch.empty_like(w_hi)
+    for v0 in range(0, V, n):
+        v1 = min(v0 + n, V)
+        yield v0, w_hi[:v1 - v0], w_lo[:v1 - v0]
+
+
+def forward_fp16x2(hidden, weight, targets, inv_temp, with_entropy, interpret):
+    """(logprobs, lse, entropy-or-None, w_exp) in mode fp16x2; w_exp is kept for backward."""
+    vocab_chunk = VOCAB_CHUNK  # read at call time: tests shrink it to cross chunk edges
+    T = hidden.shape[0]
+    V = weight.shape[0]
+    ops = _Operands(hidden, weight)
+    n_vc = min(vocab_chunk, V)
+    # Enough programs per launch to fill the GPU: token blocks (of ~128) x splits of the chunk.
+    n_split = max(1, min(triton.cdiv(n_vc, VSPLIT_ALIGN), triton.cdiv(SMS_TO_FILL, triton.cdiv(T, 128))))
+    v_per_split = triton.cdiv(triton.cdiv(n_vc, n_split), VSPLIT_ALIGN) * VSPLIT_ALIGN
+    n_split = triton.cdiv(n_vc, v_per_split)
+    n_chunks = triton.cdiv(V, n_vc)
+    part = torch.full((4, n_chunks * n_split, T), float("nan"), device=hidden.device,
+                      dtype=torch.float32)
+    descale = exp2(-(ops.h_exp + ops.w_exp))
+    for i, (v0, w_hi, w_lo) in enumerate(vocab_chunks(weight, vocab_chunk)):
+        split_fp16(weight[v0:v0 + w_hi.shape[0]], ops.w_scale, True, w_hi, w_lo)
+        launch_forward(ops.h_hi, ops.h_lo if ops.h_lo is not None else ops.h_hi, w_hi, w_lo,
+                       targets, part[:, i * n_split:], descale, inv_temp, v0, v_per_split,
+                       n_split, MODE_FP16X2, ops.h_parts, with_entropy, interpret)
+    logp, lse, ent = combine_partials(part, with_entropy)
+    return logp, lse, ent, ops.w_exp
+
+
+def dlogits_exponent(g_logp, g_ent, ent, inv_temp):
+    """Power of two for dlogits: |dlogits| <= (|g_logp| + |g_ent| (1/e + entropy)) / temperature,
+    since |onehot - p| <= 1 and p |log p + entropy| <= 1/e + p * entropy."""
+    bound = g_logp.abs()
+    if g_ent is not None:
+        bound = bound + g_ent.abs() * (0.3679 + ent.abs())
+    return pow2_exponent(bound.max() * inv_temp)
+
+
+def backward_fp16x2(hidden, weight, targets, lse, ent, g_logp, g_ent, inv_temp, w_exp,
+                    need_grad_hidden, need_grad_weight, chunk_tokens, interpret):
+    """(grad_hidden in hidden.dtype or None, grad_weight in weight.dtype or None)."""
+    vocab_chunk = VOCAB_CHUNK
+    T, H = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    ops = _Operands(hidden, weight, w_exp)
+    has_gent = g_ent is not None
+    if g_logp is None:
+        g_logp = torch.zeros(T, device=dev, dtype=torch.float32)
+    g_logp = g_logp.float().contiguous()
+    g_ent = g_ent.float().contiguous() if has_gent else None
+    ent = ent if ent is not None else lse
+    dl_exp = dlogits_exponent(g_logp, g_ent, ent, inv_temp)
+    dl_scale = exp2(dl_exp)
+    # The three products undo: dlogits' logits scale, grad_W's (dl, h) and grad_h's (dl, W).
+    descale = exp2(-(ops.h_exp + ops.w_exp))
+    alpha_w = exp2(-(dl_exp + ops.h_exp))
+    alpha_h = exp2(-(dl_exp + ops.w_exp))
+    n_vc = min(vocab_chunk, V)
+    # Same dlogits memory as the other modes' chunk_tokens x V fp32 buffer.
+    C = min(T, max(16, chunk_tokens * V // n_vc // 16 * 16))
+    new = (lambda *a, **k: torch.full(*a, float("nan"), **k)) if interpret else torch.empty  # noqa: E731
+    dl_hi = new((C, n_vc), device=dev, dtype=torch.float16)
+    dl_lo = new((C, n_vc), device=dev, dtype=torch.float16)
+    grad_h_parts = 1 if hidden.element_size() == 2 else 3
+    grad_h32 = None
+    if need_grad_hidden:
+        grad_h32 = new((T, H), device=dev, dtype=torch.float32)
+    grad_w32 = new((V, H), device=dev, dtype=torch.float32) if need_grad_weight else None
+    h_lo = ops.h_lo if ops.h_lo is not None else ops.h_hi
+    for v0, w_hi, w_lo in vocab_chunks(weight, vocab_chunk):
+        nv = w_hi.shape[0]
+        split_fp16(weight[v0:v0 + nv], ops.w_scale, True, w_hi, w_lo)
+        for t0 in range(0, T, C):
+            t1 = min(t0 + C, T)
+            d_hi, d_lo = dl_hi[:t1 - t0, :nv], dl_lo[:t1 - t0, :nv]
+            launch_dlogits(ops.h_hi[t0:t1], h_lo[t0:t1], w_hi, w_lo, targets[t0:t1],
+                           lse[t0:t1], ent[t0:t1], g_logp[t0:t1],
+                           (g_ent if has_gent else g_logp)[t0:t1], d_hi, d_lo, descale,
+                           dl_scale, inv_temp, v0, MODE_FP16X2, ops.h_parts, has_gent, True,
+                           interpret)
+            if need_grad_weight:
+                matmul_parts(d_hi.t(), d_lo.t(), ops.h_hi[t0:t1],
+                             ops.h_lo[t0:t1] if ops.h_lo is not None else None,
+                             grad_w32[v0:v0 + nv], alpha_w, t0 > 0, interpret)
+            if need_grad_hidden:
+                three = grad_h_parts == 3
+                matmul_parts(d_hi, d_lo if three else None, w_hi, w_lo if three else None,
+                             grad_h32[t0:t1], alpha_h, v0 > 0, interpret)
+    grad_hidden = grad_h32.to(hidden.dtype) if need_grad_hidden else None
+    grad_weight = grad_w32.to(weight.dtype) if need_grad_weight else None
+    return grad_hidden, grad_weight
