@@ -8,8 +8,8 @@ naive torch fp32 / bf16 and Liger-Kernel's fused linear cross entropy (if import
 Inputs: hidden ~ N(0, 1) rounded to bf16 values (hidden states out of a bf16 model),
 weight ~ N(0, (2/sqrt(H))^2) in fp32 (an fp32 LM-head copy) so logits have std ~2,
 temperature 1.0, uniform random targets. fp32/tf32x3 and the fp32 baselines get fp32
-tensors (hidden upcast); bf16x3 gets the bf16 hidden and fp32 weight (it then splits the
-weight in three bf16 parts: exact products); bf16 modes get bf16 copies of both. The float64
+tensors (hidden upcast); fp16x2 and bf16x3 get the bf16 hidden and fp32 weight (as in
+training: the hidden is then exact in one part); bf16 modes get bf16 copies of both. The float64
 reference uses the same values, so bf16 errors include the rounding of the weight.
 
 Usage: python bench/kernels_lm_head.py --out results.json [--T 4096 16384 65536] [--H 1536 4096]
@@ -131,7 +131,8 @@ def gpu_correctness(modes):
     for mode in modes:
         # (hidden dtype, weight dtype) pairs; bf16 hidden exercises bf16x3's exact 3-way split.
         dts = {"bf16": [(torch.float32,) * 2, (torch.bfloat16,) * 2],
-               "bf16x3": [(torch.float32,) * 2, (torch.bfloat16, torch.float32), (torch.bfloat16,) * 2]}.get(
+               "bf16x3": [(torch.float32,) * 2, (torch.bfloat16, torch.float32), (torch.bfloat16,) * 2],
+               "fp16x2": [(torch.float32,) * 2, (torch.bfloat16, torch.float32)]}.get(
                    mode, [(torch.float32,) * 2])
         for hdt, wdt in dts:
             hm = h.to(hdt).detach().clone().requires_grad_()
@@ -156,13 +157,16 @@ def main():
     ap.add_argument("--T", type=int, nargs="+", default=[4096, 16384, 65536])
     ap.add_argument("--H", type=int, nargs="+", default=[1536, 4096])
     ap.add_argument("--V", type=int, default=V_DEFAULT)
-    ap.add_argument("--modes", nargs="+", default=["bf16", "bf16x3", "tf32x3", "fp32"])
+    ap.add_argument("--modes", nargs="+", default=["bf16", "fp16x2", "bf16x3", "tf32x3", "fp32"])
     ap.add_argument("--fp32-max-T", type=int, default=4096,
                     help="skip timing mode fp32 (FMA units, slow) above this T")
     ap.add_argument("--ref-rows", type=int, default=256)
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "kernels_lm_head_h100.json"))
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--check-only", action="store_true")
+    ap.add_argument("--no-liger", action="store_true")
+    ap.add_argument("--profile", nargs="*", default=[],
+                    help="modes whose fwd+bwd is also profiled per kernel (torch.profiler)")
     args = ap.parse_args()
 
     import triton
@@ -178,7 +182,7 @@ def main():
                 json.dump(report, f, indent=1)
             return
 
-    liger = try_liger()
+    liger = None if args.no_liger else try_liger()
     V = args.V
     # T outer, H inner: the slowest shapes come last, so a run cut short keeps the rest.
     for T in args.T:
@@ -197,12 +201,15 @@ def main():
             for mode in args.modes:
                 if mode == "fp32" and T > args.fp32_max_T:
                     continue
-                hh, ww = {"bf16": (h16, w16), "bf16x3": (h16, w32)}.get(mode, (h32, w32))
+                hh, ww = {"bf16": (h16, w16), "bf16x3": (h16, w32), "fp16x2": (h16, w32)}.get(mode, (h32, w32))
                 methods.append((f"fused_{mode}", fused(mode), hh, ww))
             if liger is not None:
                 methods += [("liger_bf16", liger, h16, w16), ("liger_fp32", liger, h32, w32)]
             with torch.no_grad():
                 mm_ms = cuda_time(lambda: h16 @ w16.t()) if T * V * 2 < 40 * 2**30 else None
+            for mode in args.profile:
+                hh, ww = {"bf16": (h16, w16), "bf16x3": (h16, w32), "fp16x2": (h16, w32)}.get(mode, (h32, w32))
+                profile_kernels(fused(mode), hh, ww, t, g, f"T={T} H={H} {mode}")
             for name, fn, hh, ww in methods:
                 t0 = time.time()
                 r = dict(name=name, T=T, H=H, **measure(fn, hh, ww, t, g, rows, ref))
@@ -217,6 +224,19 @@ def main():
             del w32, w16, h32, h16, t, g, ref
             torch.cuda.empty_cache()
     print_table(report)
+
+
+def profile_kernels(method, h, w, t, g, what):
+    """Per-kernel GPU time of one forward+backward (after a warm-up that autotunes)."""
+    hg, wg = h.detach().requires_grad_(), w.detach().requires_grad_()
+    (method(hg, wg, t) * g).sum().backward()
+    torch.cuda.synchronize()
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        (method(hg, wg, t) * g).sum().backward()
+        torch.cuda.synchronize()
+    print(f"profile {what}:")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=50))
 
 
 def print_table(report):
