@@ -81,6 +81,26 @@ def mode_matmul(a, b, mode, products=3):
     raise ValueError(f"unknown mode {mode!r}, expected one of {MODES}")
 
 
+def _rowwise_dot(a, b, mode):
+    """sum(a * b, -1) in fp32 with the operand rounding of `mode` (as mode_matmul)."""
+    if mode == "bf16":
+        return (_bf16_values(a) * _bf16_values(b)).sum(-1)
+    if mode == "bf16x3" and torch.bfloat16 not in (a.dtype, b.dtype):
+        (a_hi, a_lo), (b_hi, b_lo) = _split(a), _split(b)
+        return (a_lo * b_hi + a_hi * b_lo + a_hi * b_hi).sum(-1)
+    return (a.float() * b.float()).sum(-1)  # the fp32-accurate modes: plain fp32
+
+
+def target_logits(hidden, weight, targets, mode, rows_per_chunk=4096):
+    """hidden[t] . weight[targets[t]] for each row, fp32, without any [T, V] tensor."""
+    out = torch.empty(hidden.shape[0], device=hidden.device, dtype=torch.float32)
+    for c0 in range(0, hidden.shape[0], rows_per_chunk):
+        c1 = c0 + rows_per_chunk
+        rows = weight.index_select(0, targets[c0:c1].long())
+        out[c0:c1] = _rowwise_dot(hidden[c0:c1], rows, mode)
+    return out
+
+
 def _chunk_stats(h, weight, inv_temp, mode):
     """z = logits / T for one chunk, its log-sum-exp and softmax."""
     z = mode_matmul(h, weight.t(), mode) * inv_temp

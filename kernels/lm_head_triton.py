@@ -33,7 +33,7 @@ class LMHeadLogprobsTriton(torch.autograd.Function):
             logp, lse, ent, w_exp = forward_fp16x2(hidden, weight, targets, inv_temp,
                                                    with_entropy, interpret)
         else:
-            logp, lse, ent = lm_head_forward_stats(hidden, weight, targets, inv_temp, mode_id,
+            logp, lse, ent = lm_head_forward_stats(hidden, weight, targets, inv_temp, mode,
                                                    with_entropy, interpret=interpret)
             w_exp = lse  # unused placeholder
         ctx.save_for_backward(hidden, weight, targets, lse, ent if ent is not None else lse,

@@ -243,11 +243,14 @@ def logits_tile(h_ptr, hl_ptr, w_ptr, wl_ptr, rows, cols, T, V, H,
             h = tl.load(h_ptr + h_off, mask=h_mask, other=0.0)
             w = tl.load(w_ptr + w_off, mask=w_mask, other=0.0)
             if MODE == 4:
-                acc = dot_fp16(h, tl.load(wl_ptr + w_off, mask=w_mask, other=0.0), acc, INTERPRET)
+                # Blocked summation, as in mma: a fresh accumulator per K step.
+                part = tl.zeros(acc.shape, tl.float32)
+                part = dot_fp16(h, tl.load(wl_ptr + w_off, mask=w_mask, other=0.0), part,
+                                INTERPRET)
                 if H_PARTS == 2:
-                    acc = dot_fp16(tl.load(hl_ptr + h_off, mask=h_mask, other=0.0), w, acc,
-                                   INTERPRET)
-                acc = dot_fp16(h, w, acc, INTERPRET)
+                    part = dot_fp16(tl.load(hl_ptr + h_off, mask=h_mask, other=0.0), w, part,
+                                    INTERPRET)
+                acc += dot_fp16(h, w, part, INTERPRET)
             else:
                 acc = mma(h, w, acc, MODE, INTERPRET)
     return acc

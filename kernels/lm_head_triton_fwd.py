@@ -3,8 +3,11 @@
 Grid: (token block) x (vocabulary split). Each program walks its share of the vocabulary
 in BLOCK_V columns, computes each [BLOCK_T, BLOCK_V] logits tile in registers (reduced over H
 with `logits_tile`) and folds it into an online log-sum-exp. No [T, V] tensor exists at any
-time; each program writes only four fp32 numbers per row (a partial max, partial sum of
-exponentials, partial entropy term, partial target logit), combined in `combine_partials`.
+time; each program writes only three fp32 numbers per row (a partial max, partial sum of
+exponentials, partial entropy term), combined in `combine_partials`. The target's logit is
+one dot product per row (`target_logits`), computed apart: picking it out of every tile
+would cost a compare, a select and a sum per logit in the epilogue, which is what limits
+this kernel once the products run at tensor-core speed.
 
 Why split the vocabulary: with T=4k and BLOCK_T=128 there are only 32 token blocks, far
 fewer than the H100's 132 SMs. Splitting V into ~16 parts gives enough programs at every T.
@@ -16,59 +19,59 @@ import torch
 import triton
 import triton.language as tl
 
-from .lm_head_triton_common import MODE_BF16, MODE_FP16X2, grouped_tile, logits_tile, vocab_axis
+from .lm_head_reference import target_logits
+from .lm_head_triton_common import MODE_BF16, MODE_FP16X2, MODES, grouped_tile, logits_tile, vocab_axis
 
 # A split boundary is a multiple of this, so any BLOCK_V dividing it never straddles splits.
 VSPLIT_ALIGN = 256
-NEG_BIG = -1.0e30  # finite "-inf": keeps (m_old - m_new) * s == 0 instead of NaN at the start
+NEG_BIG: tl.constexpr = -1.0e30  # finite "-inf": (m_old - m_new) * s == 0, not NaN, at the start
+LN2 = 0.6931471805599453
 
 
 @triton.jit
 def _lm_head_fwd_kernel(
-    h_ptr, hl_ptr, w_ptr, wl_ptr, tgt_ptr, part_ptr, scale_ptr,
+    h_ptr, hl_ptr, w_ptr, wl_ptr, part_ptr, scale_ptr,
     T, V, H, stride_ht, stride_hh, stride_wv, stride_wh,
-    inv_temp, v_base, v_per_split, n_split, stride_plane,
+    inv_temp, v_per_split, n_split, stride_plane,
     MODE: tl.constexpr, VAX: tl.constexpr, H_PARTS: tl.constexpr, WITH_ENT: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     GROUP_T: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """w_ptr holds vocabulary rows [v_base, v_base + V) (a chunk of the vocabulary in mode
-    fp16x2, all of it otherwise); logits = tile * inv_temp * scale_ptr[0] (the powers of two
-    the fp16x2 operands were scaled by; 1 in the other modes)."""
+    """Partial log-sum-exp statistics over the V vocabulary rows held by w_ptr (a chunk of the
+    vocabulary in mode fp16x2, all of it otherwise), in base-2 units:
+    y = logits * inv_temp * scale_ptr[0] * log2(e) (scale_ptr: the powers of two the fp16x2
+    operands were scaled by; 1 in the other modes)."""
     tb, sp = grouped_tile(tl.program_id(0), tl.cdiv(T, BLOCK_T), n_split, GROUP_T)
 
     rows = tb * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
-    tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1) - v_base
-    inv_temp = inv_temp * tl.load(scale_ptr)
+    # log2(e) folded in: exp2 then needs no multiply per element.
+    c = inv_temp * tl.load(scale_ptr) * 1.4426950408889634
     v_start = sp * v_per_split
     v_end = tl.minimum(v_start + v_per_split, V)
 
     # Logits tiles have the vocabulary on axis VAX (see logits_tile): per-token statistics
     # reduce that axis; per-token vectors broadcast with expand_dims(v, VAX).
-    m = tl.full((BLOCK_T,), -1.0e30, tl.float32)  # running max of z (NEG_BIG)
-    s = tl.zeros((BLOCK_T,), tl.float32)           # sum exp(z - m)
-    s1 = tl.zeros((BLOCK_T,), tl.float32)          # sum exp(z - m) * (z - m)
-    zt = tl.zeros((BLOCK_T,), tl.float32)          # z[target] if the target is in this split
-    tgt_b = tl.expand_dims(tgt, VAX)
+    m = tl.full((BLOCK_T,), NEG_BIG, tl.float32)   # running max of y
+    s = tl.zeros((BLOCK_T,), tl.float32)           # sum 2^(y - m)
+    s1 = tl.zeros((BLOCK_T,), tl.float32)          # sum 2^(y - m) * (y - m)
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
-        cols_b = tl.expand_dims(cols, 1 - VAX)
-        col_ok_b = cols_b < v_end
         acc = logits_tile(h_ptr, hl_ptr, w_ptr, wl_ptr, rows, cols, T, V, H, stride_ht, stride_hh,
                           stride_wv, stride_wh, MODE, VAX, H_PARTS, BLOCK_T, BLOCK_V, BLOCK_H,
                           INTERPRET)
-        z = acc * inv_temp
-        zt += tl.sum(tl.where(cols_b == tgt_b, z, 0.0), axis=VAX)
-        z = tl.where(col_ok_b, z, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, axis=VAX))
+        y = acc * c
+        if v0 + BLOCK_V > v_end:
+            # Only the split's last tile is ragged. NEG_BIG, not -inf: 2^(y - m) is then 0
+            # and (y - m) * 0 is 0, not NaN, in the entropy sum (every tile has a valid column).
+            y = tl.where(tl.expand_dims(cols, 1 - VAX) < v_end, y, NEG_BIG)
+        m_new = tl.maximum(m, tl.max(y, axis=VAX))
         m_new_b = tl.expand_dims(m_new, VAX)
-        alpha = tl.exp(m - m_new)
-        e = tl.exp(z - m_new_b)  # 0 on masked columns
+        alpha = tl.exp2(m - m_new)
+        e = tl.exp2(y - m_new_b)
         if WITH_ENT:
             # Keep the entropy sum relative to the running max (values stay O(entropy)).
-            ez = e * tl.where(col_ok_b, z - m_new_b, 0.0)  # avoid 0 * -inf
-            s1 = alpha * (s1 + (m - m_new) * s) + tl.sum(ez, axis=VAX)
+            s1 = alpha * (s1 + (m - m_new) * s) + tl.sum(e * (y - m_new_b), axis=VAX)
         s = alpha * s + tl.sum(e, axis=VAX)
         m = m_new
 
@@ -76,7 +79,6 @@ def _lm_head_fwd_kernel(
     tl.store(out, m, mask=row_ok)
     tl.store(out + stride_plane, s, mask=row_ok)
     tl.store(out + 2 * stride_plane, s1, mask=row_ok)
-    tl.store(out + 3 * stride_plane, zt, mask=row_ok)
 
 
 # (BLOCK_T, BLOCK_V, BLOCK_H, num_warps, num_stages). Three tile families by what is loaded:
@@ -119,13 +121,13 @@ _lm_head_fwd_tuned = triton.autotune(
 )(_lm_head_fwd_kernel)
 
 
-def launch_forward(h, hl, w, wl, targets, part, scale, inv_temp, v_base, v_per_split, n_split,
+def launch_forward(h, hl, w, wl, part, scale, inv_temp, v_per_split, n_split,
                    mode_id, h_parts, with_entropy, interpret):
     """One forward launch over the vocabulary rows held by w (see _lm_head_fwd_kernel);
-    part is a [4, >= n_split, T] view whose first n_split columns this launch fills."""
+    part is a [3, >= n_split, T] view whose first n_split columns this launch fills."""
     T, H = h.shape
-    args = (h, hl, w, wl, targets, part, scale, T, w.shape[0], H, h.stride(0), h.stride(1),
-            w.stride(0), w.stride(1), inv_temp, v_base, v_per_split, n_split, part.stride(0))
+    args = (h, hl, w, wl, part, scale, T, w.shape[0], H, h.stride(0), h.stride(1),
+            w.stride(0), w.stride(1), inv_temp, v_per_split, n_split, part.stride(0))
     meta = dict(MODE=mode_id, VAX=vocab_axis(mode_id), H_PARTS=h_parts, WITH_ENT=with_entropy)
     if interpret:
         # Small blocks so that CPU tests cross several blocks in every dimension.
@@ -137,35 +139,37 @@ def launch_forward(h, hl, w, wl, targets, part, scale, inv_temp, v_base, v_per_s
         _lm_head_fwd_tuned[grid](*args, **meta, INTERPRET=False)
 
 
-def lm_head_forward_stats(hidden, weight, targets, inv_temp, mode_id, with_entropy,
+def lm_head_forward_stats(hidden, weight, targets, inv_temp, mode, with_entropy,
                           n_split=16, interpret=False):
     """Run the forward kernel; returns (logprobs, lse, entropy-or-None), all fp32 [T]."""
     T, H = hidden.shape
     V = weight.shape[0]
     v_per_split = triton.cdiv(triton.cdiv(V, n_split), VSPLIT_ALIGN) * VSPLIT_ALIGN
     n_split = triton.cdiv(V, v_per_split)
-    part = torch.full((4, n_split, T), float("nan"), device=hidden.device, dtype=torch.float32)
+    part = torch.full((3, n_split, T), float("nan"), device=hidden.device, dtype=torch.float32)
     one = torch.ones(1, device=hidden.device, dtype=torch.float32)
-    launch_forward(hidden, hidden, weight, weight, targets, part, one, inv_temp, 0, v_per_split,
-                   n_split, mode_id, 1, with_entropy, interpret)
-    return combine_partials(part, with_entropy)
+    launch_forward(hidden, hidden, weight, weight, part, one, inv_temp, v_per_split, n_split,
+                   MODES[mode], 1, with_entropy, interpret)
+    zt = target_logits(hidden, weight, targets, mode) * inv_temp
+    return combine_partials(part, zt, with_entropy)
 
 
-def combine_partials(part, with_entropy):
-    """Merge per-split (max, sum, entropy term, target logit) into per-row results.
+def combine_partials(part, z_target, with_entropy):
+    """Merge per-split base-2 (max, sum, entropy term) into per-row results.
 
-    With M the global max and S = sum_j exp(z_j - M):  lse = M + log S,
-    log p(target) = z_target - lse,  entropy = log S - (1/S) sum_j exp(z_j - M) (z_j - M).
+    With y = z log2(e), M the global max of y and S = sum_j 2^(y_j - M):
+    lse = (M + log2 S) ln 2, log p(target) = z_target - lse,
+    entropy = ln 2 (log2 S - (1/S) sum_j 2^(y_j - M) (y_j - M)).
     """
-    m, s, s1, zt = part[0], part[1], part[2], part[3]
+    m, s, s1 = part[0], part[1], part[2]
     M = m.max(dim=0).values
-    scale = torch.exp(m - M)
+    scale = torch.exp2(m - M)
     S = (s * scale).sum(dim=0)
-    log_s = torch.log(S)
-    lse = M + log_s
-    logp = zt.sum(dim=0) - lse
+    log2_s = torch.log2(S)
+    lse = (M + log2_s) * LN2
+    logp = z_target - lse
     ent = None
     if with_entropy:
         S1 = (scale * (s1 + (m - M) * s)).sum(dim=0)
-        ent = log_s - S1 / S
+        ent = (log2_s - S1 / S) * LN2
     return logp, lse, ent
