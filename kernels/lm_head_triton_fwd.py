@@ -24,7 +24,7 @@ from .lm_head_triton_common import MODE_BF16, MODE_FP16X2, MODES, grouped_tile, 
 
 # A split boundary is a multiple of this, so any BLOCK_V dividing it never straddles splits.
 VSPLIT_ALIGN = 256
-NEG_BIG: tl.constexpr = -1.0e30  # finite "-inf": (m_old - m_new) * s == 0, not NaN, at the start
+NEG_BIG = tl.constexpr(-1.0e30)  # finite "-inf": (m_old - m_new) * s == 0, not NaN, at the start
 LN2 = 0.6931471805599453
 
 
