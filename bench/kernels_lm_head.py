@@ -54,11 +54,8 @@ def naive(dtype):
     return f
 
 
-def fused(mode, sum_k=None):
+def fused(mode):
     def f(h, w, t):
-        if sum_k is not None:  # kept set: backward reads it after this returns
-            import kernels.lm_head_triton_fp16x2 as fp16x2
-            fp16x2.SUM_K = sum_k
         return lm_head_logprobs(h, w, t, mode=mode, impl="triton")[0]
     return f
 
@@ -168,8 +165,6 @@ def main():
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--check-only", action="store_true")
     ap.add_argument("--no-liger", action="store_true")
-    ap.add_argument("--fp16x2-sum-k", type=int, nargs="+", default=[],
-                    help="also time fp16x2 with these blocked-summation lengths (SUM_K)")
     ap.add_argument("--profile", nargs="*", default=[],
                     help="modes whose fwd+bwd is also profiled per kernel (torch.profiler)")
     args = ap.parse_args()
@@ -207,12 +202,6 @@ def main():
                 if mode == "fp32" and T > args.fp32_max_T:
                     continue
                 hh, ww = {"bf16": (h16, w16), "bf16x3": (h16, w32), "fp16x2": (h16, w32)}.get(mode, (h32, w32))
-                if mode == "fp16x2":
-                    import kernels.lm_head_triton_fp16x2 as fp16x2
-                    for sk in [fp16x2.SUM_K] + [k for k in args.fp16x2_sum_k if k != fp16x2.SUM_K]:
-                        name = "fused_fp16x2" + ("" if sk == fp16x2.SUM_K else f"@{sk}")
-                        methods.append((name, fused(mode, sk), hh, ww))
-                    continue
                 methods.append((f"fused_{mode}", fused(mode), hh, ww))
             if liger is not None:
                 methods += [("liger_bf16", liger, h16, w16), ("liger_fp32", liger, h32, w32)]

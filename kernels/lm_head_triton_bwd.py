@@ -37,7 +37,7 @@ def _dlogits_kernel(
     MODE: tl.constexpr, VAX: tl.constexpr, H_PARTS: tl.constexpr, HAS_GENT: tl.constexpr,
     SPLIT_OUT: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    GROUP_T: tl.constexpr, SUM_STEPS: tl.constexpr, INTERPRET: tl.constexpr,
+    GROUP_T: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """dlogits[t, v] for tokens [0, T) and vocabulary rows [v_base, v_base + V) held by w_ptr,
     stored at dl_ptr + t * stride_dt + v * stride_dv in dl_ptr's dtype; with SPLIT_OUT
@@ -52,7 +52,7 @@ def _dlogits_kernel(
     # with expand_dims(v, VAX), per-column ones with expand_dims(v, 1 - VAX).
     acc = logits_tile(h_ptr, hl_ptr, w_ptr, wl_ptr, rows, cols, T, V, H, stride_ht, stride_hh,
                       stride_wv, stride_wh, MODE, VAX, H_PARTS, BLOCK_T, BLOCK_V, BLOCK_H,
-                      SUM_STEPS, INTERPRET)
+                      INTERPRET)
     z = acc * (inv_temp * tl.load(scale_ptr))
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1) - v_base
@@ -80,8 +80,7 @@ def _dlogits_kernel(
 
 
 def launch_dlogits(h, hl, w, wl, targets, lse, ent, g_logp, g_ent, dl, dll, scale, dl_scale,
-                   inv_temp, v_base, mode_id, h_parts, has_gent, split_out, interpret,
-                   sum_steps=1):
+                   inv_temp, v_base, mode_id, h_parts, has_gent, split_out, interpret):
     """One dlogits launch: dl (and dll) are [T, V]-shaped views, any strides."""
     T, H = h.shape
     V = w.shape[0]
@@ -89,7 +88,7 @@ def launch_dlogits(h, hl, w, wl, targets, lse, ent, g_logp, g_ent, dl, dll, scal
             h.stride(0), h.stride(1), w.stride(0), w.stride(1), dl.stride(0), dl.stride(1),
             inv_temp, v_base)
     meta = dict(MODE=mode_id, VAX=vocab_axis(mode_id), H_PARTS=h_parts, HAS_GENT=has_gent,
-                SPLIT_OUT=split_out, SUM_STEPS=sum_steps)
+                SPLIT_OUT=split_out)
     if interpret:
         grid = (triton.cdiv(T, 16) * triton.cdiv(V, 64),)
         _dlogits_kernel[grid](*args, **meta, BLOCK_T=16, BLOCK_V=64, BLOCK_H=32, GROUP_T=2,
@@ -135,7 +134,7 @@ _DL_NAMES = ["BLOCK_T", "BLOCK_V", "BLOCK_H", "GROUP_T"]
 # dl_ptr is written in full by the kernel; the tuner's trial runs only overwrite it.
 _dlogits_tuned = triton.autotune(
     configs=make_configs(_DL_NAMES),
-    key=["H", "MODE", "H_PARTS", "HAS_GENT", "SPLIT_OUT", "SUM_STEPS"],
+    key=["H", "MODE", "H_PARTS", "HAS_GENT", "SPLIT_OUT"],
     prune_configs_by={"early_config_prune": make_prune("h_ptr", _DL_NAMES)},
 )(_dlogits_kernel)
 

@@ -34,12 +34,7 @@ from .lm_head_triton_fwd import (SMEM_BUDGET, VSPLIT_ALIGN, combine_partials, fp
                                  launch_forward, make_configs)
 
 VOCAB_CHUNK = 16384   # weight rows split to fp16 at a time (a multiple of VSPLIT_ALIGN)
-# Blocked summation: K elements whose products the tensor cores sum before one rounded fp32
-# add into the running sum. They truncate their own additions: summing all of K=4096 in them
-# gave 9e-5 max |d log p| at V=152k on an H100; a fresh sum per 64 gave 2.2e-6 but cost ~15%
-# of the time (each fp32 add waits for the products before it).
-SUM_K = 128
-GPU_BLOCK_K = 64      # the K step of every fp16x2 tile (FP16X2_TILES, MATMUL_TILES)
+
 TOP_EXP = 14          # scaled operands lie in [2^(TOP_EXP-1), 2^TOP_EXP): far from fp16's 65504
 SMS_TO_FILL = 264     # forward programs per launch to aim for (2 waves on an H100's 132 SMs)
 
@@ -94,7 +89,7 @@ def _matmul_parts_kernel(
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     A_PARTS: tl.constexpr, B_PARTS: tl.constexpr, ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, SUM_STEPS: tl.constexpr, INTERPRET: tl.constexpr,
+    GROUP_M: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """c (+)= alpha * (a @ b [+ a @ b_lo] [+ a_lo @ b]) with fp16 parts; the lo parts share the
     strides of their hi parts; alpha = alpha_ptr[0] undoes the operands' power-of-two scales."""
@@ -105,26 +100,22 @@ def _matmul_parts_kernel(
     m_ok = rm < M
     n_ok = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, SUM_STEPS * BLOCK_K):
-        # Blocked summation (see SUM_K): a fresh tensor-core sum every SUM_STEPS K steps.
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + rk
+        k_ok = k < K
+        a_off = rm[:, None] * stride_am + k[None, :] * stride_ak
+        a_mask = m_ok[:, None] & k_ok[None, :]
+        b_off = k[:, None] * stride_bk + rn[None, :] * stride_bn
+        b_mask = k_ok[:, None] & n_ok[None, :]
+        a = tl.load(a_ptr + a_off, mask=a_mask, other=0.0)
+        b = tl.load(b_ptr + b_off, mask=b_mask, other=0.0)
+        # Blocked summation, a fresh accumulator per K step (see fp16x2_tile for why).
         part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for j in tl.static_range(SUM_STEPS):
-            k = k0 + j * BLOCK_K + rk
-            k_ok = k < K
-            a_off = rm[:, None] * stride_am + k[None, :] * stride_ak
-            a_mask = m_ok[:, None] & k_ok[None, :]
-            b_off = k[:, None] * stride_bk + rn[None, :] * stride_bn
-            b_mask = k_ok[:, None] & n_ok[None, :]
-            a = tl.load(a_ptr + a_off, mask=a_mask, other=0.0)
-            b = tl.load(b_ptr + b_off, mask=b_mask, other=0.0)
-            if B_PARTS == 2:
-                part = dot_fp16(a, tl.load(bl_ptr + b_off, mask=b_mask, other=0.0), part,
-                                INTERPRET)
-            if A_PARTS == 2:
-                part = dot_fp16(tl.load(al_ptr + a_off, mask=a_mask, other=0.0), b, part,
-                                INTERPRET)
-            part = dot_fp16(a, b, part, INTERPRET)
-        acc += part
+        if B_PARTS == 2:
+            part = dot_fp16(a, tl.load(bl_ptr + b_off, mask=b_mask, other=0.0), part, INTERPRET)
+        if A_PARTS == 2:
+            part = dot_fp16(tl.load(al_ptr + a_off, mask=a_mask, other=0.0), b, part, INTERPRET)
+        acc += dot_fp16(a, b, part, INTERPRET)
     acc = acc * tl.load(alpha_ptr)
     c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
     c_mask = m_ok[:, None] & n_ok[None, :]
@@ -143,14 +134,13 @@ MATMUL_TILES = [(128, 128, 64, 8, 2), (128, 128, 64, 8, 4), (128, 256, 64, 8, 2)
 
 def _prune_matmul(configs, named_args, **kwargs):
     return [c for c in configs if fp16x2_smem(
-        c.num_stages, kwargs["SUM_STEPS"], c.kwargs["BLOCK_K"],
-        kwargs["A_PARTS"] * c.kwargs["BLOCK_M"], kwargs["B_PARTS"] * c.kwargs["BLOCK_N"])
-        <= SMEM_BUDGET] or configs[:1]
+        c.num_stages, c.kwargs["BLOCK_K"], kwargs["A_PARTS"] * c.kwargs["BLOCK_M"],
+        kwargs["B_PARTS"] * c.kwargs["BLOCK_N"]) <= SMEM_BUDGET]
 
 
 _matmul_parts_tuned = triton.autotune(
     configs=make_configs(_MM_NAMES, MATMUL_TILES),
-    key=["N", "A_PARTS", "B_PARTS", "ACCUMULATE", "stride_am", "stride_bn", "SUM_STEPS"],
+    key=["N", "A_PARTS", "B_PARTS", "ACCUMULATE", "stride_am", "stride_bn"],
     prune_configs_by={"early_config_prune": _prune_matmul},
     restore_value=["c_ptr"],
 )(_matmul_parts_kernel)
@@ -163,22 +153,14 @@ def matmul_parts(a, al, b, bl, c, alpha, accumulate, interpret):
     args = (a, a if al is None else al, b, b if bl is None else bl, c, alpha, M, N, K,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
     meta = dict(A_PARTS=1 if al is None else 2, B_PARTS=1 if bl is None else 2,
-                ACCUMULATE=accumulate, SUM_STEPS=sum_steps(interpret))
+                ACCUMULATE=accumulate)
     if interpret:
         grid = (triton.cdiv(M, 32) * triton.cdiv(N, 32),)
-        _matmul_parts_kernel[grid](*args, **meta, BLOCK_M=32, BLOCK_N=32, BLOCK_K=INTERPRET_BLOCK_K,
+        _matmul_parts_kernel[grid](*args, **meta, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32,
                                    GROUP_M=2, INTERPRET=True)
     else:
         grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)  # noqa: E731
         _matmul_parts_tuned[grid](*args, **meta, INTERPRET=False)
-
-
-INTERPRET_BLOCK_K = 32  # the K step of the interpreter's small test tiles
-
-
-def sum_steps(interpret):
-    """K steps per blocked sum for the tiles in use (SUM_K elements, read at call time)."""
-    return max(1, SUM_K // (INTERPRET_BLOCK_K if interpret else GPU_BLOCK_K))
 
 
 class _Operands:
@@ -225,7 +207,7 @@ def forward_fp16x2(hidden, weight, targets, inv_temp, with_entropy, interpret):
         split_fp16(weight[v0:v0 + w_hi.shape[0]], ops.w_scale, True, w_hi, w_lo)
         launch_forward(ops.h_hi, ops.h_lo if ops.h_lo is not None else ops.h_hi, w_hi, w_lo,
                        part[:, i * n_split:], descale, inv_temp, v_per_split, n_split,
-                       MODE_FP16X2, ops.h_parts, with_entropy, interpret, sum_steps(interpret))
+                       MODE_FP16X2, ops.h_parts, with_entropy, interpret)
     z_target = target_logits(hidden, weight, targets, "fp16x2") * inv_temp
     logp, lse, ent = combine_partials(part, z_target, with_entropy)
     return logp, lse, ent, ops.w_exp
@@ -282,7 +264,7 @@ def backward_fp16x2(hidden, weight, targets, lse, ent, g_logp, g_ent, inv_temp, 
                            lse[t0:t1], ent[t0:t1], g_logp[t0:t1],
                            (g_ent if has_gent else g_logp)[t0:t1], d_hi, d_lo, descale,
                            dl_scale, inv_temp, v0, MODE_FP16X2, ops.h_parts, has_gent, True,
-                           interpret, sum_steps(interpret))
+                           interpret)
             if need_grad_weight:
                 matmul_parts(d_hi.t(), d_lo.t(), ops.h_hi[t0:t1],
                              ops.h_lo[t0:t1] if ops.h_lo is not None else None,

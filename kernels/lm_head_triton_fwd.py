@@ -35,7 +35,7 @@ def _lm_head_fwd_kernel(
     inv_temp, v_per_split, n_split, stride_plane,
     MODE: tl.constexpr, VAX: tl.constexpr, H_PARTS: tl.constexpr, WITH_ENT: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    GROUP_T: tl.constexpr, SUM_STEPS: tl.constexpr, INTERPRET: tl.constexpr,
+    GROUP_T: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """Partial log-sum-exp statistics over the V vocabulary rows held by w_ptr (a chunk of the
     vocabulary in mode fp16x2, all of it otherwise), in base-2 units:
@@ -59,7 +59,7 @@ def _lm_head_fwd_kernel(
         cols = v0 + tl.arange(0, BLOCK_V)
         acc = logits_tile(h_ptr, hl_ptr, w_ptr, wl_ptr, rows, cols, T, V, H, stride_ht, stride_hh,
                           stride_wv, stride_wh, MODE, VAX, H_PARTS, BLOCK_T, BLOCK_V, BLOCK_H,
-                          SUM_STEPS, INTERPRET)
+                          INTERPRET)
         y = acc * c
         if v0 + BLOCK_V > v_end:
             # Only the split's last tile is ragged. NEG_BIG, not -inf: 2^(y - m) is then 0
@@ -85,9 +85,8 @@ def _lm_head_fwd_kernel(
 # - BF16_TILES: 16-bit operands (mode bf16 on bf16 inputs), 64-deep K steps;
 # - FP32_TILES: fp32 loads (modes fp32, bf16x3, tf32x3, bf16 on fp32 inputs) need twice the
 #   shared memory per K element, so 32-deep steps;
-# - FP16X2_TILES: one fp16 hidden tile and two fp16 weight tiles (hi, lo) per K step, and
-#   SUM_STEPS K steps per loop iteration; the prune keeps those whose pipeline fits in
-#   shared memory (`fp16x2_smem`).
+# - FP16X2_TILES: one fp16 hidden tile and two fp16 weight tiles (hi, lo) per K step; the
+#   prune keeps those whose pipeline fits in shared memory (`fp16x2_smem`).
 BF16_TILES = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4)]
 FP32_TILES = [(128, 128, 32, 8, 3), (64, 128, 32, 4, 3)]
 FP16X2_TILES = [(128, 128, 64, 8, 2), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4),
@@ -96,9 +95,9 @@ ALL_TILES = list(dict.fromkeys(BF16_TILES + FP32_TILES + FP16X2_TILES))
 SMEM_BUDGET = 200 * 1024  # of the H100's 227 KB per block; the rest for layout conversions
 
 
-def fp16x2_smem(stages, sum_steps, block_k, rows_a, rows_b):
+def fp16x2_smem(stages, block_k, rows_a, rows_b):
     """Bytes of shared memory for a pipeline of fp16 tiles: rows_a + rows_b rows per K step."""
-    return stages * sum_steps * block_k * 2 * (rows_a + rows_b)
+    return stages * block_k * 2 * (rows_a + rows_b)
 
 
 def make_configs(names, tiles=ALL_TILES):
@@ -112,8 +111,8 @@ def make_prune(operand_name, names):
         mode = kwargs.get("MODE", named_args.get("MODE"))
         if mode == MODE_FP16X2:
             keep = [c for c in configs if c.kwargs[names[2]] == 64 and fp16x2_smem(
-                c.num_stages, kwargs["SUM_STEPS"], 64,
-                kwargs["H_PARTS"] * c.kwargs[names[0]], 2 * c.kwargs[names[1]]) <= SMEM_BUDGET]
+                c.num_stages, 64, kwargs["H_PARTS"] * c.kwargs[names[0]],
+                2 * c.kwargs[names[1]]) <= SMEM_BUDGET]
             return keep or configs[:1]
         elif mode == MODE_BF16 and named_args[operand_name].element_size() == 2:
             family = BF16_TILES
@@ -127,20 +126,19 @@ def make_prune(operand_name, names):
 
 _FWD_NAMES = ["BLOCK_T", "BLOCK_V", "BLOCK_H", "GROUP_T"]
 _lm_head_fwd_tuned = triton.autotune(
-    configs=make_configs(_FWD_NAMES), key=["H", "MODE", "H_PARTS", "WITH_ENT", "SUM_STEPS"],
+    configs=make_configs(_FWD_NAMES), key=["H", "MODE", "H_PARTS", "WITH_ENT"],
     prune_configs_by={"early_config_prune": make_prune("h_ptr", _FWD_NAMES)},
 )(_lm_head_fwd_kernel)
 
 
 def launch_forward(h, hl, w, wl, part, scale, inv_temp, v_per_split, n_split,
-                   mode_id, h_parts, with_entropy, interpret, sum_steps=1):
+                   mode_id, h_parts, with_entropy, interpret):
     """One forward launch over the vocabulary rows held by w (see _lm_head_fwd_kernel);
     part is a [3, >= n_split, T] view whose first n_split columns this launch fills."""
     T, H = h.shape
     args = (h, hl, w, wl, part, scale, T, w.shape[0], H, h.stride(0), h.stride(1),
             w.stride(0), w.stride(1), inv_temp, v_per_split, n_split, part.stride(0))
-    meta = dict(MODE=mode_id, VAX=vocab_axis(mode_id), H_PARTS=h_parts, WITH_ENT=with_entropy,
-                SUM_STEPS=sum_steps)
+    meta = dict(MODE=mode_id, VAX=vocab_axis(mode_id), H_PARTS=h_parts, WITH_ENT=with_entropy)
     if interpret:
         # Small blocks so that CPU tests cross several blocks in every dimension.
         grid = (triton.cdiv(T, 16) * n_split,)

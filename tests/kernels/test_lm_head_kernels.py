@@ -221,11 +221,9 @@ def test_bf16_mode_with_bf16_inputs(seed):
 
 @pytest.fixture
 def small_vocab_chunks(monkeypatch):
-    """fp16x2 splits the weight 256 rows at a time: V=1013 crosses 4 chunks, the last ragged;
-    and sums 64 products per block: H=72 takes 2 blocks, the second mostly masked."""
+    """fp16x2 splits the weight 256 rows at a time: V=1013 crosses 4 chunks, the last ragged."""
     import kernels.lm_head_triton_fp16x2 as fp16x2
     monkeypatch.setattr(fp16x2, "VOCAB_CHUNK", 256)
-    monkeypatch.setattr(fp16x2, "SUM_K", 64)
 
 
 def bf16_rounding_error(ref):
