@@ -17,6 +17,8 @@ LOSS_AGG_MODES = ("token_mean", "seq_mean_token_mean")
 DTYPES = ("float32", "bfloat16", "float16")
 OVERLONG_MODES = ("none", "mask", "penalty")
 OLD_LOGPROB_SOURCES = ("rollout", "recompute")
+# kernels.lm_head_logprobs modes (tests/cispo checks this list against kernels.MODES).
+LM_HEAD_MODES = ("auto", "fp16x2", "bf16x3", "tf32x3", "fp32", "bf16")
 WEIGHT_SYNC_PATHS = ("collective", "object_store")
 RUN_MODES = ("sync", "async")
 LOGGER_BACKENDS = ("console", "jsonl", "wandb", "tensorboard")
@@ -85,6 +87,9 @@ class TrainerConfig:
     epochs: int = 1
     old_logprobs: str = "rollout"  # pi_old from the rollout engine, or recomputed before the first update
     logprob_chunk_tokens: int = 1024
+    # Precision of the FP32 LM head's products (kernels.lm_head_logprobs): "auto" = fp16x2 on
+    # GPUs (fp32-accurate, tensor cores), exact fp32 on CPU.
+    lm_head_mode: str = "auto"
     save_every: int = 0  # steps; 0 = only at the end
     keep_checkpoints: int = 2
 
@@ -252,6 +257,7 @@ def validate(cfg: Any) -> None:
             "truncated distribution, not the full one the trainer computes; use trainer.old_logprobs=recompute",
         )
     _at_least("trainer.logprob_chunk_tokens", t.logprob_chunk_tokens, 1)
+    _one_of("trainer.lm_head_mode", t.lm_head_mode, LM_HEAD_MODES)
     if t.micro_batch_tokens < d.max_prompt_tokens + r.max_new_tokens:
         raise ConfigError(
             "trainer.micro_batch_tokens",

@@ -27,14 +27,14 @@ def head_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     chunk_tokens: int = 1024,
-    mode: str = "fp32",
+    mode: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(logprobs [n] fp32 with grad to hidden and weight, entropy [n] fp32 or None).
 
     hidden [n, H] (any float dtype), weight [V, H], targets [n] int64. `mode` is the
-    kernel's product precision: "fp32" (exact, FMA units) or its tensor-core modes with
-    fp32-level accuracy ("tf32x3", "bf16x3"). Triton on CUDA, the kernels' chunked torch
-    reference elsewhere.
+    kernel's product precision (trainer.lm_head_mode): "auto" = "fp16x2" on CUDA (Triton,
+    fp32-accurate on tensor cores), "fp32" through the kernels' chunked torch reference
+    elsewhere; "fp32" on CUDA is the slow exact FMA-unit mode.
     """
     lp, ent = lm_head_logprobs(hidden, weight, targets, temperature=temperature,
                                with_entropy=with_entropy, mode=mode, chunk_tokens=int(chunk_tokens))
@@ -52,7 +52,7 @@ class FP32LogprobHead(nn.Linear):
     """
 
     def forward(self, hidden, targets=None, temperature: float = 1.0, with_entropy: bool = False,
-                chunk_tokens: int = 1024, mode: str = "fp32"):
+                chunk_tokens: int = 1024, mode: str = "auto"):
         if targets is None:
             return super().forward(hidden)
         return head_logprobs(hidden, self.weight, targets, temperature, with_entropy, chunk_tokens, mode)

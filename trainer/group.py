@@ -65,7 +65,6 @@ class TrainerGroup:
         num_gpus_per_rank: float = 0,
         attn_implementation: str | None = None,
         dist_backend: str | None = None,
-        head_mode: str = "fp32",
     ):
         import os
 
@@ -92,7 +91,7 @@ class TrainerGroup:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=r),
                 runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
             ).remote(r, self.num_ranks, model_path, dataclasses.asdict(self.cfg),
-                     dataclasses.asdict(self.algorithm_cfg), temperature, seed, attn_implementation, head_mode)
+                     dataclasses.asdict(self.algorithm_cfg), temperature, seed, attn_implementation)
             for r in range(self.num_ranks)
         ]
         try:

@@ -34,7 +34,7 @@ def load_hf_causal_lm(path: str, attn_implementation: str | None = None) -> nn.M
 
 
 class PolicyModel(nn.Module):
-    def __init__(self, hf_model: nn.Module, chunk_tokens: int = 1024, head_mode: str = "fp32"):
+    def __init__(self, hf_model: nn.Module, chunk_tokens: int = 1024, head_mode: str = "auto"):
         super().__init__()
         self.hf = hf_model
         self.chunk_tokens = int(chunk_tokens)

@@ -36,8 +36,7 @@ def _as_cfg(cls, value):
 
 class TrainerWorker:
     def __init__(self, rank: int, world_size: int, model_path: str, trainer_cfg, algorithm_cfg,
-                 temperature: float = 1.0, seed: int = 0, attn_implementation: str | None = None,
-                 head_mode: str = "fp32"):
+                 temperature: float = 1.0, seed: int = 0, attn_implementation: str | None = None):
         # Cheap on purpose: the group creates every actor before any of them blocks
         # in init_distributed (which waits until all ranks have joined).
         self.rank, self.world_size = rank, world_size
@@ -48,7 +47,6 @@ class TrainerWorker:
         self.temperature = float(temperature)
         self.seed = seed
         self.attn_implementation = attn_implementation
-        self.head_mode = head_mode
         self.engine = None
         self._sync_group = None
         self._sync_backend = "gloo"
@@ -81,7 +79,7 @@ class TrainerWorker:
         torch.manual_seed(self.seed + self.rank)
 
         self.hf = load_hf_causal_lm(self.model_path, self.attn_implementation)
-        self.policy = PolicyModel(self.hf, self.cfg.logprob_chunk_tokens, self.head_mode)
+        self.policy = PolicyModel(self.hf, self.cfg.logprob_chunk_tokens, self.cfg.lm_head_mode)
         optimizer = build_optimizer([p for p in self.policy.parameters() if p.requires_grad], self.cfg)
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.policy, optimizer=optimizer, config=deepspeed_config(self.cfg, self.world_size),

@@ -30,6 +30,7 @@ def test_each_algorithm_group_loads(group):
         ("trainer.mini_batch_size=24", "trainer.mini_batch_size", "does not divide data.rollout_batch_size=256"),
         ("trainer.zero_stage=4", "trainer.zero_stage", "allowed values: 0, 1, 2, 3"),
         ("trainer.old_logprobs=cached", "trainer.old_logprobs", "allowed values: rollout, recompute"),
+        ("trainer.lm_head_mode=fp16", "trainer.lm_head_mode", "allowed values: auto, fp16x2, bf16x3"),
         ("rollout.temperature=0", "rollout.temperature", "must be > 0"),
         ("rollout.weight_sync=nfs", "rollout.weight_sync", "allowed values: collective, object_store"),
         ("rollout.max_model_len=16", "rollout.max_model_len", "smaller than data.max_prompt_tokens"),
@@ -57,3 +58,10 @@ def test_wrong_types_and_unknown_groups_are_rejected_by_hydra_with_the_key():
         compose_config(["algorithm=ppo"])
     with pytest.raises(ConfigCompositionException):
         compose_config(["trainer.no_such_key=1"])
+
+
+def test_lm_head_modes_are_the_kernels_modes():
+    """cispo/ cannot import kernels (torch only there), so the list is kept twice: keep it equal."""
+    from cispo.config import LM_HEAD_MODES
+    from kernels import MODES
+    assert set(LM_HEAD_MODES) == {"auto", *MODES}
