@@ -54,8 +54,11 @@ def naive(dtype):
     return f
 
 
-def fused(mode):
+def fused(mode, vocab_chunk=None):
     def f(h, w, t):
+        if vocab_chunk is not None:  # left set: backward reads it after this returns
+            import kernels.lm_head_triton_fp16x2 as fp16x2
+            fp16x2.VOCAB_CHUNK = vocab_chunk
         return lm_head_logprobs(h, w, t, mode=mode, impl="triton")[0]
     return f
 
@@ -165,6 +168,8 @@ def main():
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--check-only", action="store_true")
     ap.add_argument("--no-liger", action="store_true")
+    ap.add_argument("--vocab-chunk", type=int, nargs="+", default=[],
+                    help="fp16x2: weight rows split per chunk; several values add methods")
     ap.add_argument("--profile", nargs="*", default=[],
                     help="modes whose fwd+bwd is also profiled per kernel (torch.profiler)")
     args = ap.parse_args()
@@ -202,6 +207,10 @@ def main():
                 if mode == "fp32" and T > args.fp32_max_T:
                     continue
                 hh, ww = {"bf16": (h16, w16), "bf16x3": (h16, w32), "fp16x2": (h16, w32)}.get(mode, (h32, w32))
+                if mode == "fp16x2" and args.vocab_chunk:
+                    methods += [(f"fused_fp16x2@{vc}" if i else "fused_fp16x2", fused(mode, vc), hh, ww)
+                                for i, vc in enumerate(args.vocab_chunk)]
+                    continue
                 methods.append((f"fused_{mode}", fused(mode), hh, ww))
             if liger is not None:
                 methods += [("liger_bf16", liger, h16, w16), ("liger_fp32", liger, h32, w32)]
