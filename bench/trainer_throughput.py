@@ -87,8 +87,8 @@ def run_deepspeed(args, path, batch):
 
     cfg = TrainerConfig(num_ranks=1, zero_stage=args.zero_stage, dtype=args.dtype, lr=1e-6,
                         micro_batch_tokens=args.micro_batch_tokens, logprob_chunk_tokens=args.chunk_tokens)
-    worker = TrainerWorker(0, 1, str(path), cfg, AlgorithmConfig(), attn_implementation=args.attn,
-                           head_mode=args.head_mode)
+    cfg.lm_head_mode = args.head_mode
+    worker = TrainerWorker(0, 1, str(path), cfg, AlgorithmConfig(), attn_implementation=args.attn)
     host, port = worker.address()
     worker.setup(host, port)
     plans, _ = plan_micro_batches(batch, list(range(batch.num_seqs)), 1, args.micro_batch_tokens)
@@ -144,7 +144,7 @@ def main() -> None:
     ap.add_argument("--seqs-per-step", type=int, default=16)
     ap.add_argument("--micro-batch-tokens", type=int, default=4096)
     ap.add_argument("--chunk-tokens", type=int, default=1024)
-    ap.add_argument("--head-mode", default="fp32", help="LM-head product precision (fp32, tf32x3, bf16x3: kernels/)")
+    ap.add_argument("--head-mode", default="auto", help="LM-head product precision (trainer.lm_head_mode: auto, fp16x2, bf16x3, tf32x3, fp32)")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--out", default=None)
