@@ -135,7 +135,7 @@ def gpu_correctness(modes):
         # (hidden dtype, weight dtype) pairs; bf16 hidden exercises bf16x3's exact 3-way split.
         dts = {"bf16": [(torch.float32,) * 2, (torch.bfloat16,) * 2],
                "bf16x3": [(torch.float32,) * 2, (torch.bfloat16, torch.float32), (torch.bfloat16,) * 2],
-               "fp16x2": [(torch.float32,) * 2, (torch.bfloat16, torch.float32)]}.get(
+               "fp16x2": [(torch.float32,) * 2, (torch.bfloat16, torch.float32), (torch.bfloat16,) * 2]}.get(
                    mode, [(torch.float32,) * 2])
         for hdt, wdt in dts:
             hm = h.to(hdt).detach().clone().requires_grad_()

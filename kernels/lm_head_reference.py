@@ -163,7 +163,8 @@ class LMHeadLogprobsReference(torch.autograd.Function):
                 grad_h[c0:c1] = mode_matmul(dl, weight, mode,
                                             products=1 if hidden.element_size() == 2 else 3)
             if need_w:
-                grad_w += mode_matmul(dl.t(), h, mode)
+                grad_w += mode_matmul(dl.t(), h, mode,
+                                      products=1 if weight.element_size() == 2 else 3)
         return (grad_h.to(hidden.dtype) if need_h else None,
                 grad_w.to(weight.dtype) if need_w else None, None, None, None, None, None)
 

@@ -34,7 +34,7 @@ def _dlogits_kernel(
     dl_ptr, dll_ptr, scale_ptr, dl_scale_ptr,
     T, V, H, stride_ht, stride_hh, stride_wv, stride_wh, stride_dt, stride_dv,
     inv_temp, v_base,
-    MODE: tl.constexpr, VAX: tl.constexpr, H_PARTS: tl.constexpr, HAS_GENT: tl.constexpr,
+    MODE: tl.constexpr, VAX: tl.constexpr, H_PARTS: tl.constexpr, W_PARTS: tl.constexpr, HAS_GENT: tl.constexpr,
     SPLIT_OUT: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     GROUP_T: tl.constexpr, INTERPRET: tl.constexpr,
@@ -51,7 +51,7 @@ def _dlogits_kernel(
     # Vocabulary on axis VAX of the tile (see logits_tile); per-token vectors broadcast
     # with expand_dims(v, VAX), per-column ones with expand_dims(v, 1 - VAX).
     acc = logits_tile(h_ptr, hl_ptr, w_ptr, wl_ptr, rows, cols, T, V, H, stride_ht, stride_hh,
-                      stride_wv, stride_wh, MODE, VAX, H_PARTS, BLOCK_T, BLOCK_V, BLOCK_H,
+                      stride_wv, stride_wh, MODE, VAX, H_PARTS, W_PARTS, BLOCK_T, BLOCK_V, BLOCK_H,
                       INTERPRET)
     z = acc * (inv_temp * tl.load(scale_ptr))
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
@@ -80,14 +80,15 @@ def _dlogits_kernel(
 
 
 def launch_dlogits(h, hl, w, wl, targets, lse, ent, g_logp, g_ent, dl, dll, scale, dl_scale,
-                   inv_temp, v_base, mode_id, h_parts, has_gent, split_out, interpret):
+                   inv_temp, v_base, mode_id, h_parts, has_gent, split_out, interpret, w_parts=1):
     """One dlogits launch: dl (and dll) are [T, V]-shaped views, any strides."""
     T, H = h.shape
     V = w.shape[0]
     args = (h, hl, w, wl, targets, lse, ent, g_logp, g_ent, dl, dll, scale, dl_scale, T, V, H,
             h.stride(0), h.stride(1), w.stride(0), w.stride(1), dl.stride(0), dl.stride(1),
             inv_temp, v_base)
-    meta = dict(MODE=mode_id, VAX=vocab_axis(mode_id), H_PARTS=h_parts, HAS_GENT=has_gent,
+    meta = dict(MODE=mode_id, VAX=vocab_axis(mode_id), H_PARTS=h_parts, W_PARTS=w_parts,
+                HAS_GENT=has_gent,
                 SPLIT_OUT=split_out)
     if interpret:
         grid = (triton.cdiv(T, 16) * triton.cdiv(V, 64),)
@@ -134,7 +135,7 @@ _DL_NAMES = ["BLOCK_T", "BLOCK_V", "BLOCK_H", "GROUP_T"]
 # dl_ptr is written in full by the kernel; the tuner's trial runs only overwrite it.
 _dlogits_tuned = triton.autotune(
     configs=make_configs(_DL_NAMES),
-    key=["H", "MODE", "H_PARTS", "HAS_GENT", "SPLIT_OUT"],
+    key=["H", "MODE", "H_PARTS", "W_PARTS", "HAS_GENT", "SPLIT_OUT"],
     prune_configs_by={"early_config_prune": make_prune("h_ptr", _DL_NAMES)},
 )(_dlogits_kernel)
 

@@ -204,8 +204,8 @@ def mma(a, b, acc, MODE: tl.constexpr, INTERPRET: tl.constexpr):
 def logits_tile(h_ptr, hl_ptr, w_ptr, wl_ptr, rows, cols, T, V, H,
                 stride_ht, stride_hh, stride_wv, stride_wh,
                 MODE: tl.constexpr, VAX: tl.constexpr, H_PARTS: tl.constexpr,
-                BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                INTERPRET: tl.constexpr):
+                W_PARTS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr,
+                BLOCK_H: tl.constexpr, INTERPRET: tl.constexpr):
     """fp32 tile of hidden[rows] @ weight[cols]^T reduced over all of H; vocabulary on axis VAX.
 
     VAX=1: [BLOCK_T, BLOCK_V], hidden is the left operand. Per-token reductions then run
@@ -214,8 +214,8 @@ def logits_tile(h_ptr, hl_ptr, w_ptr, wl_ptr, rows, cols, T, V, H,
     instruction (wgmma) can read from registers, which is where bf16x3 splits the fp32
     weight; the bf16 hidden then goes straight from shared memory to the tensor cores.
     MODE_FP16X2 (VAX=1 only): h_ptr/w_ptr hold the fp16 hi parts, hl_ptr/wl_ptr the lo parts
-    (hl_ptr is read only when H_PARTS == 2), all with the strides given; the tile is
-    h @ w_lo^T [+ h_lo @ w^T] + h @ w^T, small terms first.
+    (read only when H_PARTS / W_PARTS == 2), all with the strides given; the tile is
+    [h @ w_lo^T] [+ h_lo @ w^T] + h @ w^T, small terms first.
     Out-of-range rows/cols load zeros: the caller masks them.
     """
     if VAX == 0:
@@ -227,8 +227,8 @@ def logits_tile(h_ptr, hl_ptr, w_ptr, wl_ptr, rows, cols, T, V, H,
     col_ok = cols < V
     if MODE == 4:
         return fp16x2_tile(h_ptr, hl_ptr, w_ptr, wl_ptr, rows, cols, row_ok, col_ok, H,
-                           stride_ht, stride_hh, stride_wv, stride_wh, acc, H_PARTS, BLOCK_H,
-                           INTERPRET)
+                           stride_ht, stride_hh, stride_wv, stride_wh, acc, H_PARTS, W_PARTS,
+                           BLOCK_H, INTERPRET)
     for k0 in range(0, H, BLOCK_H):
         k = k0 + ks
         k_ok = k < H
@@ -251,8 +251,9 @@ def logits_tile(h_ptr, hl_ptr, w_ptr, wl_ptr, rows, cols, T, V, H,
 @triton.jit
 def fp16x2_tile(h_ptr, hl_ptr, w_ptr, wl_ptr, rows, cols, row_ok, col_ok, H,
                 stride_ht, stride_hh, stride_wv, stride_wh, acc,
-                H_PARTS: tl.constexpr, BLOCK_H: tl.constexpr, INTERPRET: tl.constexpr):
-    """acc + h @ w_lo^T [+ h_lo @ w^T] + h @ w^T over all of H, fp16 parts (see logits_tile).
+                H_PARTS: tl.constexpr, W_PARTS: tl.constexpr, BLOCK_H: tl.constexpr,
+                INTERPRET: tl.constexpr):
+    """acc + [h @ w_lo^T] [+ h_lo @ w^T] + h @ w^T over all of H, fp16 parts (see logits_tile).
 
     Blocked summation: each K step's products go to a fresh accumulator, added to acc with
     one rounded fp32 add. The tensor cores truncate the additions of an MMA chain: summing
@@ -271,8 +272,9 @@ def fp16x2_tile(h_ptr, hl_ptr, w_ptr, wl_ptr, rows, cols, row_ok, col_ok, H,
         w_mask = col_ok[None, :] & k_ok[:, None]
         h = tl.load(h_ptr + h_off, mask=h_mask, other=0.0)
         w = tl.load(w_ptr + w_off, mask=w_mask, other=0.0)
-        part = dot_fp16(h, tl.load(wl_ptr + w_off, mask=w_mask, other=0.0),
-                        tl.zeros(acc.shape, tl.float32), INTERPRET)
+        part = tl.zeros(acc.shape, tl.float32)
+        if W_PARTS == 2:
+            part = dot_fp16(h, tl.load(wl_ptr + w_off, mask=w_mask, other=0.0), part, INTERPRET)
         if H_PARTS == 2:
             part = dot_fp16(tl.load(hl_ptr + h_off, mask=h_mask, other=0.0), w, part, INTERPRET)
         acc += dot_fp16(h, w, part, INTERPRET)

@@ -11,12 +11,14 @@ far under the rounding of an fp32 sum.
 
 Products per fp32 product:
 * forward logits: a bf16/fp16 hidden state is exact in one fp16 part (its 8 or 11 bits fit),
-  so logits = h @ W_hi^T + h @ W_lo^T, 2 products (an fp32 hidden adds h_lo @ W_hi^T: 3).
+  so logits = h @ W_hi^T + h @ W_lo^T, 2 products (an fp32 hidden adds h_lo @ W_hi^T: 3;
+  a bf16 weight, as in a bf16 model with tied embeddings, needs no W_lo: 1).
 * backward, per (vocabulary chunk, token chunk): the dlogits kernel recomputes the logits
   the same way and writes dlogits as scaled fp16 hi/lo parts; then
   grad_W += dl_hi^T @ h + dl_lo^T @ h (2 products: fp32-accurate, the weight is fp32), and
   grad_h += dl_hi @ W_hi (1 product) when grad_h goes back in bf16/fp16: its error (~2^-12)
   is 8x under the final bf16 rounding; 3 products (+ dl_hi @ W_lo + dl_lo @ W_hi) when fp32.
+  The same rule for grad_W: one product dl_hi^T @ h when the weight is bf16.
 
 Memory: the weight is split one vocabulary chunk at a time (VOCAB_CHUNK rows x H x 2 parts
 x 2 bytes: 256 MiB at H=4096), never all at once; backward also keeps an fp32 grad_h
@@ -163,11 +165,17 @@ def matmul_parts(a, al, b, bl, c, alpha, accumulate, interpret):
         _matmul_parts_tuned[grid](*args, **meta, INTERPRET=False)
 
 
+def n_parts(x):
+    """fp16 parts that hold x exactly enough: one for bf16/fp16 values (8/11 bits fit in 11)."""
+    return 1 if x.element_size() == 2 else 2
+
+
 class _Operands:
     """Scaled fp16 parts of hidden (whole) and the power-of-two scales of hidden and weight."""
 
     def __init__(self, hidden, weight, w_exp=None):
-        self.h_parts = 1 if hidden.element_size() == 2 else 2  # bf16/fp16 fit one fp16 part
+        self.h_parts = n_parts(hidden)
+        self.w_parts = n_parts(weight)
         self.h_exp = pow2_exponent(max_abs(hidden))
         self.w_exp = pow2_exponent(max_abs(weight)) if w_exp is None else w_exp
         self.h_hi = torch.empty(hidden.shape, device=hidden.device, dtype=torch.float16)
@@ -177,14 +185,16 @@ class _Operands:
         self.w_scale = exp2(self.w_exp)
 
 
-def vocab_chunks(weight, vocab_chunk):
-    """Yield (v0, w_hi, w_lo) for each chunk of weight rows, split into two reused buffers."""
+def vocab_chunks(weight, scale, two_parts, vocab_chunk):
+    """Yield (v0, w_hi, w_lo) for each chunk of weight rows, split into reused buffers
+    (w_lo is w_hi, unused, when two_parts is False)."""
     V, H = weight.shape
     n = min(vocab_chunk, V)
     w_hi = torch.empty((n, H), device=weight.device, dtype=torch.float16)
-    w_lo = torch.empty_like(w_hi)
+    w_lo = torch.empty_like(w_hi) if two_parts else w_hi
     for v0 in range(0, V, n):
         v1 = min(v0 + n, V)
+        split_fp16(weight[v0:v1], scale, two_parts, w_hi[:v1 - v0], w_lo[:v1 - v0])
         yield v0, w_hi[:v1 - v0], w_lo[:v1 - v0]
 
 
@@ -203,11 +213,11 @@ def forward_fp16x2(hidden, weight, targets, inv_temp, with_entropy, interpret):
     part = torch.full((3, n_chunks * n_split, T), float("nan"), device=hidden.device,
                       dtype=torch.float32)
     descale = exp2(-(ops.h_exp + ops.w_exp))
-    for i, (v0, w_hi, w_lo) in enumerate(vocab_chunks(weight, vocab_chunk)):
-        split_fp16(weight[v0:v0 + w_hi.shape[0]], ops.w_scale, True, w_hi, w_lo)
+    for i, (v0, w_hi, w_lo) in enumerate(vocab_chunks(weight, ops.w_scale, ops.w_parts == 2,
+                                                      vocab_chunk)):
         launch_forward(ops.h_hi, ops.h_lo if ops.h_lo is not None else ops.h_hi, w_hi, w_lo,
                        part[:, i * n_split:], descale, inv_temp, v_per_split, n_split,
-                       MODE_FP16X2, ops.h_parts, with_entropy, interpret)
+                       MODE_FP16X2, ops.h_parts, with_entropy, interpret, ops.w_parts)
     z_target = target_logits(hidden, weight, targets, "fp16x2") * inv_temp
     logp, lse, ent = combine_partials(part, z_target, with_entropy)
     return logp, lse, ent, ops.w_exp
@@ -248,15 +258,18 @@ def backward_fp16x2(hidden, weight, targets, lse, ent, g_logp, g_ent, inv_temp, 
     new = (lambda *a, **k: torch.full(*a, float("nan"), **k)) if interpret else torch.empty  # noqa: E731
     dl_hi = new((C, n_vc), device=dev, dtype=torch.float16)
     dl_lo = new((C, n_vc), device=dev, dtype=torch.float16)
-    grad_h_parts = 1 if hidden.element_size() == 2 else 3
+    # A gradient returned in 16 bits takes the hi parts only: one product, whose ~2^-12
+    # error is 8x under the final bf16 rounding. An fp32 gradient takes every product but
+    # lo x lo: ~2^-22, fp32-accurate.
+    w_full = weight.element_size() > 2   # grad_weight returned in fp32
+    h_full = hidden.element_size() > 2   # grad_hidden returned in fp32
     grad_h32 = None
     if need_grad_hidden:
         grad_h32 = new((T, H), device=dev, dtype=torch.float32)
     grad_w32 = new((V, H), device=dev, dtype=torch.float32) if need_grad_weight else None
     h_lo = ops.h_lo if ops.h_lo is not None else ops.h_hi
-    for v0, w_hi, w_lo in vocab_chunks(weight, vocab_chunk):
+    for v0, w_hi, w_lo in vocab_chunks(weight, ops.w_scale, ops.w_parts == 2, vocab_chunk):
         nv = w_hi.shape[0]
-        split_fp16(weight[v0:v0 + nv], ops.w_scale, True, w_hi, w_lo)
         for t0 in range(0, T, C):
             t1 = min(t0 + C, T)
             d_hi, d_lo = dl_hi[:t1 - t0, :nv], dl_lo[:t1 - t0, :nv]
@@ -264,14 +277,14 @@ def backward_fp16x2(hidden, weight, targets, lse, ent, g_logp, g_ent, inv_temp, 
                            lse[t0:t1], ent[t0:t1], g_logp[t0:t1],
                            (g_ent if has_gent else g_logp)[t0:t1], d_hi, d_lo, descale,
                            dl_scale, inv_temp, v0, MODE_FP16X2, ops.h_parts, has_gent, True,
-                           interpret)
+                           interpret, ops.w_parts)
             if need_grad_weight:
-                matmul_parts(d_hi.t(), d_lo.t(), ops.h_hi[t0:t1],
-                             ops.h_lo[t0:t1] if ops.h_lo is not None else None,
+                h_lo_part = ops.h_lo[t0:t1] if ops.h_lo is not None and w_full else None
+                matmul_parts(d_hi.t(), d_lo.t() if w_full else None, ops.h_hi[t0:t1], h_lo_part,
                              grad_w32[v0:v0 + nv], alpha_w, t0 > 0, interpret)
             if need_grad_hidden:
-                three = grad_h_parts == 3
-                matmul_parts(d_hi, d_lo if three else None, w_hi, w_lo if three else None,
+                w_lo_part = w_lo if ops.w_parts == 2 and h_full else None
+                matmul_parts(d_hi, d_lo if h_full else None, w_hi, w_lo_part,
                              grad_h32[t0:t1], alpha_h, v0 > 0, interpret)
     grad_hidden = grad_h32.to(hidden.dtype) if need_grad_hidden else None
     grad_weight = grad_w32.to(weight.dtype) if need_grad_weight else None

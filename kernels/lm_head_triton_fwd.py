@@ -33,7 +33,7 @@ def _lm_head_fwd_kernel(
     h_ptr, hl_ptr, w_ptr, wl_ptr, part_ptr, scale_ptr,
     T, V, H, stride_ht, stride_hh, stride_wv, stride_wh,
     inv_temp, v_per_split, n_split, stride_plane,
-    MODE: tl.constexpr, VAX: tl.constexpr, H_PARTS: tl.constexpr, WITH_ENT: tl.constexpr,
+    MODE: tl.constexpr, VAX: tl.constexpr, H_PARTS: tl.constexpr, W_PARTS: tl.constexpr, WITH_ENT: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     GROUP_T: tl.constexpr, INTERPRET: tl.constexpr,
 ):
@@ -58,7 +58,7 @@ def _lm_head_fwd_kernel(
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         acc = logits_tile(h_ptr, hl_ptr, w_ptr, wl_ptr, rows, cols, T, V, H, stride_ht, stride_hh,
-                          stride_wv, stride_wh, MODE, VAX, H_PARTS, BLOCK_T, BLOCK_V, BLOCK_H,
+                          stride_wv, stride_wh, MODE, VAX, H_PARTS, W_PARTS, BLOCK_T, BLOCK_V, BLOCK_H,
                           INTERPRET)
         y = acc * c
         if v0 + BLOCK_V > v_end:
@@ -112,7 +112,7 @@ def make_prune(operand_name, names):
         if mode == MODE_FP16X2:
             keep = [c for c in configs if c.kwargs[names[2]] == 64 and fp16x2_smem(
                 c.num_stages, 64, kwargs["H_PARTS"] * c.kwargs[names[0]],
-                2 * c.kwargs[names[1]]) <= SMEM_BUDGET]
+                kwargs["W_PARTS"] * c.kwargs[names[1]]) <= SMEM_BUDGET]
             return keep or configs[:1]
         elif mode == MODE_BF16 and named_args[operand_name].element_size() == 2:
             family = BF16_TILES
@@ -126,19 +126,20 @@ def make_prune(operand_name, names):
 
 _FWD_NAMES = ["BLOCK_T", "BLOCK_V", "BLOCK_H", "GROUP_T"]
 _lm_head_fwd_tuned = triton.autotune(
-    configs=make_configs(_FWD_NAMES), key=["H", "MODE", "H_PARTS", "WITH_ENT"],
+    configs=make_configs(_FWD_NAMES), key=["H", "MODE", "H_PARTS", "W_PARTS", "WITH_ENT"],
     prune_configs_by={"early_config_prune": make_prune("h_ptr", _FWD_NAMES)},
 )(_lm_head_fwd_kernel)
 
 
 def launch_forward(h, hl, w, wl, part, scale, inv_temp, v_per_split, n_split,
-                   mode_id, h_parts, with_entropy, interpret):
+                   mode_id, h_parts, with_entropy, interpret, w_parts=1):
     """One forward launch over the vocabulary rows held by w (see _lm_head_fwd_kernel);
     part is a [3, >= n_split, T] view whose first n_split columns this launch fills."""
     T, H = h.shape
     args = (h, hl, w, wl, part, scale, T, w.shape[0], H, h.stride(0), h.stride(1),
             w.stride(0), w.stride(1), inv_temp, v_per_split, n_split, part.stride(0))
-    meta = dict(MODE=mode_id, VAX=vocab_axis(mode_id), H_PARTS=h_parts, WITH_ENT=with_entropy)
+    meta = dict(MODE=mode_id, VAX=vocab_axis(mode_id), H_PARTS=h_parts, W_PARTS=w_parts,
+                WITH_ENT=with_entropy)
     if interpret:
         # Small blocks so that CPU tests cross several blocks in every dimension.
         grid = (triton.cdiv(T, 16) * n_split,)

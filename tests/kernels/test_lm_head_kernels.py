@@ -233,13 +233,15 @@ def bf16_rounding_error(ref):
 
 
 @needs_triton
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("impl", ["triton", "torch"])
-def test_fp16x2_with_bf16_hidden_is_fp32_accurate(seed, impl, small_vocab_chunks):
-    """The recommended use: bf16 hidden, fp32 weight. 4 vocabulary chunks x 3 token chunks in
-    backward (chunk_tokens=4 -> 16 tokens, T=37). Log-probs, entropy and grad_weight at fp32
-    accuracy; grad_hidden comes back in bf16 from one fp16 product, so its error may exceed
-    plain bf16 rounding of the exact gradient by at most 10%."""
-    h, w, tgt = make_inputs(hidden_dtype=torch.bfloat16)
+def test_fp16x2_with_bf16_hidden_is_fp32_accurate(seed, impl, weight_dtype, small_vocab_chunks):
+    """The uses in training: bf16 hidden with an fp32 weight (2 products) or a bf16 weight
+    (a bf16 model, tied embeddings: 1 product). 4 vocabulary chunks x 3 token chunks in
+    backward (chunk_tokens=4 -> 16 tokens, T=37). Log-probs and entropy at fp32 accuracy;
+    an fp32 grad_weight too; a gradient that comes back in bf16 is computed from one fp16
+    product, so its error may exceed plain bf16 rounding of the exact gradient by <= 10%."""
+    h, w, tgt = make_inputs(hidden_dtype=torch.bfloat16, weight_dtype=weight_dtype)
     g_logp, g_ent = torch.randn(T), torch.randn(T)
     lp, ent, gh, gw = run(h, w, tgt, g_logp, g_ent, "fp16x2", impl, chunk_tokens=4)
     lp0, ent0, gh0, gw0 = float64_reference(h, w, tgt, g_logp, g_ent)
@@ -247,10 +249,15 @@ def test_fp16x2_with_bf16_hidden_is_fp32_accurate(seed, impl, small_vocab_chunks
         assert not torch.isnan(x).any(), f"NaN in {name} (unwritten?) seed={seed}"
     assert max_abs(lp, lp0) <= 1e-5, f"{max_abs(lp, lp0):.3g} seed={seed}"
     assert max_abs(ent, ent0) <= 2e-5, f"{max_abs(ent, ent0):.3g} seed={seed}"
-    assert rel_to_max(gw, gw0) <= 1e-5, f"{rel_to_max(gw, gw0):.3g} seed={seed}"
-    assert gh.dtype == torch.bfloat16
-    err = ((gh.double() - gh0).norm() / gh0.norm()).item()
-    assert err <= 1.1 * bf16_rounding_error(gh0), f"{err:.3g} seed={seed}"
+    assert gh.dtype == torch.bfloat16 and gw.dtype == weight_dtype
+    grads = [("grad_hidden", gh, gh0)]
+    if weight_dtype == torch.float32:
+        assert rel_to_max(gw, gw0) <= 1e-5, f"{rel_to_max(gw, gw0):.3g} seed={seed}"
+    else:
+        grads.append(("grad_weight", gw, gw0))
+    for name, g, g0 in grads:
+        err = ((g.double() - g0).norm() / g0.norm()).item()
+        assert err <= 1.1 * bf16_rounding_error(g0), f"{name}: {err:.3g} seed={seed}"
 
 
 @needs_triton
