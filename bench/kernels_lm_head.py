@@ -168,6 +168,8 @@ def main():
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--check-only", action="store_true")
     ap.add_argument("--no-liger", action="store_true")
+    ap.add_argument("--bf16-weight-too", action="store_true",
+                    help="also time fp16x2 on a bf16 weight (one weight part)")
     ap.add_argument("--vocab-chunk", type=int, nargs="+", default=[],
                     help="fp16x2: weight rows split per chunk; several values add methods")
     ap.add_argument("--profile", nargs="*", default=[],
@@ -212,6 +214,8 @@ def main():
                                 for i, vc in enumerate(args.vocab_chunk)]
                     continue
                 methods.append((f"fused_{mode}", fused(mode), hh, ww))
+                if mode == "fp16x2" and args.bf16_weight_too:  # a bf16 model's (tied) head
+                    methods.append(("fused_fp16x2_w16", fused(mode), h16, w16))
             if liger is not None:
                 methods += [("liger_bf16", liger, h16, w16), ("liger_fp32", liger, h32, w32)]
             with torch.no_grad():
