@@ -167,6 +167,8 @@ def main():
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "kernels_lm_head_h100.json"))
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--check-only", action="store_true")
+    ap.add_argument("--table", nargs="+", metavar="JSON",
+                    help="only print the markdown results table of earlier runs' JSON files")
     ap.add_argument("--no-liger", action="store_true")
     ap.add_argument("--bf16-weight-too", action="store_true",
                     help="also time fp16x2 on a bf16 weight (one weight part)")
@@ -175,6 +177,9 @@ def main():
     ap.add_argument("--profile", nargs="*", default=[],
                     help="modes whose fwd+bwd is also profiled per kernel (torch.profiler)")
     args = ap.parse_args()
+    if args.table:
+        print(markdown_table(args.table))
+        return
 
     import triton
     dev = torch.cuda.get_device_name()
@@ -250,6 +255,42 @@ def profile_kernels(method, h, w, t, g, what):
         torch.cuda.synchronize()
     print(f"profile {what}:")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=50))
+
+
+# (hidden, weight) bytes per element each method gets: for the "of which not grads" column.
+_BF16_BOTH = {"naive_bf16", "fused_bf16", "liger_bf16", "fused_fp16x2_w16"}
+_BF16_HIDDEN = _BF16_BOTH | {"fused_bf16x3", "fused_fp16x2"}
+
+
+def markdown_table(paths):
+    """Markdown results table from one or more JSON reports of this script."""
+    rows = [r for p in paths for r in json.load(open(p))["results"]]
+    V = json.load(open(paths[0]))["V"]
+    naive = {(r["T"], r["H"]): r for r in rows if r["name"] == "naive_fp32"}
+    out = ["| T | H | method | fwd ms | fwd+bwd ms | peak extra GiB | of which not grads GiB | "
+           "max abs Δlog p vs fp64 | fwd speed-up vs naive fp32 | fwd+bwd speed-up | "
+           "peak vs naive fp32 | fwd / bf16 matmul |", "|" + "---|" * 12]
+
+    def num(r, k, fmt):
+        return "OOM" if r.get("oom") and r.get(k) is None else (
+            format(r[k], fmt) if r.get(k) is not None else "n/a")
+
+    def ratio(a, b):
+        return "n/a" if a is None or b is None else f"{a / b:.2f}"
+
+    for r in rows:
+        n = naive.get((r["T"], r["H"]), {})
+        grads = (r["T"] * r["H"] * (2 if r["name"] in _BF16_HIDDEN else 4)
+                 + V * r["H"] * (2 if r["name"] in _BF16_BOTH else 4)) / 2**30
+        work = f"{r['peak_extra_gb'] - grads:.2f}" if r.get("peak_extra_gb") is not None else num(r, "peak_extra_gb", ".2f")
+        name = f"**{r['name']}**" if r["name"].startswith("fused") else r["name"]
+        mm = r.get("bf16_matmul_ms")
+        out.append(
+            f"| {r['T']} | {r['H']} | {name} | {num(r, 'fwd_ms', '.2f')} | {num(r, 'fwd_bwd_ms', '.1f')} | "
+            f"{num(r, 'peak_extra_gb', '.2f')} | {work} | {num(r, 'max_abs_dlogp', '.2e')} | "
+            f"{ratio(n.get('fwd_ms'), r.get('fwd_ms'))} | {ratio(n.get('fwd_bwd_ms'), r.get('fwd_bwd_ms'))} | "
+            f"{ratio(r.get('peak_extra_gb'), n.get('peak_extra_gb'))} | {ratio(r.get('fwd_ms'), mm)} |")
+    return "\n".join(out)
 
 
 def print_table(report):
