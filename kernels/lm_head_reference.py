@@ -30,10 +30,22 @@ def _tf32_values(x):
     return ((u + 0x1000) & -0x2000).view(torch.float32)
 
 
+TOP_EXP = 14  # fp16x2 operands are scaled into [2^(TOP_EXP-1), 2^TOP_EXP): far from fp16's 65504
+
+
+def pow2_exponent(amax):
+    """Integer k (int32 tensor) with amax * 2^k in [2^13, 2^14); 0-d, stays on the device.
+
+    frexp gives amax = m * 2^e with m in [0.5, 1). Zero gives k = TOP_EXP; clamped so that
+    2^k and 2^-k are finite normal fp32 numbers.
+    """
+    _, e = torch.frexp(amax.float())
+    return (TOP_EXP - e).clamp(-100, 100).to(torch.int32)
+
+
 def _fp16_parts(x, two_parts):
     """fp16 hi (and lo) parts of x * 2^k, as fp32 values, with max |x| * 2^k in [2^13, 2^14)."""
-    _, e = torch.frexp(x.detach().abs().max().float())
-    k = (14 - e).clamp(-100, 100)
+    k = pow2_exponent(x.detach().abs().max())
     xs = torch.ldexp(x.float(), k)
     hi = xs.half().float()
     return [hi, (xs - hi).half().float()] if two_parts else [hi], k

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .lm_head_triton_common import grouped_tile, logits_tile, mma, vocab_axis
+from .lm_head_triton_common import dot_fp16, grouped_tile, logits_tile, mma, vocab_axis
 from .lm_head_triton_fwd import BF16_TILES, FP32_TILES, make_configs, make_prune
 
 
@@ -100,14 +100,20 @@ def launch_dlogits(h, hl, w, wl, targets, lse, ent, g_logp, g_ent, dl, dll, scal
 
 
 @triton.jit
-def _matmul_kernel(
-    a_ptr, b_ptr, c_ptr, M, N, K,
+def matmul_kernel(
+    a_ptr, al_ptr, b_ptr, bl_ptr, c_ptr, alpha_ptr, M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-    MODE: tl.constexpr, ACCUMULATE: tl.constexpr,
+    MODE: tl.constexpr, A_PARTS: tl.constexpr, B_PARTS: tl.constexpr, ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """c (+)= a @ b in precision MODE; any strides, so transposed operands need no copy."""
+    """c (+)= a @ b in precision MODE; any strides, so transposed operands need no copy.
+
+    MODE_FP16X2: a, b are fp16 hi parts, al, bl their lo parts with the same strides (read only
+    when A_PARTS / B_PARTS == 2), and c (+)= alpha_ptr[0] * (a @ b [+ a @ b_lo] [+ a_lo @ b]):
+    alpha undoes the operands' power-of-two scales (lm_head_triton_fp16x2.py). The other modes
+    read neither al, bl nor alpha_ptr.
+    """
     pm, pn = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     rm = pm * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -119,11 +125,26 @@ def _matmul_kernel(
     for k0 in range(0, K, BLOCK_K):
         k = k0 + rk
         k_ok = k < K
-        a = tl.load(a_ptr + rm[:, None] * stride_am + k[None, :] * stride_ak,
-                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptr + k[:, None] * stride_bk + rn[None, :] * stride_bn,
-                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = mma(a, b, acc, MODE, INTERPRET)
+        a_off = rm[:, None] * stride_am + k[None, :] * stride_ak
+        a_mask = m_ok[:, None] & k_ok[None, :]
+        b_off = k[:, None] * stride_bk + rn[None, :] * stride_bn
+        b_mask = k_ok[:, None] & n_ok[None, :]
+        a = tl.load(a_ptr + a_off, mask=a_mask, other=0.0)
+        b = tl.load(b_ptr + b_off, mask=b_mask, other=0.0)
+        if MODE == 4:
+            # Blocked summation, a fresh accumulator per K step (see fp16x2_tile for why).
+            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            if B_PARTS == 2:
+                part = dot_fp16(a, tl.load(bl_ptr + b_off, mask=b_mask, other=0.0), part,
+                                INTERPRET)
+            if A_PARTS == 2:
+                part = dot_fp16(tl.load(al_ptr + a_off, mask=a_mask, other=0.0), b, part,
+                                INTERPRET)
+            acc += dot_fp16(a, b, part, INTERPRET)
+        else:
+            acc = mma(a, b, acc, MODE, INTERPRET)
+    if MODE == 4:
+        acc = acc * tl.load(alpha_ptr)
     c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
     c_mask = m_ok[:, None] & n_ok[None, :]
     if ACCUMULATE:
@@ -139,28 +160,30 @@ _dlogits_tuned = triton.autotune(
     prune_configs_by={"early_config_prune": make_prune("h_ptr", _DL_NAMES)},
 )(_dlogits_kernel)
 
-_MM_NAMES = ["BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"]
+MM_NAMES = ["BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"]
 _matmul_tuned = triton.autotune(
-    configs=make_configs(_MM_NAMES, BF16_TILES + FP32_TILES),
+    configs=make_configs(MM_NAMES, BF16_TILES + FP32_TILES),
     key=["N", "MODE", "ACCUMULATE", "stride_am"],
-    prune_configs_by={"early_config_prune": make_prune("a_ptr", _MM_NAMES)},
+    prune_configs_by={"early_config_prune": make_prune("a_ptr", MM_NAMES)},
     restore_value=["c_ptr"],
-)(_matmul_kernel)
+)(matmul_kernel)
 
 
 def _matmul(a, b, c, accumulate, mode_id, interpret):
     """c (+)= a @ b, a [M, K], b [K, N] (views with any strides), c [M, N]."""
     M, K = a.shape
     N = b.shape[1]
-    args = (a, b, c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+    # al, bl, alpha_ptr: read only in mode fp16x2 (see matmul_kernel); any pointer will do.
+    args = (a, a, b, b, c, c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
             c.stride(0), c.stride(1))
+    meta = dict(MODE=mode_id, A_PARTS=1, B_PARTS=1, ACCUMULATE=accumulate)
     if interpret:
         grid = (triton.cdiv(M, 64) * triton.cdiv(N, 32),)
-        _matmul_kernel[grid](*args, MODE=mode_id, ACCUMULATE=accumulate, BLOCK_M=64,
-                             BLOCK_N=32, BLOCK_K=64, GROUP_M=2, INTERPRET=True)
+        matmul_kernel[grid](*args, **meta, BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, GROUP_M=2,
+                             INTERPRET=True)
     else:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-        _matmul_tuned[grid](*args, MODE=mode_id, ACCUMULATE=accumulate, INTERPRET=False)
+        _matmul_tuned[grid](*args, **meta, INTERPRET=False)
 
 
 def lm_head_backward(hidden, weight, targets, lse, ent, g_logp, g_ent, inv_temp, mode_id,

@@ -29,26 +29,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .lm_head_reference import target_logits
-from .lm_head_triton_bwd import launch_dlogits
-from .lm_head_triton_common import MODE_FP16X2, dot_fp16, grouped_tile
+from .lm_head_reference import pow2_exponent, target_logits
+from .lm_head_triton_bwd import MM_NAMES, matmul_kernel, launch_dlogits
+from .lm_head_triton_common import MODE_FP16X2
 from .lm_head_triton_fwd import (SMEM_BUDGET, VSPLIT_ALIGN, combine_partials, fp16x2_smem,
                                  launch_forward, make_configs)
 
 VOCAB_CHUNK = 16384   # weight rows split to fp16 at a time (a multiple of VSPLIT_ALIGN)
 
-TOP_EXP = 14          # scaled operands lie in [2^(TOP_EXP-1), 2^TOP_EXP): far from fp16's 65504
 SMS_TO_FILL = 264     # forward programs per launch to aim for (2 waves on an H100's 132 SMs)
-
-
-def pow2_exponent(amax):
-    """Integer k (int32 tensor) with amax * 2^k in [2^13, 2^14); 0-d, stays on the device.
-
-    frexp gives amax = m * 2^e with m in [0.5, 1). Zero gives k = TOP_EXP; clamped so that
-    2^k and 2^-k are finite normal fp32 numbers.
-    """
-    _, e = torch.frexp(amax.float())
-    return (TOP_EXP - e).clamp(-100, 100).to(torch.int32)
 
 
 def max_abs(x):
@@ -85,48 +74,6 @@ def split_fp16(x, scale, two_parts, hi, lo):
                         TWO_PARTS=two_parts, BLOCK_R=32, BLOCK_C=128)
 
 
-@triton.jit
-def _matmul_parts_kernel(
-    a_ptr, al_ptr, b_ptr, bl_ptr, c_ptr, alpha_ptr, M, N, K,
-    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-    A_PARTS: tl.constexpr, B_PARTS: tl.constexpr, ACCUMULATE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, INTERPRET: tl.constexpr,
-):
-    """c (+)= alpha * (a @ b [+ a @ b_lo] [+ a_lo @ b]) with fp16 parts; the lo parts share the
-    strides of their hi parts; alpha = alpha_ptr[0] undoes the operands' power-of-two scales."""
-    pm, pn = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-    rm = pm * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pn * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    m_ok = rm < M
-    n_ok = rn < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + rk
-        k_ok = k < K
-        a_off = rm[:, None] * stride_am + k[None, :] * stride_ak
-        a_mask = m_ok[:, None] & k_ok[None, :]
-        b_off = k[:, None] * stride_bk + rn[None, :] * stride_bn
-        b_mask = k_ok[:, None] & n_ok[None, :]
-        a = tl.load(a_ptr + a_off, mask=a_mask, other=0.0)
-        b = tl.load(b_ptr + b_off, mask=b_mask, other=0.0)
-        # Blocked summation, a fresh accumulator per K step (see fp16x2_tile for why).
-        part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if B_PARTS == 2:
-            part = dot_fp16(a, tl.load(bl_ptr + b_off, mask=b_mask, other=0.0), part, INTERPRET)
-        if A_PARTS == 2:
-            part = dot_fp16(tl.load(al_ptr + a_off, mask=a_mask, other=0.0), b, part, INTERPRET)
-        acc += dot_fp16(a, b, part, INTERPRET)
-    acc = acc * tl.load(alpha_ptr)
-    c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
-    c_mask = m_ok[:, None] & n_ok[None, :]
-    if ACCUMULATE:
-        acc += tl.load(c_ptrs, mask=c_mask, other=0.0)
-    tl.store(c_ptrs, acc, mask=c_mask)
-
-
-_MM_NAMES = ["BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"]
 # Candidates for the gradient products; each keeps the ones whose pipeline fits in shared
 # memory for its number of parts (a one-part product can afford deeper pipelines).
 MATMUL_TILES = [(128, 128, 64, 8, 2), (128, 128, 64, 8, 4), (128, 256, 64, 8, 2),
@@ -141,11 +88,11 @@ def _prune_matmul(configs, named_args, **kwargs):
 
 
 _matmul_parts_tuned = triton.autotune(
-    configs=make_configs(_MM_NAMES, MATMUL_TILES),
+    configs=make_configs(MM_NAMES, MATMUL_TILES),
     key=["N", "A_PARTS", "B_PARTS", "ACCUMULATE", "stride_am", "stride_bn"],
     prune_configs_by={"early_config_prune": _prune_matmul},
     restore_value=["c_ptr"],
-)(_matmul_parts_kernel)
+)(matmul_kernel)
 
 
 def matmul_parts(a, al, b, bl, c, alpha, accumulate, interpret):
@@ -154,12 +101,12 @@ def matmul_parts(a, al, b, bl, c, alpha, accumulate, interpret):
     N = b.shape[1]
     args = (a, a if al is None else al, b, b if bl is None else bl, c, alpha, M, N, K,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
-    meta = dict(A_PARTS=1 if al is None else 2, B_PARTS=1 if bl is None else 2,
+    meta = dict(MODE=MODE_FP16X2, A_PARTS=1 if al is None else 2, B_PARTS=1 if bl is None else 2,
                 ACCUMULATE=accumulate)
     if interpret:
         grid = (triton.cdiv(M, 32) * triton.cdiv(N, 32),)
-        _matmul_parts_kernel[grid](*args, **meta, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32,
-                                   GROUP_M=2, INTERPRET=True)
+        matmul_kernel[grid](*args, **meta, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2,
+                             INTERPRET=True)
     else:
         grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)  # noqa: E731
         _matmul_parts_tuned[grid](*args, **meta, INTERPRET=False)
