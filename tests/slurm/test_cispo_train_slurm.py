@@ -57,6 +57,16 @@ def _log(out: Path, job: str) -> str:
     return path.read_text() if path.exists() else "(no job log)"
 
 
+def _wait_while_live(slurm_cluster, job: str, out: Path, done, what: str, poll: float) -> None:
+    """Poll until done() is truthy; fail if the job leaves the live states or 10 minutes pass."""
+    deadline = time.time() + 600
+    while not done():
+        info = slurm_cluster.job(job)
+        assert info.get("JobState") in {"PENDING", "RUNNING", "CONFIGURING"}, (info, Tail(_log(out, job)))
+        assert time.time() < deadline, f"no {what} within 10 minutes"
+        time.sleep(poll)
+
+
 class Tail(str):
     """A job log that shows only its end in an assertion message."""
 
@@ -80,12 +90,7 @@ def test_requeued_cispo_train_job_resumes_from_its_checkpoint(slurm_cluster, tmp
     out = tmp_path / "run"
     # Steps take ~0.5 s here once the run is up: enough of them that the requeue lands mid-run.
     job = _cispo_train(slurm_cluster, out, "steps=12", "trainer.save_every=1")
-    deadline = time.time() + 600
-    while not _checkpoints(out):
-        info = slurm_cluster.job(job)
-        assert info.get("JobState") in {"PENDING", "RUNNING", "CONFIGURING"}, (info, Tail(_log(out, job)))
-        assert time.time() < deadline, "no checkpoint within 10 minutes"
-        time.sleep(2)
+    _wait_while_live(slurm_cluster, job, out, lambda: _checkpoints(out), "checkpoint", poll=2)
     slurm_cluster.run("scontrol", "requeue", job)  # as preemption does: SIGTERM now, SIGKILL after KillWait
     slurm_cluster.release_requeued(job, restarts=1)
     # The first attempt is over: what it left is what the second resumes from.
@@ -116,12 +121,7 @@ def test_time_limit_warning_makes_cispo_train_checkpoint_and_the_job_requeue(slu
     No periodic checkpoints (save_every=0): the only checkpoint is the one the signal made."""
     out = tmp_path / "run"
     job = _cispo_train(slurm_cluster, out, "steps=20", "trainer.save_every=0")
-    deadline = time.time() + 600
-    while not _metrics_steps(out):
-        info = slurm_cluster.job(job)
-        assert info.get("JobState") in {"PENDING", "RUNNING", "CONFIGURING"}, (info, Tail(_log(out, job)))
-        assert time.time() < deadline, "no step within 10 minutes"
-        time.sleep(0.3)
+    _wait_while_live(slurm_cluster, job, out, lambda: _metrics_steps(out), "step", poll=0.3)
     slurm_cluster.run("scancel", "--batch", "--signal=USR1", job)
     slurm_cluster.release_requeued(job, restarts=1, timeout=300)
     saved = _checkpoints(out)
