@@ -8,7 +8,7 @@ padding: sequences are concatenated and positions restart per sequence).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -81,6 +81,8 @@ class PackedBatch:
     old_logprobs: torch.Tensor  # [T] float32, rollout log-probs aligned with targets
     advantages: torch.Tensor  # [T] float32, the sequence's advantage on its response tokens
     seq_index: torch.Tensor  # [T] int64, which sequence of the batch each token belongs to
+    # [T] float32 behaviour-policy correction (cispo.offpolicy) scaling each token's loss; None = 1
+    behaviour_weights: Optional[torch.Tensor] = None
 
     @property
     def num_tokens(self) -> int:
@@ -98,7 +100,7 @@ class PackedBatch:
         return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
 
     def to(self, device: torch.device | str) -> "PackedBatch":
-        return PackedBatch(**{k: v.to(device) for k, v in self.__dict__.items()})
+        return PackedBatch(**{k: None if v is None else v.to(device) for k, v in self.__dict__.items()})
 
 
 def pack(trajectories: Sequence[Trajectory]) -> PackedBatch:

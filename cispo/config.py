@@ -17,6 +17,8 @@ LOSS_AGG_MODES = ("token_mean", "seq_mean_token_mean")
 DTYPES = ("float32", "bfloat16", "float16")
 OVERLONG_MODES = ("none", "mask", "penalty")
 OLD_LOGPROB_SOURCES = ("rollout", "recompute")
+BEHAVIOUR_IS_MODES = ("off", "tis", "mis")  # cispo.offpolicy.MODES (tests/cispo checks they agree)
+BEHAVIOUR_IS_LEVELS = ("token", "sequence")
 # kernels.lm_head_logprobs modes (tests/cispo checks this list against kernels.MODES).
 LM_HEAD_MODES = ("auto", "fp16x2", "bf16x3", "tf32x3", "fp32", "bf16")
 WEIGHT_SYNC_PATHS = ("collective", "object_store")
@@ -48,6 +50,13 @@ class AlgorithmConfig:
     overlong: str = "mask"  # what happens to responses that hit the length limit
     overlong_buffer: int = 0  # soft penalty ramp length (tokens) for overlong="penalty"
     overlong_penalty: float = 1.0
+    # Behaviour-policy correction (cispo.offpolicy) when trainer.old_logprobs=recompute: each
+    # token's loss is weighted by pi_old/pi_rollout, truncated ("tis") or masked ("mis") at the
+    # cap, per token or per sequence. It corrects async staleness and train/inference mismatch.
+    behaviour_is: str = "tis"
+    behaviour_is_level: str = "token"
+    behaviour_is_cap: float = 2.0
+    behaviour_is_floor: float = 0.0  # mis: weights below it are masked too
 
 
 @dataclass
@@ -71,6 +80,9 @@ class RolloutConfig:
     # One generator per request, seeded by (seed, group, sample): samples do not depend on
     # batching, so runs and resumed runs repeat exactly (a per-request cost in vLLM's sampler).
     seeded_requests: bool = True
+    # Times one engine slot is started again after its engine died (mid-run) or failed to
+    # start, before the run stops with an error naming it.
+    max_restarts: int = 3
 
 
 @dataclass
@@ -194,6 +206,23 @@ def _at_least(key: str, value: float, low: float) -> None:
         raise ConfigError(key, f"{value!r} must be >= {low}")
 
 
+def _validate_behaviour_is(cfg: Any) -> None:
+    a = cfg.algorithm
+    _one_of("algorithm.behaviour_is", a.behaviour_is, BEHAVIOUR_IS_MODES)
+    _one_of("algorithm.behaviour_is_level", a.behaviour_is_level, BEHAVIOUR_IS_LEVELS)
+    _at_least("algorithm.behaviour_is_cap", a.behaviour_is_cap, 1.0)
+    if not 0 <= a.behaviour_is_floor < 1:
+        raise ConfigError("algorithm.behaviour_is_floor", f"{a.behaviour_is_floor!r} must be in [0, 1)")
+    if a.behaviour_is_floor and a.behaviour_is != "mis":
+        raise ConfigError("algorithm.behaviour_is_floor", f"is used by behaviour_is=mis only (behaviour_is={a.behaviour_is!r})")
+    if cfg.mode == "async" and cfg.trainer.old_logprobs == "recompute" and a.behaviour_is == "off":
+        raise ConfigError(
+            "algorithm.behaviour_is",
+            "'off' with mode=async and trainer.old_logprobs=recompute: pi_old would be the trainer's current "
+            "policy and the rollouts' one-version lag would go uncorrected; use tis or mis",
+        )
+
+
 def validate(cfg: Any) -> None:
     """Check values and cross-field rules of a `Config` (or an OmegaConf node of one)."""
     a, r, t, d = cfg.algorithm, cfg.rollout, cfg.trainer, cfg.data
@@ -232,6 +261,7 @@ def validate(cfg: Any) -> None:
     _at_least("rollout.repetition_window", r.repetition_window, 1)
     _one_of("rollout.weight_sync", r.weight_sync, WEIGHT_SYNC_PATHS)
     _at_least("rollout.sync_bucket_mb", r.sync_bucket_mb, 1)
+    _at_least("rollout.max_restarts", r.max_restarts, 0)
     if d.max_prompt_tokens + r.max_new_tokens > r.max_model_len:
         raise ConfigError(
             "rollout.max_model_len",
@@ -253,6 +283,7 @@ def validate(cfg: Any) -> None:
     _at_least("trainer.mini_batch_size", t.mini_batch_size, 0)
     _at_least("trainer.epochs", t.epochs, 1)
     _one_of("trainer.old_logprobs", t.old_logprobs, OLD_LOGPROB_SOURCES)
+    _validate_behaviour_is(cfg)
     if (r.top_p < 1 or r.top_k > 0) and t.old_logprobs == "rollout":
         raise ConfigError(
             "trainer.old_logprobs",

@@ -13,6 +13,7 @@ knows exactly how to cut each flat tensor back into named parameters.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -79,7 +80,38 @@ def empty_bucket(bucket: list[ParamMeta], device: torch.device | str = "cpu") ->
     return torch.empty(sum(p.numel for p in bucket), dtype=bucket[0].torch_dtype, device=device)
 
 
-def create_sync_group(backend: str, host: str, port: int, rank: int, world_size: int, timeout_s: float = 300.0):
+ABORT_KEY = "cispo/abort"
+
+
+class SyncAborted(RuntimeError):
+    """The weight-sync group was told to give up (a member died): no more collectives on it."""
+
+
+@dataclass
+class SyncGroup:
+    """A weight-sync process group and the TCPStore it was built from.
+
+    The store doubles as an abort line: `request_abort` (from any process that can reach
+    the store) sets a key every member polls while it waits on a broadcast, so a member
+    that died makes the others give up in milliseconds instead of sitting out the group's
+    timeout (gloo notices a closed peer connection on its own only for the pairs it is
+    using at that moment; NCCL does not notice at all)."""
+
+    pg: "dist.ProcessGroup"
+    store: "dist.TCPStore"
+
+    def aborted(self) -> bool:
+        return self.store.check([ABORT_KEY])
+
+    def abort(self) -> None:
+        """Cancel whatever is in flight on this group (never raises: used on error paths)."""
+        try:
+            self.pg.abort()
+        except Exception:
+            pass
+
+
+def create_sync_group(backend: str, host: str, port: int, rank: int, world_size: int, timeout_s: float = 300.0) -> SyncGroup:
     """A process group of its own (trainer rank 0 = rank 0, then every rollout worker).
 
     Built from a TCPStore rather than torch.distributed's default group, so it lives
@@ -90,16 +122,42 @@ def create_sync_group(backend: str, host: str, port: int, rank: int, world_size:
     timeout = timedelta(seconds=timeout_s)
     store = dist.TCPStore(host, port, world_size, is_master=(rank == 0), timeout=timeout)
     if backend == "gloo":
-        return dist.ProcessGroupGloo(store, rank, world_size, timeout)
+        return SyncGroup(dist.ProcessGroupGloo(store, rank, world_size, timeout), store)
     if backend == "nccl":
         opts = dist.ProcessGroupNCCL.Options()
         opts._timeout = timeout
-        return dist.ProcessGroupNCCL(store, rank, world_size, opts)
+        return SyncGroup(dist.ProcessGroupNCCL(store, rank, world_size, opts), store)
     raise ValueError(f"weight-sync backend {backend!r} is unknown; allowed: gloo, nccl")
 
 
-def broadcast_bucket(group, flat: torch.Tensor) -> None:
-    """Root (rank 0 of the sync group) sends `flat`; receivers fill theirs in place."""
+def request_abort(host: str, port: int, timeout_s: float = 10.0) -> bool:
+    """Tell every member of the sync group whose store is at host:port to give up; returns
+    False when the store cannot be reached (its host, trainer rank 0, is gone)."""
+    from datetime import timedelta
+
+    try:
+        client = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s),
+                               wait_for_workers=False)
+        client.set(ABORT_KEY, "1")
+        return True
+    except Exception:
+        return False
+
+
+def broadcast_bucket(group: SyncGroup, flat: torch.Tensor, poll_s: float = 0.002) -> None:
+    """Root (rank 0 of the sync group) sends `flat`; receivers fill theirs in place.
+    Raises SyncAborted (after cancelling the group's work) once an abort is requested."""
+    if group.aborted():
+        group.abort()
+        raise SyncAborted("weight sync aborted: a member of the sync group failed")
     opts = dist.BroadcastOptions()  # the options form exists across torch releases
     opts.rootRank = 0
-    group.broadcast([flat], opts).wait()
+    work = group.pg.broadcast([flat], opts)
+    wait_s = 0.0
+    while not work.is_completed():
+        if group.aborted():
+            group.abort()
+            raise SyncAborted("weight sync aborted: a member of the sync group failed")
+        time.sleep(wait_s)
+        wait_s = min(poll_s, wait_s + 0.0002)  # first checks at once: most buckets finish quickly
+    work.wait()  # raises the collective's own error, if any

@@ -123,6 +123,9 @@ class CispoWorkerExtension:
         gen = stream()
         try:
             return self._cispo_load(gen)
+        except weight_sync.SyncAborted:
+            self._cispo_sync_group = None  # unusable: the sender rebuilds the group and resends
+            raise
         finally:
             # If loading stopped early (an error), still take part in the remaining
             # broadcasts so the sender and the other receivers are not left hanging.

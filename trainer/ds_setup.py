@@ -42,13 +42,36 @@ def deepspeed_config(cfg: TrainerConfig, world_size: int) -> dict:
     return ds
 
 
+class GuardedAdamW(torch.optim.AdamW):
+    """torch's AdamW whose next step can be vetoed: a vetoed step changes nothing (no
+    parameter, no moment, no step count). DeepSpeed's ZeRO wrappers call this step on
+    their fp32 partitions; vetoing it there leaves every rank's partition as it was."""
+
+    veto = False
+
+    def step(self, closure=None):
+        if self.veto:
+            return None
+        return super().step(closure)
+
+
+class GuardedLambdaLR(torch.optim.lr_scheduler.LambdaLR):
+    """LambdaLR that does not advance over a vetoed update (as DeepSpeed's own overflow
+    skip does not), so the schedule counts applied updates only."""
+
+    def step(self, *args, **kwargs):
+        if getattr(self.optimizer, "veto", False):
+            return None
+        return super().step(*args, **kwargs)
+
+
 def build_optimizer(params, cfg: TrainerConfig) -> torch.optim.Optimizer:
     """torch's AdamW with M1's settings (beta=(0.9, 0.95), eps=1e-15 by default).
 
     torch's, not DeepSpeed's FusedAdam: it runs on every accelerator (CPU included)
     and is the exact algorithm the float64 reference test re-implements.
     """
-    return torch.optim.AdamW(
+    return GuardedAdamW(
         params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
         weight_decay=cfg.weight_decay, foreach=False,
     )
@@ -64,4 +87,29 @@ def warmup_factor(step: int, warmup_steps: int) -> float:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainerConfig):
     warmup = int(cfg.warmup_steps)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_factor(step, warmup))
+    return GuardedLambdaLR(optimizer, lambda step: warmup_factor(step, warmup))
+
+
+def step_unless_nonfinite(engine, optimizer: GuardedAdamW, loss_finite: bool) -> bool:
+    """engine.step() unless this update's loss or gradient is non-finite on any rank;
+    returns whether the update was skipped (every rank returns the same answer).
+
+    Non-finite gradients: ZeRO 1-3 see them in the global gradient norm and skip the step
+    themselves (counted in engine.skipped_steps); without ZeRO the gradients are whole and
+    identical on every rank after the all-reduce, so they are checked here. A non-finite
+    loss vetoes the optimizer's step on every rank. Either way no weight, Adam moment or
+    schedule position changes, and the gradients are cleared."""
+    import torch.distributed as dist
+
+    bad = not loss_finite
+    if engine.zero_optimization_stage() == 0:
+        bad = bad or any(p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in engine.module.parameters())
+    flag = torch.tensor([1.0 if bad else 0.0], device=engine.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    optimizer.veto = bool(flag.item())
+    skipped_before = engine.skipped_steps
+    try:
+        engine.step()
+    finally:
+        vetoed, optimizer.veto = optimizer.veto, False
+    return vetoed or engine.skipped_steps > skipped_before

@@ -26,6 +26,7 @@ from cispo.aggregation import count_loss_seqs
 from cispo.batch import PackedBatch, Trajectory, pack
 from cispo.config import AlgorithmConfig, TrainerConfig
 from cispo.metrics import finalize_stats, merge_stats, mismatch_metrics
+from cispo.offpolicy import BehaviourIS, behaviour_weights
 from cispo.weight_sync import ParamMeta, unflatten_bucket
 from trainer import checkpoint as ckpt
 from trainer.packing import minibatches, plan_micro_batches, token_index
@@ -121,12 +122,19 @@ class TrainerGroup:
         batch = trajectories if isinstance(trajectories, PackedBatch) else pack(trajectories)
         metrics: dict[str, float] = {}
         if self.cfg.old_logprobs == "recompute":
+            # pi_old becomes the proximal policy (these weights); the rollout's log-probs stay
+            # the behaviour policy's, whose ratio to pi_old weights each token (cispo.offpolicy)
             current = self._forward_logprobs(batch)
             metrics.update({f"train/mismatch_{k}": v for k, v in
                             mismatch_metrics(current, batch.old_logprobs, batch.loss_mask).items()})
-            batch = dataclasses.replace(batch, old_logprobs=current)
+            a = self.algorithm_cfg
+            correction = BehaviourIS(a.behaviour_is, a.behaviour_is_level, a.behaviour_is_cap, a.behaviour_is_floor)
+            weights, is_stats = behaviour_weights(current, batch.old_logprobs, batch.loss_mask, batch.seq_index, correction)
+            metrics.update({f"train/{k}": v for k, v in is_stats.items()})
+            batch = dataclasses.replace(batch, old_logprobs=current,
+                                        behaviour_weights=weights if correction.mode != "off" else None)
         stats: dict[str, float] = {}
-        grad_norms, lr, updates, losses = [], 0.0, 0, 0.0
+        grad_norms, lr, updates, losses, skipped = [], 0.0, 0, 0.0, 0
         for epoch in range(self.cfg.epochs):
             for seq_ids in minibatches(batch.num_seqs, self.cfg.mini_batch_size):
                 idx = token_index(batch, seq_ids)
@@ -140,6 +148,11 @@ class TrainerGroup:
                 # moment to measure the train/rollout mismatch
                 want_lp = updates == 0 and self.cfg.old_logprobs == "rollout"
                 results = self._all("train_micro_batches", plans, same=(num_tokens, num_seqs, want_lp))
+                if results[0]["skipped"]:
+                    # a non-finite loss or gradient: nothing was applied on any rank (counted,
+                    # kept out of the means so the other updates' numbers stay readable)
+                    skipped += 1
+                    continue
                 update_stats: dict[str, float] = {}
                 for res in results:
                     merge_stats(update_stats, res["stats"])
@@ -161,6 +174,7 @@ class TrainerGroup:
             "train/grad_norm_max": max(grad_norms, default=0.0),
             "train/lr": lr,
             "train/updates": float(updates),
+            "train/nonfinite_updates": float(skipped),
             "train/loss_tokens": float(batch.num_loss_tokens),
             "train/tokens": float(batch.num_tokens),
             "train/step_time_s": time.perf_counter() - t0,
@@ -192,11 +206,17 @@ class TrainerGroup:
     # ---- checkpoints --------------------------------------------------------------------
 
     def save_checkpoint(self, root: str) -> str:
-        """Full state (weights, optimizer, scheduler, RNG, step) as `root/step_XXXXXXXX`;
-        keeps the newest `keep_checkpoints`."""
-        tag = ckpt.step_tag(self.step)
-        self._all("save_checkpoint", same=(str(root), tag, {"step": self.step}))
-        return str(Path(root) / tag)
+        """Full state (weights, optimizer, scheduler, RNG, step) as `root/step_XXXXXXXX`
+        (trainer.checkpoint.CheckpointDir); keeps the newest `keep_checkpoints`."""
+        folders = ckpt.CheckpointDir(root, keep=self.cfg.keep_checkpoints)
+        tmp = folders.begin(self.step)
+        self.save_into(str(tmp))
+        return str(folders.commit(tmp))
+
+    def save_into(self, folder: str) -> None:
+        """Every rank's state into `folder`, unpublished: for a caller that adds its own
+        files to the same checkpoint before `CheckpointDir.commit` (the driver)."""
+        self._all("save_checkpoint", same=(str(folder), {"step": self.step}))
 
     def maybe_save_checkpoint(self, root: str, last: bool = False) -> str | None:
         """Save when `trainer.save_every` divides the step count (0: only when `last`)."""
@@ -205,15 +225,15 @@ class TrainerGroup:
             return self.save_checkpoint(root)
         return None
 
-    def load_checkpoint(self, root: str, tag: str | None = None) -> int | None:
-        """Resume from `tag` (default: the newest complete one); returns its step, or None
-        when there is none."""
-        tags = ckpt.list_tags(root)
-        if tag is None:
-            if not tags:
+    def load_checkpoint(self, root: str, folder: str | None = None) -> int | None:
+        """Resume from `folder` (default: the newest complete checkpoint under `root`);
+        returns its step, or None when there is none."""
+        if folder is None:
+            latest = ckpt.CheckpointDir(root).latest()
+            if latest is None:
                 return None
-            tag = tags[-1]
-        states = self._all("load_checkpoint", same=(str(root), tag))
+            folder = str(latest)
+        states = self._all("load_checkpoint", same=(str(folder),))
         self.step = int(states[0]["step"])
         return self.step
 
@@ -271,10 +291,19 @@ class TrainerGroup:
         if not self.workers:
             return
         try:
-            self._all("shutdown")
+            # bounded: after a failure a rank may be dead, and the others' barrier in
+            # shutdown() would wait for it until the process group's timeout
+            refs = [w.shutdown.remote() for w in self.workers]
+            _, stuck = ray.wait(refs, num_returns=len(refs), timeout=60)
+            if not stuck:
+                # a graceful actor exit (atexit handlers run) rather than ray.kill's SIGKILL
+                ray.wait([w.__ray_terminate__.remote() for w in self.workers],
+                         num_returns=len(self.workers), timeout=60)
         finally:
-            # a graceful actor exit (atexit handlers run) rather than ray.kill's SIGKILL
-            ray.wait([w.__ray_terminate__.remote() for w in self.workers],
-                     num_returns=len(self.workers), timeout=60)
+            for w in self.workers:  # whatever did not exit above
+                try:
+                    ray.kill(w)
+                except Exception:  # already gone
+                    pass
             remove_placement_group(self._pg)
             self.workers = []

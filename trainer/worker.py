@@ -8,9 +8,11 @@ backward, checkpointing and weight export).
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from dataclasses import asdict, is_dataclass
+from pathlib import Path
 
 import torch
 
@@ -21,7 +23,7 @@ from cispo.metrics import merge_stats
 from cispo.objectives import policy_loss, resolve_algorithm
 from cispo.weight_sync import ParamMeta, broadcast_bucket, create_sync_group, unflatten_bucket
 from trainer import checkpoint as ckpt
-from trainer.ds_setup import build_optimizer, build_scheduler, deepspeed_config
+from trainer.ds_setup import build_optimizer, build_scheduler, deepspeed_config, step_unless_nonfinite
 from trainer.policy import PolicyModel, load_hf_causal_lm, loss_positions
 from trainer.weights_out import cpu_buckets, iter_flat_buckets, sync_plan
 
@@ -80,13 +82,13 @@ class TrainerWorker:
 
         self.hf = load_hf_causal_lm(self.model_path, self.attn_implementation)
         self.policy = PolicyModel(self.hf, self.cfg.logprob_chunk_tokens, self.cfg.lm_head_mode)
-        optimizer = build_optimizer([p for p in self.policy.parameters() if p.requires_grad], self.cfg)
+        self.optimizer = optimizer = build_optimizer([p for p in self.policy.parameters() if p.requires_grad], self.cfg)
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.policy, optimizer=optimizer, config=deepspeed_config(self.cfg, self.world_size),
             lr_scheduler=lambda opt: build_scheduler(opt, self.cfg), dist_init_required=False,
         )
         self.device = self.engine.device
-        self.updates = 0  # optimizer updates taken
+        self.updates = 0  # optimizer updates applied
         return {"rank": self.rank, "device": str(self.device),
                 "num_params": sum(int(m.numel) for bucket in self.weight_sync_plan(1e9) for m in bucket)}
 
@@ -117,6 +119,8 @@ class TrainerWorker:
             mask = mb.loss_mask[pos]
             weights = token_weights(mb.loss_mask, mb.seq_index, self.algorithm.loss_agg,
                                     num_loss_tokens, num_loss_seqs)[pos]
+            if mb.behaviour_weights is not None:
+                weights = weights * mb.behaviour_weights[pos]
             out = policy_loss(self.algorithm, lp, mb.old_logprobs[pos], mb.advantages[pos], weights, mask)
             self.engine.backward(out.loss * self.world_size, scale_wrt_gas=False)
             merge_stats(stats, out.stats)
@@ -125,10 +129,11 @@ class TrainerWorker:
                 train_lp.append(lp.detach()[mask].cpu())
                 old_lp.append(mb.old_logprobs[pos][mask].cpu())
         lr = self.engine.get_lr()[0]  # the rate this update uses (the scheduler steps inside step())
-        self.engine.step()
-        self.updates += 1
+        skipped = step_unless_nonfinite(self.engine, self.optimizer, math.isfinite(stats.get("loss", 0.0)))
+        self.updates += 0 if skipped else 1
         grad_norm = self.engine.get_global_grad_norm()
-        out = {"stats": stats, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "lr": lr}
+        out = {"stats": stats, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "lr": lr,
+               "skipped": skipped}
         if return_logprobs:
             out["train_logprobs"], out["old_logprobs"] = torch.cat(train_lp), torch.cat(old_lp)
         return out
@@ -148,24 +153,24 @@ class TrainerWorker:
 
     # ---- checkpoints ------------------------------------------------------------------
 
-    def save_checkpoint(self, root: str, tag: str, client_state: dict) -> str:
+    def save_checkpoint(self, folder: str, client_state: dict) -> str:
+        """This rank's state into `folder` (the group makes the folder and publishes it)."""
         import torch.distributed as dist
 
-        self.engine.save_checkpoint(root, tag=tag, client_state={**client_state, "updates": self.updates})
-        torch.save(ckpt.rng_state(), ckpt.rng_path(root, tag, self.rank))
+        path = Path(folder)
+        self.engine.save_checkpoint(str(path.parent), tag=path.name, save_latest=False,
+                                    client_state={**client_state, "updates": self.updates})
+        torch.save(ckpt.rng_state(), ckpt.rng_path(path, self.rank))
         dist.barrier()
-        if self.rank == 0:
-            ckpt.mark_complete(root, tag)
-            ckpt.prune(root, self.cfg.keep_checkpoints)
-        dist.barrier()
-        return os.path.join(root, tag)
+        return folder
 
-    def load_checkpoint(self, root: str, tag: str) -> dict:
-        path, client_state = self.engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
-                                                         load_lr_scheduler_states=True)
-        if path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} under {root}")
-        ckpt.set_rng_state(torch.load(ckpt.rng_path(root, tag, self.rank), weights_only=False))
+    def load_checkpoint(self, folder: str) -> dict:
+        path = Path(folder)
+        loaded, client_state = self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                                           load_lr_scheduler_states=True)
+        if loaded is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint in {folder}")
+        ckpt.set_rng_state(torch.load(ckpt.rng_path(path, self.rank), weights_only=False))
         self.updates = int(client_state.get("updates", 0))
         return client_state
 
@@ -193,15 +198,25 @@ class TrainerWorker:
             self._sync_backend = backend
 
     def broadcast_weights(self, plan: list[list[ParamMeta]]) -> int:
-        """Every rank gathers each bucket (ZeRO-3); rank 0 broadcasts it. Returns bytes sent."""
+        """Every rank gathers each bucket (ZeRO-3); rank 0 broadcasts it. Returns bytes sent.
+        If the sync group fails (a receiver died, an abort), rank 0 stops broadcasting but
+        keeps walking the plan, so the other ranks' gathers are not left waiting for it,
+        and raises at the end."""
         if self.rank == 0 and self._sync_group is None:
             raise RuntimeError("broadcast_weights before init_weight_sync")
         device = self.device if (self.rank == 0 and self._sync_backend == "nccl") else "cpu"
-        sent = 0
+        sent, failure = 0, None
         for flat in iter_flat_buckets(self.hf, plan, device):
-            if self.rank == 0:
-                broadcast_bucket(self._sync_group, flat)
-                sent += flat.numel() * flat.element_size()
+            if self.rank == 0 and failure is None:
+                try:
+                    broadcast_bucket(self._sync_group, flat)
+                    sent += flat.numel() * flat.element_size()
+                except Exception as err:  # noqa: BLE001 - re-raised below, after the walk
+                    failure = err
+                    self._sync_group.abort()
+        if failure is not None:
+            self._sync_group = None  # unusable: the next sync rebuilds it
+            raise failure
         return sent
 
     def get_weights(self, plan: list[list[ParamMeta]]) -> list[tuple[list[ParamMeta], torch.Tensor]] | None:

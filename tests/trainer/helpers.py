@@ -44,22 +44,30 @@ def set_rollout_logprobs(model, trajs, temperature: float, noise: float, seed: i
             t.rollout_logprobs = (lp + (torch.rand(lp.shape, generator=g, dtype=torch.float64) - 0.5) * 2 * noise).tolist()
 
 
-def reference_cispo_loss(model, trajs, temperature, eps_low, eps_high) -> torch.Tensor:
-    """CISPO over a set of sequences, each run alone, token-mean over the set (float64 if model is)."""
+def reference_cispo_loss(model, trajs, temperature, eps_low, eps_high, prox=None, tis_cap=None) -> torch.Tensor:
+    """CISPO over a set of sequences, each run alone, token-mean over the set (float64 if model is).
+
+    prox: per trajectory, a recomputed pi_old; the IS weight is then taken against it and
+    each token is weighted by min(pi_old / pi_rollout, tis_cap) (token-level TIS)."""
     total_tokens = sum(sum(t.response_mask) if t.response_mask else len(t.response_ids) for t in trajs)
     loss = 0.0
-    for t in trajs:
+    for i, t in enumerate(trajs):
         lp = seq_logprobs_f64(model, t, temperature)
-        old = torch.tensor(t.rollout_logprobs, dtype=lp.dtype)
+        behaviour = torch.tensor(t.rollout_logprobs, dtype=lp.dtype)
+        old = behaviour if prox is None else prox[i]
         ratio = torch.exp((lp.detach() - old).clamp(-20, 20))
         w = ratio.clamp(1 - eps_low, 1 + eps_high)
+        if prox is not None:
+            w = w * torch.exp(old - behaviour).clamp(max=tis_cap)
         m = torch.tensor(t.response_mask if t.response_mask else [True] * len(lp), dtype=lp.dtype)
         loss = loss + (-(w * t.advantage * lp) * m).sum() / total_tokens
     return loss
 
 
-def reference_updates(model_path, trajs, cfg, alg_eps, temperature, mini_batch_size, epochs=1):
-    """The trainer's updates re-done in float64 with plain torch: returns (weights, losses, grad_norms)."""
+def reference_updates(model_path, trajs, cfg, alg_eps, temperature, mini_batch_size, epochs=1, tis_cap=None):
+    """The trainer's updates re-done in float64 with plain torch: returns (weights, losses, grad_norms).
+    With cfg.old_logprobs == "recompute", pi_old is the model before the step's first update and
+    tokens carry the TIS behaviour weight min(pi_old / pi_rollout, tis_cap)."""
     from transformers import AutoModelForCausalLM
 
     from trainer.ds_setup import warmup_factor
@@ -69,13 +77,18 @@ def reference_updates(model_path, trajs, cfg, alg_eps, temperature, mini_batch_s
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
                             weight_decay=cfg.weight_decay, foreach=False)
     size = mini_batch_size or len(trajs)
+    prox = None
+    if cfg.old_logprobs == "recompute":
+        with torch.no_grad():
+            prox = [seq_logprobs_f64(model, t, temperature) for t in trajs]
     losses, norms, k = [], [], 0
     for _ in range(epochs):
         for s in range(0, len(trajs), size):
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * warmup_factor(k, cfg.warmup_steps)
             opt.zero_grad()
-            loss = reference_cispo_loss(model, trajs[s:s + size], temperature, *alg_eps)
+            loss = reference_cispo_loss(model, trajs[s:s + size], temperature, *alg_eps,
+                                        prox=None if prox is None else prox[s:s + size], tis_cap=tis_cap)
             loss.backward()
             norms.append(float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)))
             opt.step()

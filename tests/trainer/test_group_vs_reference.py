@@ -41,8 +41,9 @@ def _config(zero_stage: int, **kw) -> TrainerConfig:
 
 
 CASES = {
-    # ZeRO-2: pi_old recomputed by the trainer, two mini-batches of 4 samples
-    2: dict(cfg=_config(2, mini_batch_size=4, epochs=1, old_logprobs="recompute"), mini=4, epochs=1),
+    # ZeRO-2: pi_old recomputed by the trainer, two mini-batches of 4 samples; the rollout's
+    # log-probs (noisy) are the behaviour policy's, corrected by token-level TIS at cap 1.5
+    2: dict(cfg=_config(2, mini_batch_size=4, epochs=1, old_logprobs="recompute"), mini=4, epochs=1, tis_cap=1.5),
     # ZeRO-3: pi_old from the rollout, the whole batch twice (epochs=2), tied embeddings
     3: dict(cfg=_config(3, mini_batch_size=0, epochs=2, old_logprobs="rollout"), mini=0, epochs=2, tied=True),
 }
@@ -61,13 +62,14 @@ def stage_run(request, ray_cluster, tiny_model_path, tied_tiny_model_path, tmp_p
         tiny_model_path = tied_tiny_model_path
     model64 = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float64, attn_implementation="eager")
     trajs = random_trajectories(8, vocab=model64.config.vocab_size, seed=stage)
-    set_rollout_logprobs(model64, trajs, TEMPERATURE, noise=0.0 if case["cfg"].old_logprobs == "recompute" else 0.6)
-    group = TrainerGroup(tiny_model_path, case["cfg"], AlgorithmConfig(name="cispo", eps_high=0.28),
-                         num_ranks=2, temperature=TEMPERATURE, seed=0)
+    set_rollout_logprobs(model64, trajs, TEMPERATURE, noise=0.6)
+    algorithm = AlgorithmConfig(name="cispo", eps_high=0.28, behaviour_is_cap=case.get("tis_cap", 2.0))
+    group = TrainerGroup(tiny_model_path, case["cfg"], algorithm, num_ranks=2, temperature=TEMPERATURE, seed=0)
     try:
         metrics = group.train_step(copy.deepcopy(trajs))
         ref_w, ref_losses, ref_norms = reference_updates(
-            tiny_model_path, trajs, case["cfg"], (1.0, 0.28), TEMPERATURE, case["mini"], case["epochs"])
+            tiny_model_path, trajs, case["cfg"], (1.0, 0.28), TEMPERATURE, case["mini"], case["epochs"],
+            tis_cap=case.get("tis_cap"))
         yield dict(stage=stage, lr=case["cfg"].lr, group=group, trajs=trajs, metrics=metrics, ref_w=ref_w,
                    ref_losses=ref_losses, ref_norms=ref_norms, tmp=tmp_path_factory.mktemp(f"zero{stage}"))
     finally:
@@ -104,6 +106,10 @@ def test_step_matches_float64_reference(stage_run):
     assert m["train/grad_norm_max"] == pytest.approx(max(r["ref_norms"]), rel=GRAD_NORM_RTOL)
     assert m["train/loss"] == pytest.approx(sum(r["ref_losses"]) / len(r["ref_losses"]), abs=LOSS_ATOL)
     assert 0.0 < m["train/clip_frac_high"] < 1.0 or r["stage"] == 2  # rollout noise makes some ratios clip
+    if r["stage"] == 2:  # the behaviour correction is exercised: some weights capped, not all
+        assert 0.0 < m["train/behaviour_is_truncated_frac"] < 0.5, m
+    else:
+        assert "train/behaviour_is_weight_mean" not in m  # pi_old is the rollout's: nothing to correct
 
 
 def test_resume_equals_uninterrupted(stage_run):
@@ -121,6 +127,31 @@ def test_resume_equals_uninterrupted(stage_run):
     for name in uninterrupted:
         assert torch.equal(resumed[name], uninterrupted[name]), name
     assert group.step == 2
+
+
+def test_nonfinite_updates_are_skipped_and_change_nothing(stage_run):
+    """NaN advantages in every mini-batch make each update's loss and gradient non-finite:
+    no rank applies anything (weights bitwise equal), and Adam's moments and the LR schedule
+    are untouched too: the next good step lands exactly where it lands without the bad one."""
+    r = stage_run
+    group, trajs = r["group"], r["trajs"]
+    root = r["tmp"] / "nonfinite"
+    group.save_checkpoint(str(root))
+    before = group.state_dict()
+    bad = copy.deepcopy(trajs)
+    bad[0].advantage = bad[-1].advantage = float("nan")  # one in each mini-batch (ZeRO-2 case)
+    m = group.train_step(bad)
+    assert m["train/nonfinite_updates"] == 2 and m["train/updates"] == 0, m
+    after = group.state_dict()
+    for name in before:
+        assert torch.equal(after[name], before[name]), name
+    group.train_step(copy.deepcopy(trajs))
+    with_bad_step = group.state_dict()
+    group.load_checkpoint(str(root))
+    m = group.train_step(copy.deepcopy(trajs))
+    assert m["train/nonfinite_updates"] == 0 and m["train/updates"] == 2
+    for name, value in group.state_dict().items():
+        assert torch.equal(value, with_bad_step[name]), name
 
 
 def test_export_loads_in_transformers(stage_run):
