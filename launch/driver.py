@@ -4,17 +4,20 @@ weight sync -> log -> checkpoint.
 Synchronous mode generates step k's batch with the weights of step k. Asynchronous
 mode (max_staleness=1) generates step k+1's batch while the trainer works on step k,
 so trajectories are one policy version behind; their rollout log-probs are the
-behaviour policy's, and CISPO's IS weight corrects for the lag.
+behaviour policy's, and CISPO's IS weight corrects for the lag (with pi_old recomputed
+by the trainer, the behaviour weight of cispo.offpolicy does).
+
+A failure anywhere shuts every actor down; checkpoints (trainer.checkpoint.CheckpointDir,
+launch.loop_state) are complete or absent, and a resumed run repeats the saved run exactly.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import signal
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import torch
@@ -22,8 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from cispo.batch import Trajectory
 from cispo.config import Config
+from launch import loop_state
 from launch.batching import assign_advantages, shape_rewards, split_groups
-from launch.checkpoints import CheckpointDir
 from launch.cluster import init_ray
 from launch.config import to_dataclass
 from launch.data import PromptDataset
@@ -33,6 +36,7 @@ from launch.rollout_metrics import rollout_metrics, sample_rows
 from launch.system import RLSystem
 from launch.tiny_model import resolve_model_path
 from launch.warmup import warm_start
+from trainer.checkpoint import CheckpointDir
 
 log = logging.getLogger("cispo")
 
@@ -61,7 +65,7 @@ def collect_step_batch(system: RLSystem, dataset: PromptDataset, conf: Config, g
     a = conf.algorithm
     need = conf.data.rollout_batch_size // a.group_size
     kept: list[list[Trajectory]] = []
-    stats = {"data_state": dataset.state_dict(), "dropped_groups": 0, "refills": 0, "reward_failures": 0, "generated": [], "gen_s": 0.0, "reward_s": 0.0}
+    stats = {"dropped_groups": 0, "refills": 0, "reward_failures": 0, "generated": [], "gen_s": 0.0, "reward_s": 0.0}
     while True:
         items = dataset.next_batch(need - len(kept))
         gids = list(range(group_counter[0], group_counter[0] + len(items)))
@@ -108,24 +112,35 @@ def run(cfg: DictConfig) -> Path:
     dataset = PromptDataset(conf.data, model_path, seed=conf.seed)
     init_ray(conf.cluster.address)
     stop.install()
-    system = RLSystem(conf, model_path)
-    start = 0
     try:
+        system = RLSystem(conf, model_path)  # cleans up after itself if a part fails to start
+    except BaseException:
+        logger.finish()
+        raise
+    try:
+        resume = None
         if latest is not None:
-            start = system.restore(latest)
-            dataset.load_state_dict(json.loads((latest / "driver_state.json").read_text())["data"])
-            log.info("resumed from checkpoint step %d (%s)", start, latest)
-        loop(system, dataset, conf, logger, ckpt, stop, start)
+            resume = loop_state.load(latest, conf.data.rollout_batch_size // conf.algorithm.group_size)
+            system.restore(latest, resume.step)
+            dataset.load_state_dict(resume.data)
+            logger.rewind(resume.step)  # rows logged after this checkpoint are redone, not doubled
+            log.info("resumed from checkpoint step %d (%s)", resume.step, latest)
+        loop(system, dataset, conf, logger, ckpt, stop, resume)
     except Preempted:
+        raise SystemExit(143)  # 128 + SIGTERM: Slurm's requeue path restarts the job
+    except BaseException as err:
+        # every actor goes down below; the checkpoints on disk are complete or absent
+        latest = ckpt.latest()
+        log.error("run failed (%s: %s); shutting down. Resumable from %s", type(err).__name__, err,
+                  latest or "the start (no checkpoint yet)")
+        raise
+    finally:
         logger.finish()
         system.shutdown()
-        raise SystemExit(143)  # 128 + SIGTERM: Slurm's requeue path restarts the job
     rows = read_metrics(out / "metrics.jsonl")
     print_summary(rows)
     plot = plot_curves(rows, out / "curves.png")
     log.info("plot written to %s", plot)
-    logger.finish()
-    system.shutdown()
     return out
 
 
@@ -145,12 +160,18 @@ def run_warmup(conf: Config, model_path: str, out: Path, logger: MetricLogger) -
 
 
 def loop(system: RLSystem, dataset: PromptDataset, conf: Config, logger: MetricLogger,
-         ckpt: CheckpointDir, stop: StopFlag, start: int) -> None:
+         ckpt: CheckpointDir, stop: StopFlag, resume: loop_state.LoopState | None) -> None:
     asynchronous = conf.mode == "async"
-    counter = [start * conf.data.rollout_batch_size]
+    start = resume.step if resume else 0
+    counter = [resume.group_counter if resume else 0]  # group ids seed sampling: never reused
     progress = Progress(total=conf.steps, initial=start)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout")
-    pending = pool.submit(collect_step_batch, system, dataset, conf, counter)
+    if resume is not None and resume.next_batch is not None:
+        pending = Future()  # async checkpoint: the batch the saved run had generated already
+        pending.set_result(resume.next_batch)
+    else:
+        pending = pool.submit(collect_step_batch, system, dataset, conf, counter)
+    failed = True
     try:
         for step in range(start, conf.steps):
             t_step = time.perf_counter()
@@ -175,6 +196,7 @@ def loop(system: RLSystem, dataset: PromptDataset, conf: Config, logger: MetricL
             step_time = time.perf_counter() - t_step
             metrics = {
                 **rollout_metrics(stats, batch, trainer_version=step),
+                "rollout/engine_restarts": float(system.take_engine_restarts()),
                 **namespaced_train_metrics(train),
                 "perf/generate_s": stats["gen_s"],
                 "perf/reward_s": stats["reward_s"],
@@ -192,19 +214,21 @@ def loop(system: RLSystem, dataset: PromptDataset, conf: Config, logger: MetricL
             progress.update(metrics)
             due = conf.trainer.save_every and (step + 1) % conf.trainer.save_every == 0
             if due or last or stop.requested:
-                # in async mode the next step's prompts are already drawn (and generated
-                # by the old policy): a resumed run draws them again from this state
+                # in async mode the next step's batch is generated already (by the old
+                # policy, waited for above): it is saved with the data position after it
                 drawn_ahead = asynchronous and not last
-                data_state = pending.result()[1]["data_state"] if drawn_ahead else dataset.state_dict()
-                save(system, data_state, ckpt, step + 1)
+                loop_state.save(system, ckpt, loop_state.LoopState(
+                    step + 1, dataset.state_dict(), counter[0], pending.result() if drawn_ahead else None))
             if stop.requested and not last:
                 raise Preempted()
             if not asynchronous and not last:
                 # only now: the checkpoint above must not see the next step's prompts drawn
                 pending = pool.submit(collect_step_batch, system, dataset, conf, counter)
+        failed = False
     finally:
         progress.close()
-        pool.shutdown(wait=True, cancel_futures=True)
+        # after a failure the actors are shut down next, which ends a collection in flight
+        pool.shutdown(wait=not failed, cancel_futures=True)
 
 
 def namespaced_train_metrics(train: dict[str, float]) -> dict[str, float]:
@@ -216,8 +240,3 @@ def namespaced_train_metrics(train: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def save(system: RLSystem, data_state: dict, ckpt: CheckpointDir, step: int) -> None:
-    folder = ckpt.begin(step)
-    system.save(folder, step)
-    (folder / "driver_state.json").write_text(json.dumps({"step": step, "data": data_state}))
-    ckpt.commit(folder)

@@ -45,6 +45,18 @@ class JsonlSink:
             for row in rows:
                 f.write(json.dumps({"step": step, **row}) + "\n")
 
+    def rewind(self, step: int) -> None:
+        """Drop rows of steps >= `step`: a resumed run redoes them (a run that died after
+        logging a step but before checkpointing it must not leave that row twice)."""
+        for path in (self.path, self.samples_path):
+            if path.exists():
+                lines = path.read_text().splitlines(keepends=True)
+                kept = [line for line in lines if json.loads(line).get("step", -1) < step]
+                if len(kept) != len(lines):
+                    tmp = path.with_suffix(".rewind")
+                    tmp.write_text("".join(kept))
+                    tmp.replace(path)
+
     def finish(self) -> None:
         pass
 
@@ -167,6 +179,12 @@ class MetricLogger:
     def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
         for sink in self.sinks:
             sink.log_samples(step, rows)
+
+    def rewind(self, step: int) -> None:
+        """Forget what was logged for steps >= `step` where a sink can (the jsonl files)."""
+        for sink in self.sinks:
+            if hasattr(sink, "rewind"):
+                sink.rewind(step)
 
     def finish(self) -> None:
         for sink in self.sinks:

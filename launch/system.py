@@ -9,6 +9,7 @@ from pathlib import Path
 from cispo.batch import Trajectory
 from cispo.config import Config
 from launch.data import PromptItem
+from launch.weight_channel import WeightChannel
 from rewards.scorer import RewardScorer
 from rollout.group import RolloutGroup
 from trainer.group import TrainerGroup
@@ -23,32 +24,21 @@ class RLSystem:
 
         self.conf = conf
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.scorer = RewardScorer(conf.reward)
         on_gpu = torch.cuda.is_available()
-        log.info("starting %d trainer rank(s) and %d rollout engine(s)", conf.trainer.num_ranks, conf.rollout.num_engines)
-        self.trainer = TrainerGroup(
-            model_path, conf.trainer, conf.algorithm, num_ranks=conf.trainer.num_ranks,
-            temperature=conf.rollout.temperature, seed=conf.seed, num_gpus_per_rank=1 if on_gpu else 0,
-        )
-        self.rollout = RolloutGroup(model_path, conf.rollout, dtype=conf.model.dtype)
-        self.backend = "nccl" if on_gpu else "gloo"
-        self.plan = None
-        if conf.rollout.weight_sync == "collective":
-            host, port = self.trainer.sync_address()
-            world = self.rollout.sync_world_size
-            self._together(self.trainer.init_weight_sync(host, port, world, self.backend),
-                           self.rollout.init_weight_sync(host, port, world, self.backend), "weight-sync set-up")
-            self.plan = self.trainer.weight_sync_plan(conf.rollout.sync_bucket_mb)
-
-    def _together(self, trainer_refs, rollout_refs, what: str) -> list:
-        """Wait for both sides of a collective; the rollout side's wait is bounded and names
-        a dead engine (a trainer failure surfaces through ray.get)."""
-        import ray
-
-        trainer_refs = trainer_refs if isinstance(trainer_refs, list) else [trainer_refs]
-        results = self.rollout.wait(rollout_refs, what)
-        ray.get(trainer_refs)
-        return results
+        self.scorer = self.trainer = self.rollout = None
+        self._restarts_reported = 0
+        try:
+            self.scorer = RewardScorer(conf.reward)
+            log.info("starting %d trainer rank(s) and %d rollout engine(s)", conf.trainer.num_ranks, conf.rollout.num_engines)
+            self.trainer = TrainerGroup(
+                model_path, conf.trainer, conf.algorithm, num_ranks=conf.trainer.num_ranks,
+                temperature=conf.rollout.temperature, seed=conf.seed, num_gpus_per_rank=1 if on_gpu else 0,
+            )
+            self.rollout = RolloutGroup(model_path, conf.rollout, dtype=conf.model.dtype)
+            self.weights = WeightChannel(self.trainer, self.rollout, conf.rollout, "nccl" if on_gpu else "gloo")
+        except BaseException:
+            self.shutdown()  # a part that failed to start must not leave the others running
+            raise
 
     # ---- one step's parts ----------------------------------------------------------------
 
@@ -78,33 +68,39 @@ class RLSystem:
         return len(result.failures)
 
     def train(self, batch: list[Trajectory]) -> dict[str, float]:
-        return self.trainer.train_step(batch)
+        with self.weights.lock:  # a replaced engine's weights are fetched between steps, not during one
+            return self.trainer.train_step(batch)
 
     def sync_weights(self, version: int) -> int:
-        """Trainer weights into every engine; returns the lowest policy version the
-        engines report afterwards (what the next trajectories will carry)."""
-        if self.plan is not None:
-            versions = self._together(self.trainer.broadcast_weights(self.plan),
-                                      self.rollout.receive_weights(self.plan, version), "weight sync")
-            return min(versions)
-        plan = self.trainer.weight_sync_plan(self.conf.rollout.sync_bucket_mb)
-        return self.rollout.update_weights(self.trainer.get_weights_ref(plan), version)
+        """Trainer weights into every engine; returns the policy version the engines serve
+        (what the next trajectories will carry)."""
+        return self.weights.sync(version)
+
+    def take_engine_restarts(self) -> int:
+        """Rollout engines restarted since the last call (dead mid-run or failed at start-up)."""
+        total = self.rollout.restarts_total
+        new, self._restarts_reported = total - self._restarts_reported, total
+        return new
 
     # ---- checkpoints ---------------------------------------------------------------------
 
     def save(self, folder: Path, step: int) -> None:
-        self.trainer.step = step
-        self.trainer.save_checkpoint(str(folder / "trainer"))
+        with self.weights.lock:
+            self.trainer.step = step
+            self.trainer.save_into(str(folder))
 
-    def restore(self, folder: Path) -> int:
-        step = self.trainer.load_checkpoint(str(folder / "trainer"))
-        if step is None:
-            raise RuntimeError(f"checkpoint {folder} holds no trainer state")
+    def restore(self, folder: Path, step: int) -> int:
+        with self.weights.lock:
+            loaded = self.trainer.load_checkpoint(str(folder.parent), str(folder))
+            if loaded != step:
+                raise RuntimeError(f"checkpoint {folder} holds trainer step {loaded}, its loop state says {step}")
         self.sync_weights(version=step)
         return step
 
     def shutdown(self) -> None:
         for part in (self.rollout, self.trainer, self.scorer):
+            if part is None:
+                continue
             try:
                 part.shutdown() if hasattr(part, "shutdown") else part.close()
             except Exception as err:  # shutting down: report, keep closing the rest

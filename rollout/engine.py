@@ -226,10 +226,15 @@ class RolloutEngine:
 
     # ------------------------------------------------------------------ weights
     def _set_version(self, version: int | None) -> int:
+        """Record the weights' version. The same version again is allowed (a replacement
+        engine can get the current weights before the rest of the group reloads them)."""
         new = self.version + 1 if version is None else int(version)
-        if new <= self.version:
-            raise ValueError(f"engine {self.engine_index}: policy version {new} is not newer than {self.version}")
+        if new < self.version:
+            raise ValueError(f"engine {self.engine_index}: policy version {new} is older than {self.version}")
         self.version = new
+        # cached prefixes hold keys/values of the old weights: reusing them would silently
+        # mix policies in the next generation
+        self._compat.reset_prefix_cache(self.llm)
         return new
 
     def update_weights(self, weights: Any, version: int | None = None) -> int:

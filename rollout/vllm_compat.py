@@ -121,6 +121,11 @@ def sampling_params(
     )
 
 
+def reset_prefix_cache(llm) -> None:
+    """Forget cached prompt prefixes (their keys/values were computed with older weights)."""
+    llm.reset_prefix_cache()
+
+
 def token_prompt(ids: list[int]) -> dict[str, Any]:
     return {"prompt_token_ids": list(ids)}
 

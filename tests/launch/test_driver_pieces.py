@@ -8,9 +8,9 @@ import torch
 from cispo.batch import Trajectory
 from cispo.config import AlgorithmConfig
 from launch.batching import assign_advantages, shape_rewards, split_groups
-from launch.checkpoints import CheckpointDir
 from launch.loggers import MetricLogger
 from launch.report import plot_curves, read_metrics, summary_table
+from trainer.checkpoint import CheckpointDir
 
 
 def traj(group, reward, n=3, finish="stop"):
@@ -44,8 +44,14 @@ def test_checkpoint_dir_commits_atomically_and_keeps_the_newest(tmp_path):
         (f / "x").write_text(str(step))
         ck.commit(f)
     ck.begin(4)  # a save interrupted before commit is never taken as a checkpoint
+    (tmp_path / "ck" / ".step_00000001.deleting").mkdir()  # a prune cut short: not a checkpoint either
     assert [s for s, _ in ck.completed()] == [2, 3]
-    assert ck.latest().name == "step_3" and (ck.latest() / "x").read_text() == "3"
+    assert ck.latest().name == "step_00000003" and (ck.latest() / "x").read_text() == "3"
+    f = ck.begin(4)
+    ck.commit(f)
+    assert [s for s, _ in ck.completed()] == [3, 4]
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["step_00000003", "step_00000004"]
+    assert CheckpointDir(tmp_path / "ck", keep=0).prune() == []  # keep <= 0: keep all
 
 
 def test_metric_logger_writes_jsonl_tensorboard_and_offline_wandb(tmp_path, monkeypatch):
