@@ -23,6 +23,7 @@ WEIGHT_SYNC_PATHS = ("collective", "object_store")
 RUN_MODES = ("sync", "async")
 LOGGER_BACKENDS = ("console", "jsonl", "wandb", "tensorboard")
 CLUSTER_KINDS = ("local", "slurm")
+GUARD_ACTIONS = ("stop", "rollback", "warn")
 
 
 @dataclass
@@ -158,6 +159,19 @@ class ClusterConfig:
 
 
 @dataclass
+class GuardConfig:
+    """The collapse guard (launch/guard.py): when a run stops learning, say so and act."""
+
+    enabled: bool = True
+    window: int = 10  # K: consecutive steps a symptom must last
+    flat_group_frac: float = 0.95  # a step is flat when at least this fraction of groups has zero reward spread
+    max_nonfinite_steps: int = 3  # consecutive steps with a non-finite loss/gradient (each one is alerted)
+    action: str = "stop"  # stop (non-zero exit) | rollback (to the last good checkpoint, lower lr) | warn
+    rollback_lr_factor: float = 0.5
+    max_rollbacks: int = 2  # then stop
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
@@ -168,6 +182,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     steps: int = 20
     seed: int = 0
     mode: str = "sync"
@@ -305,6 +320,24 @@ def validate(cfg: Any) -> None:
     _at_least("cluster.max_requeues", cfg.cluster.max_requeues, 0)
     if cfg.cluster.signal_seconds is not None:
         _at_least("cluster.signal_seconds", cfg.cluster.signal_seconds, 1)
+
+    g = cfg.guard
+    _at_least("guard.window", g.window, 1)
+    if not 0 < g.flat_group_frac <= 1:
+        raise ConfigError("guard.flat_group_frac", f"{g.flat_group_frac!r} must be in (0, 1]")
+    _at_least("guard.max_nonfinite_steps", g.max_nonfinite_steps, 1)
+    _one_of("guard.action", g.action, GUARD_ACTIONS)
+    if not 0 < g.rollback_lr_factor <= 1:
+        raise ConfigError("guard.rollback_lr_factor", f"{g.rollback_lr_factor!r} must be in (0, 1]")
+    _at_least("guard.max_rollbacks", g.max_rollbacks, 0)
+    if g.enabled and g.action == "rollback":
+        if not t.save_every:
+            raise ConfigError("guard.action", "'rollback' needs checkpoints to roll back to: set trainer.save_every > 0")
+        # the newest checkpoint from before a window of bad steps must still be kept
+        need = -(-g.window // t.save_every) + 1
+        if t.keep_checkpoints < need:
+            raise ConfigError("trainer.keep_checkpoints", f"{t.keep_checkpoints} is too few for guard.action=rollback "
+                              f"with guard.window={g.window} and trainer.save_every={t.save_every}: keep >= {need}")
 
     _at_least("steps", cfg.steps, 1)
     _one_of("mode", cfg.mode, RUN_MODES)

@@ -96,10 +96,15 @@ class RLSystem:
         self.trainer.step = step
         self.trainer.save_checkpoint(str(folder / "trainer"))
 
-    def restore(self, folder: Path) -> int:
+    def load_trainer(self, folder: Path) -> int:
+        """The trainer's state from a checkpoint folder (the engines keep theirs)."""
         step = self.trainer.load_checkpoint(str(folder / "trainer"))
         if step is None:
             raise RuntimeError(f"checkpoint {folder} holds no trainer state")
+        return step
+
+    def restore(self, folder: Path) -> int:
+        step = self.load_trainer(folder)
         self.sync_weights(version=step)
         return step
 
