@@ -24,6 +24,7 @@ RUN_MODES = ("sync", "async")
 LOGGER_BACKENDS = ("console", "jsonl", "wandb", "tensorboard")
 CLUSTER_KINDS = ("local", "slurm")
 GUARD_ACTIONS = ("stop", "rollback", "warn")
+WARMUP_MODES = ("format", "solve")
 
 
 @dataclass
@@ -47,7 +48,8 @@ class AlgorithmConfig:
     dynamic_sampling: bool = True  # drop groups whose rewards have zero spread, then refill
     max_refills: int = 3
     overlong: str = "mask"  # what happens to responses that hit the length limit
-    overlong_buffer: int = 0  # soft penalty ramp length (tokens) for overlong="penalty"
+    # soft penalty ramp length (tokens) for overlong="penalty"; None = a fifth of rollout.max_new_tokens
+    overlong_buffer: Optional[int] = None
     overlong_penalty: float = 1.0
 
 
@@ -113,12 +115,22 @@ class DataConfig:
 
 @dataclass
 class WarmupConfig:
-    # Supervised warm-start on the answer *format* (answers shuffled across prompts, so
-    # the model learns to answer, not the answers); built-in tasks only. 0 = off.
+    """Supervised warm-start on a built-in task before RL (launch/warmup.py). 0 steps = off.
+
+    mode "format": answers shuffled across prompts, so the model learns to answer, not the
+    answers. mode "solve": correct (worked) solutions, stopped once the sampled pass rate on
+    held-out prompts reaches target_pass_rate (checked every check_every steps).
+    """
+
     steps: int = 0
     lr: float = 1e-3
     batch_size: int = 32
     examples: int = 2000
+    mode: str = "format"
+    target_pass_rate: Optional[float] = None
+    check_every: int = 25
+    check_prompts: int = 64
+    cache: bool = False  # share the warmed model between runs with the same settings (and seed)
 
 
 @dataclass
@@ -219,12 +231,18 @@ def validate(cfg: Any) -> None:
         _at_least("algorithm.eps_low", a.eps_low, 0.0)
     if a.eps_high is not None:
         _at_least("algorithm.eps_high", a.eps_high, 0.0)
-    _at_least("algorithm.group_size", a.group_size, 1)
+    # group-relative advantages need two samples of a prompt: a group of one has advantage 0
+    _at_least("algorithm.group_size", a.group_size, 2)
     _at_least("algorithm.max_refills", a.max_refills, 0)
     _one_of("algorithm.overlong", a.overlong, OVERLONG_MODES)
-    _at_least("algorithm.overlong_buffer", a.overlong_buffer, 0)
-    if a.overlong_buffer > r.max_new_tokens:
-        raise ConfigError("algorithm.overlong_buffer", f"{a.overlong_buffer} exceeds rollout.max_new_tokens={r.max_new_tokens}")
+    if a.overlong_buffer is not None:
+        _at_least("algorithm.overlong_buffer", a.overlong_buffer, 0)
+        if a.overlong == "penalty" and a.overlong_buffer >= r.max_new_tokens:
+            raise ConfigError("algorithm.overlong_buffer",
+                              f"{a.overlong_buffer} >= rollout.max_new_tokens={r.max_new_tokens}: every response would "
+                              "be penalised; keep the ramp inside the generation budget (null = a fifth of it)")
+    if a.token_mask and a.name != "cispo":
+        raise ConfigError("algorithm.token_mask", f"is CISPO's trust-region mask; {a.name} clips with its own min()")
 
     _one_of("model.dtype", cfg.model.dtype, DTYPES)
     if not cfg.model.path:
@@ -296,9 +314,19 @@ def validate(cfg: Any) -> None:
             f"{t.mini_batch_size} does not divide data.rollout_batch_size={d.rollout_batch_size}",
         )
     _at_least("data.max_prompt_tokens", d.max_prompt_tokens, 1)
-    _at_least("warmup.steps", cfg.warmup.steps, 0)
-    if cfg.warmup.steps and not d.path.startswith("builtin:"):
-        raise ConfigError("warmup.steps", f"the format warm-start needs a built-in task; data.path={d.path!r}")
+    w = cfg.warmup
+    _at_least("warmup.steps", w.steps, 0)
+    _one_of("warmup.mode", w.mode, WARMUP_MODES)
+    if w.steps and not d.path.startswith("builtin:"):
+        raise ConfigError("warmup.steps", f"the warm-start needs a built-in task; data.path={d.path!r} "
+                                          "(set warmup.steps=0 for your own model and data)")
+    if w.target_pass_rate is not None:
+        if w.mode != "solve":
+            raise ConfigError("warmup.target_pass_rate", "applies to warmup.mode=solve only")
+        if not 0 < w.target_pass_rate < 1:
+            raise ConfigError("warmup.target_pass_rate", f"{w.target_pass_rate!r} must be in (0, 1)")
+    _at_least("warmup.check_every", w.check_every, 1)
+    _at_least("warmup.check_prompts", w.check_prompts, 1)
 
     if not cfg.reward.functions:
         raise ConfigError("reward.functions", "is empty; name at least one reward function")

@@ -11,7 +11,7 @@ import torch
 from cispo.advantages import group_advantages, zero_variance_groups
 from cispo.batch import Trajectory
 from cispo.config import AlgorithmConfig
-from cispo.shaping import overlong_penalty
+from cispo.shaping import overlong_penalty, overlong_ramp
 
 
 def shape_rewards(trajs: list[Trajectory], algo: AlgorithmConfig, max_new_tokens: int) -> None:
@@ -23,7 +23,7 @@ def shape_rewards(trajs: list[Trajectory], algo: AlgorithmConfig, max_new_tokens
                 t.response_mask = [False] * len(t.response_ids)
     elif algo.overlong == "penalty":
         lengths = torch.tensor([len(t.response_ids) for t in trajs])
-        pen = overlong_penalty(lengths, max_new_tokens, algo.overlong_buffer, algo.overlong_penalty)
+        pen = overlong_penalty(lengths, max_new_tokens, overlong_ramp(algo.overlong_buffer, max_new_tokens), algo.overlong_penalty)
         for t, p in zip(trajs, pen.tolist()):
             t.reward += p
 

@@ -33,7 +33,7 @@ from launch.report import Progress, plot_curves, print_summary, read_metrics
 from launch.rollout_metrics import rollout_metrics, sample_rows
 from launch.system import RLSystem
 from launch.tiny_model import resolve_model_path
-from launch.warmup import warm_start
+from launch.warmup import CacheLock, cache_key, sampled_pass_rate, warm_start
 
 log = logging.getLogger("cispo")
 
@@ -146,18 +146,47 @@ def finish(out: Path, logger: MetricLogger, system: RLSystem) -> None:
 
 
 def run_warmup(conf: Config, model_path: str, out: Path, logger: MetricLogger) -> str:
-    from launch.tasks import format_warmup_examples
+    from launch.tasks import format_warmup_examples, get_task, solution_examples
+    from launch.tiny_model import default_cache_dir
 
-    examples = format_warmup_examples(conf.data.path, conf.warmup.examples, seed=conf.seed,
-                                      difficulty=conf.data.difficulty, shuffle_answers=True)
-    log.info("warm-start: %d steps on %d format examples (answers shuffled)", conf.warmup.steps, len(examples))
+    w, d = conf.warmup, conf.data
+    if w.mode == "solve":
+        examples = solution_examples(d.path, w.examples, seed=conf.seed, difficulty=d.difficulty)
+    else:
+        examples = format_warmup_examples(d.path, w.examples, seed=conf.seed, difficulty=d.difficulty,
+                                          shuffle_answers=True)
+    log.info("warm-start (%s): up to %d steps on %d examples%s", w.mode, w.steps, len(examples),
+             " (answers shuffled)" if w.mode == "format" else "")
 
     def on_step(step: int, loss: float) -> None:
-        if step % 20 == 0 or step == conf.warmup.steps - 1:
+        if step % 20 == 0 or step == w.steps - 1:
             logger.log_warmup(step, {"warmup/loss": loss})
 
-    return warm_start(model_path, examples, out, conf.warmup.steps, conf.warmup.lr, conf.warmup.batch_size,
-                      conf.seed, on_step)
+    should_stop = None
+    if w.target_pass_rate is not None:
+        task = get_task(d.path)
+        rows = task.generate(w.check_prompts, d.difficulty, seed=conf.seed, split="eval")
+
+        def should_stop(model, tok, step: int) -> bool:
+            rate = sampled_pass_rate(model, tok, task, rows, conf.rollout.temperature, conf.rollout.max_new_tokens)
+            logger.log_warmup(step, {"warmup/pass_rate": rate})
+            return rate >= w.target_pass_rate
+
+    def train(target: Path) -> str:
+        return warm_start(model_path, examples, target, w.steps, w.lr, w.batch_size, conf.seed, on_step,
+                          should_stop, w.check_every)
+
+    if not w.cache:
+        return train(out / "warmup_model")
+    key = cache_key(model=model_path, data=d.path, difficulty=d.difficulty, seed=conf.seed, warmup=vars(w),
+                    temperature=conf.rollout.temperature, max_new_tokens=conf.rollout.max_new_tokens)
+    cached = default_cache_dir().parent / "warm" / key
+    with CacheLock(cached.with_suffix(".lock")):
+        path = train(cached)
+    link = out / "warmup_model"  # a resumed run finds its model here, as without the cache
+    if not link.exists():
+        link.symlink_to(cached, target_is_directory=True)
+    return path
 
 
 def loop(system: RLSystem, dataset: PromptDataset, conf: Config, logger: MetricLogger,
