@@ -6,7 +6,7 @@ import logging
 import os
 from pathlib import Path
 
-from launch.console import worker_runtime_env
+from launch.console import NOTICE, worker_runtime_env
 
 log = logging.getLogger("cispo")
 _REPO_ROOT = str(Path(__file__).resolve().parent.parent)
@@ -32,7 +32,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log_dir: P
     common = dict(runtime_env=runtime_env, log_to_driver=not quiet,
                   logging_level=logging.WARNING if quiet else logging.INFO)
     if address:
-        log.info("attaching to the Ray cluster at %s", address)
+        log.info("attaching to the Ray cluster at %s", address, extra=NOTICE)
         ray.init(address=address, **common)
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, **common)

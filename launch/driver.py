@@ -26,7 +26,7 @@ from launch.batching import assign_advantages, shape_rewards, split_groups
 from launch.checkpoints import CheckpointDir
 from launch.cluster import init_ray
 from launch.config import to_dataclass
-from launch.console import setup_console
+from launch.console import NOTICE, setup_console
 from launch.data import PromptDataset
 from launch.evaluation import Evaluator
 from launch.export import export_run
@@ -124,14 +124,14 @@ def run(cfg: DictConfig) -> Path:
             state = json.loads((latest / "driver_state.json").read_text())
             dataset.load_state_dict(state["data"])
             schedule.load_state_dict(state.get("length_schedule", {}))
-            log.info("resumed from checkpoint step %d (%s)", start, latest)
+            log.info("resumed from checkpoint step %d (%s)", start, latest, extra=NOTICE)
         loop(system, dataset, conf, logger, ckpt, stop, start, schedule, evaluator)
     except Preempted:
         logger.finish()
         system.shutdown()
         raise SystemExit(143)  # 128 + SIGTERM: Slurm's requeue path restarts the job
     if conf.export.at_end:
-        log.info("Hugging Face export: %s", export_run(system.trainer, out, conf, schedule.limit))
+        log.info("Hugging Face export: %s", export_run(system.trainer, out, conf, schedule.limit), extra=NOTICE)
     rows = read_metrics(out / "metrics.jsonl")
     print_summary(rows)
     plot = plot_curves(rows, out / "curves.png")

@@ -167,10 +167,12 @@ def test_cispo_eval_on_the_export_matches_the_final_in_training_eval(readme_run,
 
 
 def test_lora_with_the_staged_generation_budget(tmp_path, cache):
-    """LoRA (adapters only trained and synced) on the built-in task; the budget grows 2 -> 4
-    once p99 length presses on it (a loose 'settled' rule so it happens within 4 steps)."""
+    """LoRA (adapters only trained and synced) on the built-in task, with the README's
+    `algorithm=grpo`; the budget grows 2 -> 4 once p99 length presses on it (a loose
+    'settled' rule so it happens within 4 steps)."""
     out = tmp_path / "lora"
-    run("launch.main", "model.path=builtin:tiny-qwen2", f"output_dir={out}", "steps=4", "data.rollout_batch_size=8",
+    run("launch.main", "algorithm=grpo", "model.path=builtin:tiny-qwen2", f"output_dir={out}", "steps=4",
+        "data.rollout_batch_size=8",
         "algorithm.group_size=4", "algorithm.dynamic_sampling=false", "warmup.steps=3", "warmup.examples=64",
         "rollout.max_new_tokens=4", "rollout.length_schedule.stages=[2,4]", "rollout.length_schedule.p99_frac=0.5",
         "rollout.length_schedule.patience=1", "rollout.length_schedule.window=2",
