@@ -78,6 +78,10 @@ class LengthSchedule:
         for key in SETTLE_KEYS:
             if key in metrics:
                 self.history[key].append(float(metrics[key]))
+            elif self.history[key]:
+                # a step without an optimizer update (no loss tokens: e.g. every group's
+                # rewards equal) reports no train/ metrics; the policy did not move
+                self.history[key].append(self.history[key][-1])
         self.near_limit = self.near_limit + 1 if metrics.get(P99_KEY, 0.0) >= s.p99_frac * self.limit else 0
         if self.stage + 1 < len(self.stages) and self.near_limit >= s.patience and self.settled():
             old = self.limit
