@@ -103,7 +103,10 @@ class RolloutConfig:
     stop: list[str] = field(default_factory=list)
     weight_sync: str = "collective"
     sync_bucket_mb: int = 64
-    seed: int = 0
+    seed: int = 0  # the run's `seed` (conf/config.yaml interpolates it)
+    # One generator per request, seeded by (seed, group, sample): samples do not depend on
+    # batching, so runs and resumed runs repeat exactly (a per-request cost in vLLM's sampler).
+    seeded_requests: bool = True
     length_schedule: LengthScheduleConfig = field(default_factory=LengthScheduleConfig)
 
 
