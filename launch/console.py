@@ -41,6 +41,16 @@ def _console_filter(record: logging.LogRecord) -> bool:
     return record.levelno >= logging.WARNING or bool(getattr(record, "console", False))
 
 
+class _QuietFormatter(logging.Formatter):
+    """Notices as plain lines; warnings and errors with their level and source."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.levelno < logging.WARNING:
+            return record.getMessage()
+        return f"{record.levelname} {record.name}: {record.getMessage()}" + (
+            "\n" + self.formatException(record.exc_info) if record.exc_info else "")
+
+
 def setup_console(output_dir: str | Path, verbose: bool) -> Path:
     """Route this process's logging: all of it to `<output_dir>/logs/driver.log`, the
     console as described above. Returns the log folder (for `worker_runtime_env`)."""
@@ -52,9 +62,12 @@ def setup_console(output_dir: str | Path, verbose: bool) -> Path:
     file_handler = logging.FileHandler(log_dir / "driver.log")
     file_handler.setFormatter(logging.Formatter(FORMAT))
     console = _TqdmHandler()
-    console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s" if not verbose else FORMAT))
+    console.setFormatter(logging.Formatter(FORMAT) if verbose else _QuietFormatter())
     if not verbose:
         console.addFilter(_console_filter)
+        import datasets  # its per-file "Generating train split" bars (prompt and eval sets)
+
+        datasets.disable_progress_bars()
     root.addHandler(file_handler)
     root.addHandler(console)
     root.setLevel(logging.INFO)

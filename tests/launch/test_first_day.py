@@ -97,6 +97,8 @@ def test_console_is_quiet_and_the_logs_are_in_the_run_folder(readme_run):
     for noise in ("RotaryEmbedding", "INFO", "[cpu_worker.py", "DeepSpeed", "pid="):
         assert noise not in console, f"{noise!r} on the console:\n{console[-3000:]}"
     assert "cispo run summary" in console and "CISPO" in console  # summary and progress bar stay
+    assert "Generating train split" not in console  # datasets' bars
+    assert f"Hugging Face export: {out / 'hf_model'}" in console  # a notice: where the result is
     driver_log = (out / "logs" / "driver.log").read_text()
     assert "starting 1 trainer rank(s)" in driver_log
     workers = "".join(p.read_text(errors="replace") for p in (out / "logs").glob("worker-*.log"))
