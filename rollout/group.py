@@ -48,7 +48,8 @@ class RolloutGroup:
     num_cpus / num_gpus: Ray resources per engine (default: 1 CPU; GPUs = TP size when
     CUDA is visible, else 0). timeout_s: the default bound on every wait (start-up
     included). engine_kwargs: extra `vllm.LLM` arguments. env: extra environment
-    variables for the actors (the repo root is put on their PYTHONPATH). wait_ready=False
+    variables for the actors (the repo root is put on their PYTHONPATH). lora: a
+    `cispo.config.LoraConfig` as a dict, to serve trained adapters (rollout/lora.py). wait_ready=False
     returns at once (start several groups side by side), then call `wait_ready()`.
     """
 
@@ -65,6 +66,7 @@ class RolloutGroup:
         env: dict[str, str] | None = None,
         name: str = "rollout",
         wait_ready: bool = True,
+        lora: dict[str, Any] | None = None,
     ):
         import ray
 
@@ -91,7 +93,7 @@ class RolloutGroup:
                 num_gpus=num_gpus,
                 max_restarts=0,
                 runtime_env={"env_vars": env_vars},
-            ).remote(model_path, config, dtype, i, enforce_eager, engine_kwargs)
+            ).remote(model_path, config, dtype, i, enforce_eager, engine_kwargs, lora=lora)
             for i in range(config.num_engines)
         ]
         self.version = 0
