@@ -110,6 +110,9 @@ class RolloutConfig:
     # One generator per request, seeded by (seed, group, sample): samples do not depend on
     # batching, so runs and resumed runs repeat exactly (a per-request cost in vLLM's sampler).
     seeded_requests: bool = True
+    # Any other `vllm.LLM` argument, passed as is: e.g. {max_num_seqs: 1024, enforce_eager: true,
+    # kv_cache_memory_bytes: 4e9 (a fixed KV cache, no memory profiling: engines sharing a GPU)}.
+    engine_args: dict[str, Any] = field(default_factory=dict)
     length_schedule: LengthScheduleConfig = field(default_factory=LengthScheduleConfig)
 
 

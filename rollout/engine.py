@@ -84,7 +84,7 @@ class RolloutEngine:
                 seed=self.cfg.seed,
                 logits_processors=[RepetitionStopProcessor],
                 enforce_eager=enforce_eager,
-                extra=engine_kwargs,
+                extra={**self.cfg.engine_args, **(engine_kwargs or {})},
             )
         )
         self.startup_s = time.perf_counter() - t0
