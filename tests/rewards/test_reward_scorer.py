@@ -3,6 +3,9 @@ become reward 0 plus a recorded, logged failure while the other samples are scor
 
 import asyncio
 import logging
+import multiprocessing as mp
+import os
+import signal
 import time
 
 import pytest
@@ -98,3 +101,22 @@ def test_bad_configuration_fails_at_start():
         RewardScorer(RewardConfig(functions=["reward_helpers:missing"]))
     with pytest.raises(RewardFunctionError, match="weights"):
         RewardScorer(RewardConfig(functions=["builtin"], weights=[1.0, 2.0]))
+
+
+def test_recovers_when_an_idle_worker_is_killed_from_outside():
+    """pebble marks its pool broken when an idle worker dies; the scorer starts a new pool."""
+    before = {c.pid for c in mp.active_children()}
+    with RewardScorer(RewardConfig(functions=["reward_helpers:flaky"], timeout_s=5.0, num_workers=2)) as s:
+        assert s.score([sample()]).rewards == [1.0]
+        old = [c for c in mp.active_children() if c.pid not in before]
+        assert len(old) == 2
+        os.kill(old[0].pid, signal.SIGKILL)
+        old[0].join(5)
+        res = s.score([sample(), sample()])  # a task sent to the broken pool is run again on the new one
+        assert (res.rewards, res.failures) == ([1.0, 1.0], [])
+        assert s.score([sample()]).rewards == [1.0]
+        deadline = time.monotonic() + 10
+        while old[1].is_alive() and time.monotonic() < deadline:  # the old pool's other worker is stopped
+            time.sleep(0.1)
+        assert not old[1].is_alive()
+        assert len([c for c in mp.active_children() if c.pid not in before]) == 2
