@@ -105,8 +105,7 @@ def require_sandbox() -> None:
 def _check(bwrap: str, setpriv: str, prlimit: str) -> None:
     source = "import os, sys; os.write(int(sys.argv[1]), b'%d' % os.getuid())"
     out = _run(source, b"", Limits(time_s=20.0), (bwrap, setpriv, prlimit), "cispo-sandbox-check", None)
-    uid = os.geteuid()
-    expected = str(_sandbox_uid() if uid == 0 else uid).encode()
+    expected = str(sandbox_uid()).encode()
     if out.fault or out.exit_code != 0 or out.results != expected:
         why = out.output.decode("utf-8", "replace").strip() or out.detail or f"exit code {out.exit_code}"
         raise SandboxUnavailable(
@@ -115,8 +114,9 @@ def _check(bwrap: str, setpriv: str, prlimit: str) -> None:
             "user.max_user_namespaces > 0); as root it needs mount and PID namespaces.")
 
 
-def _sandbox_uid() -> int:
-    return UID_BASE + os.getpid()
+def sandbox_uid() -> int:
+    """The uid this process's sandboxes run as: its own per-process uid as root, else the caller's."""
+    return UID_BASE + os.getpid() if os.geteuid() == 0 else os.geteuid()
 
 
 def run_python(source: str, stdin: bytes, limits: Limits, *, end_line: Optional[bytes] = None,
@@ -150,7 +150,7 @@ def _command(tools: tuple[str, str, str], limits: Limits, info_fd: int, result_f
     cmd = [setpriv, "--pdeathsig=KILL", "--", bwrap]
     if root:  # privileged bwrap: no user namespace, so the uid below is a real one
         cmd += ["--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
-                "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+                "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_SETPCAP"]
     else:
         cmd += ["--unshare-all"]
     cmd += ["--die-with-parent", "--new-session", "--ro-bind", "/usr", "/usr"]
@@ -175,8 +175,9 @@ def _command(tools: tuple[str, str, str], limits: Limits, info_fd: int, result_f
         cmd += ["--setenv", key, value]
     cmd += ["--info-fd", str(info_fd), "--"]
     if root:
-        uid = _sandbox_uid()
-        cmd += [setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs", "--"]
+        uid = sandbox_uid()
+        cmd += [setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--bounding-set=-all", "--no-new-privs",
+                "--"]
     cpu = int(limits.time_s) + 1
     cmd += [prlimit, f"--as={limits.memory_mb << 20}", f"--cpu={cpu}:{cpu + 1}", f"--fsize={limits.work_dir_mb << 20}",
             "--core=0", f"--nofile={limits.open_files}", f"--nproc={limits.processes}", "--"]

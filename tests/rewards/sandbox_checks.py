@@ -17,13 +17,16 @@ HOST_PLACES = [Path("/tmp"), Path("/var/tmp"), Path("/dev/shm"), REPO, REPO / "t
 
 
 def sandbox_uids(pids=None) -> set[int]:
-    """The uids sandboxes started by these processes (default: this one) run as."""
+    """The uids sandboxes started by these processes (default: this one) run as; as non-root they
+    keep the caller's uid, which tells nothing: then only the TOKEN marks them."""
+    if os.geteuid() != 0:
+        return set()
     return {UID_BASE + p for p in (pids or [os.getpid()])}
 
 
 def sandbox_processes(uids=None) -> list[str]:
     """Live processes (zombies included) running as one of `uids` or with TOKEN on their command line."""
-    uids = {str(u) for u in (uids or sandbox_uids())}
+    uids = {str(u) for u in (sandbox_uids() if uids is None else uids)}
     found = []
     for name in os.listdir("/proc"):
         if not name.isdigit():

@@ -9,7 +9,7 @@ import pytest
 from cispo.config import RewardConfig
 from rewards import RewardScorer, get_reward_fn
 from rewards.code_exec import CodeRunFailed, extract_code, run_code_tests
-from rewards.sandbox import SandboxUnavailable, _sandbox_uid
+from rewards.sandbox import SandboxUnavailable, sandbox_uid
 from sandbox_checks import TOKEN, leftovers, sandbox_processes, sandbox_uids
 
 TESTS = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(0, 0) == 0"]
@@ -64,15 +64,16 @@ def writable(path):
         return False
 """
     r = run_code_tests(code, [
-        f"assert status('Uid') == [{str(_sandbox_uid())!r}] * 4",
-        "assert status('CapEff') == ['0000000000000000'] and status('NoNewPrivs') == ['1']",
+        f"assert status('Uid') == [{str(sandbox_uid())!r}] * 4 and status('Groups') == []",
+        "assert status('CapEff') == ['0' * 16] and status('CapPrm') == ['0' * 16] and status('CapBnd') == ['0' * 16]",
+        "assert status('NoNewPrivs') == ['1']",
         "assert os.getcwd() == '/tmp' and os.environ['HOME'] == '/tmp'",
         "assert writable('x.txt') and sorted(os.listdir('/tmp')) == ['solution.py', 'x.txt']",
         f"assert os.path.exists({os.getcwd()!r}) is False and os.listdir('/etc') == ['ld.so.cache']",
         "assert not {'home', 'work', 'var', 'opt', 'srv', 'mnt', 'boot'} & set(os.listdir('/'))",
         "assert os.getpid() == 2 and os.getppid() == 1",
     ])
-    assert (r.passed, r.total, r.status) == (7, 7, "ok"), r.detail
+    assert (r.passed, r.total, r.status) == (8, 8, "ok"), r.detail
 
 
 def test_legitimate_programs_are_not_flagged():
