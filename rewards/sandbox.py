@@ -137,8 +137,10 @@ def run_python(source: str, stdin: bytes, limits: Limits, *, end_line: Optional[
 def _interpreter() -> tuple[str, list[str]]:
     """The interpreter to run inside, and the host folders it needs besides /usr."""
     exe = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
-    folders = {os.path.realpath(sys.base_prefix), os.path.dirname(exe)}
-    keep = [f for f in sorted(folders) if not any(f == o or f.startswith(o + "/") for o in ["/usr"] + sorted(folders - {f}))]
+    keep: list[str] = []
+    for folder in sorted({os.path.realpath(sys.base_prefix), os.path.dirname(exe)}):  # parents first
+        if not any(folder == k or folder.startswith(k + "/") for k in ["/usr", *keep]):
+            keep.append(folder)
     return exe, keep
 
 
@@ -187,7 +189,8 @@ def _command(tools: tuple[str, str, str], limits: Limits, info_fd: int, result_f
 def _run(source: str, stdin: bytes, limits: Limits, tools: tuple, marker: str,
          end_line: Optional[bytes]) -> RunOutput:
     stdin_fd = os.memfd_create("cispo-sandbox-stdin")  # a file, so no writer has to keep up with the reader
-    os.write(stdin_fd, stdin)
+    with open(stdin_fd, "wb", closefd=False) as f:
+        f.write(stdin)
     os.lseek(stdin_fd, 0, os.SEEK_SET)
     info_r, info_w = os.pipe()
     res_r, res_w = os.pipe()
@@ -197,8 +200,7 @@ def _run(source: str, stdin: bytes, limits: Limits, tools: tuple, marker: str,
     finally:
         for fd in (stdin_fd, info_w, res_w):
             os.close(fd)
-    with os.fdopen(info_r, "rb") as f:
-        info = f.read()  # bwrap writes it once the namespace exists, then closes it (or exits)
+    info = _read_all(info_r, limits.time_s + 10)  # bwrap writes it once the namespace exists, then closes it
     init_pid, pidfd = None, None
     try:
         init_pid = int(json.loads(info)["child-pid"])
@@ -210,6 +212,19 @@ def _run(source: str, stdin: bytes, limits: Limits, tools: tuple, marker: str,
     finally:
         _end(proc, pidfd)
         os.close(res_r)
+
+
+def _read_all(fd: int, timeout: float) -> bytes:
+    data, deadline = b"", time.monotonic() + timeout
+    try:
+        while select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(fd)
+    return data
 
 
 def _watch(proc: subprocess.Popen, res_r: int, init_pid: Optional[int], limits: Limits,
@@ -242,7 +257,8 @@ def _watch(proc: subprocess.Popen, res_r: int, init_pid: Optional[int], limits: 
                 if name == "output" and len(buf) > 8192:
                     del buf[:-4096]
                 if name == "results" and end is not None:
-                    ended = ended or end in b"\n" + buf[-(len(data) + len(end)):]
+                    start = max(0, len(buf) - len(data) - len(end))
+                    ended = ended or end in (b"\n" if start == 0 else b"") + buf[start:]
             over = [n for n in counts if counts[n] > caps[n]]
             if over:
                 what = "stdout/stderr" if over[0] == "output" else "the tested values"

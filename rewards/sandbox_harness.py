@@ -135,8 +135,11 @@ def forbidden(event, args):
         return ("escape attempt", "%s outside the work dir: %s" % (event, where[0])) if where else None
     if event in ADDRESS_EVENTS:
         address = args[1]
-        if address is None or isinstance(address, (str, bytes)):  # connected already, or a unix socket
+        if address is None:  # a connected socket
             return None
+        if isinstance(address, (str, bytes)):  # a unix socket: fine in the work dir, or abstract (per namespace)
+            p = None if address[:1] in ("\0", b"\0") else resolve(address)
+            return ("escape attempt", "%s to %s" % (event, p)) if p and not under(p, WRITABLE) else None
         return ("network", "%s %r" % (event, address))
     if event in DNS_EVENTS:
         return ("network", "%s %r" % (event, args[0]))

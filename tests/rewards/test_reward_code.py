@@ -8,7 +8,7 @@ import pytest
 
 from cispo.config import RewardConfig
 from rewards import RewardScorer, get_reward_fn
-from rewards.code_exec import CodeRunFailed, extract_code, run_code_tests
+from rewards.code_exec import CodeRunFailed, TestFormatError, extract_code, run_code_tests
 from rewards.sandbox import SandboxUnavailable, sandbox_uid
 from sandbox_checks import TOKEN, leftovers, sandbox_processes, sandbox_uids
 
@@ -122,6 +122,8 @@ def test_registered_code_rewards():
         strict("", "```python\ndef add(a, b) return a\n```", None, {"tests": TESTS})
     with pytest.raises(ValueError, match="no tests"):
         code("", response, None, {})
+    with pytest.raises(TestFormatError, match="test 1 cannot be checked safely"):  # refused, nothing is run
+        code("", response, None, {"tests": [TESTS[0], "for i in range(3):\n    assert add(i, 0) == i"]})
 
 
 def test_extract_code():

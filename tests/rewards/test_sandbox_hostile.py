@@ -87,6 +87,14 @@ try:
 except OSError:
     pass
 """, "network", {}),
+    "unix_socket_outside": (CORRECT + """
+import socket
+for path in ["/var/run/docker.sock", "/run/systemd/private", "/tmp/../run/TOKEN.sock"]:
+    try:
+        socket.socket(socket.AF_UNIX).connect(path)
+    except OSError:
+        pass
+""", "escape attempt: socket.connect to /var/run/docker.sock", {}),
     "dns": (CORRECT + """
 import socket
 try:
