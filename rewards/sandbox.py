@@ -287,10 +287,12 @@ def _over_limits(init_pid: int, limits: Limits, out: RunOutput) -> bool:
         out.fault, out.detail = "memory", f"the sandbox's processes used {rss >> 20} MiB (limit {limits.memory_mb} MiB)"
         return True
     files = 0
-    for folder in (WORK_DIR, "/dev/shm"):
+    for folder, size_mb in ((WORK_DIR, limits.work_dir_mb), ("/dev/shm", SHM_MB)):
         try:
             st = os.statvfs(f"/proc/{init_pid}/root{folder}")
         except OSError:  # the sandbox is gone, or /proc of another user is closed to us
+            continue
+        if st.f_blocks * st.f_frsize != size_mb << 20:  # not mounted yet: that is still the host's folder
             continue
         files += st.f_files - st.f_ffree
         if st.f_bavail == 0:

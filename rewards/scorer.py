@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import functools
 import logging
 import math
 import multiprocessing as mp
@@ -155,7 +154,17 @@ class _Job:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def _stop(pools: list, threads: Optional[ThreadPoolExecutor]) -> None:
+@dataclass(eq=False)
+class _Task:
+    job: _Job
+    sample: int
+    fn: int
+    attempts: int = 0  # times it was sent to a pool
+
+
+def _stop(pools: list, threads: Optional[ThreadPoolExecutor], stopped: Optional[threading.Event] = None) -> None:
+    if stopped is not None:
+        stopped.set()
     for pool in pools:
         pool.stop()  # kills the workers, hung ones included
         pool.join(timeout=10)
@@ -189,13 +198,16 @@ class RewardScorer:
                                            thread_name_prefix="cispo-reward-io") if self._io_fns else None
         self._pools: list[pebble.ProcessPool] = []  # the current one last; one list shared with the finalizer
         self._pool_lock = threading.Lock()
-        if len(self._io_fns) < len(self.names):
-            self._pools.append(self._new_pool())
+        self._inflight: dict[Future, tuple[pebble.ProcessPool, _Task]] = {}  # pebble's futures not yet handled
         self._jobs: set[_Job] = set()
         self._jobs_lock = threading.Lock()
         self._closed = False
+        self._stopped = threading.Event()
         self.restarts = 0  # workers killed and replaced (timeouts, deaths)
-        self._finalizer = weakref.finalize(self, _stop, self._pools, self._threads)
+        if len(self._io_fns) < len(self.names):
+            self._pools.append(self._new_pool())
+            threading.Thread(target=self._watch_pool, name="cispo-reward-pool-watch", daemon=True).start()
+        self._finalizer = weakref.finalize(self, _stop, self._pools, self._threads, self._stopped)
 
     # ---------------------------------------------------------------- public API
 
@@ -221,7 +233,7 @@ class RewardScorer:
                 if j in self._io_fns:
                     self._threads.submit(self._run_io, job, i, j)
                 else:
-                    self._schedule(name, sample).add_done_callback(functools.partial(self._task_done, job, i, j))
+                    self._schedule(_Task(job, i, j))
         return fut
 
     async def ascore(self, samples: Sequence[Mapping[str, Any]]) -> ScoreResult:
@@ -280,35 +292,69 @@ class RewardScorer:
         pool.active  # noqa: B018 - starts the workers now rather than at the first task
         return pool
 
-    def _schedule(self, name: str, sample: dict) -> Future:
+    def _schedule(self, task: _Task) -> None:
+        task.attempts += 1
+        args = (self.names[task.fn], task.job.samples[task.sample])
+        stranded: list[_Task] = []
         with self._pool_lock:
             try:
-                return self._pools[-1].schedule(_worker_task, args=(name, sample), timeout=self.timeout_s)
-            except RuntimeError:  # pebble marked the pool broken (e.g. an idle worker was killed from outside)
-                logger.warning("reward worker pool broke; starting a new one")
-                old = self._pools.pop()
-                # stopped from another thread: this may be one of the old pool's own threads
-                threading.Thread(target=_stop, args=([old], None), daemon=True).start()
-                self._pools.append(self._new_pool())
-                return self._pools[-1].schedule(_worker_task, args=(name, sample), timeout=self.timeout_s)
+                fut = self._pools[-1].schedule(_worker_task, args=args, timeout=self.timeout_s)
+            except RuntimeError:  # pebble marked the pool broken
+                stranded = self._replace_pool()
+                fut = self._pools[-1].schedule(_worker_task, args=args, timeout=self.timeout_s)
+            self._inflight[fut] = (self._pools[-1], task)
+        fut.add_done_callback(self._task_done)  # outside the lock: it may run right here
+        for other in stranded:
+            self._retry_or_fail(other, "BrokenProcessPool: the worker pool broke")
 
-    def _task_done(self, job: _Job, i: int, j: int, fut: Future, retried: bool = False) -> None:
+    def _replace_pool(self) -> list[_Task]:
+        """A new pool for a broken one (caller holds the lock); returns the tasks stranded on the old one."""
+        logger.warning("reward worker pool broke (a worker died while idle?); starting a new one")
+        old = self._pools.pop()
+        # stopped from another thread: this may be one of the old pool's own threads
+        threading.Thread(target=_stop, args=([old], None), daemon=True).start()
+        self._pools.append(self._new_pool())
+        stranded = [f for f, (pool, _) in self._inflight.items() if pool is old]
+        return [self._inflight.pop(f)[1] for f in stranded]
+
+    def _watch_pool(self) -> None:
+        """pebble can break a pool and drop its queued tasks when an idle worker dies from
+        outside (e.g. the OOM killer): then start a new pool and send those tasks again."""
+        while not self._stopped.wait(0.5):
+            with self._pool_lock:
+                if self._stopped.is_set() or self._pools[-1].active:
+                    continue
+                stranded = self._replace_pool()
+            for task in stranded:
+                self._retry_or_fail(task, "BrokenProcessPool: the worker pool broke")
+
+    def _retry_or_fail(self, task: _Task, reason: str) -> None:
+        if task.attempts < 2 and not self._closed:
+            self._schedule(task)
+        else:
+            self._finish(task.job, task.sample, task.fn, False, reason)
+
+    def _task_done(self, fut: Future) -> None:
+        with self._pool_lock:
+            entry = self._inflight.pop(fut, None)
+        if entry is None:  # stranded on a broken pool and sent again
+            return
+        task = entry[1]
+        job, i, j = task.job, task.sample, task.fn
         if fut.cancelled():
             return self._finish(job, i, j, False, "cancelled: the scorer was closed")
         e = fut.exception()
         if e is None:
             return self._finish(job, i, j, *fut.result())
-        if isinstance(e, BrokenProcessPool) and not retried and not self._closed:
-            # the task never ran (e.g. an idle worker was killed from outside): once more, on a new pool
-            retry = self._schedule(self.names[j], job.samples[i])
-            return retry.add_done_callback(functools.partial(self._task_done, job, i, j, retried=True))
         if isinstance(e, FutureTimeout):
             self.restarts += 1
             reason = f"timeout after {self.timeout_s:g}s (worker killed)"
         elif isinstance(e, pebble.ProcessExpired):
             self.restarts += 1
             reason = f"worker process died (exit code {e.exitcode})"
-        else:  # BrokenProcessPool, a sample that does not pickle...
+        elif isinstance(e, BrokenProcessPool):  # the task never ran: once more, on a new pool
+            return self._retry_or_fail(task, f"BrokenProcessPool: {str(e)[:500]}")
+        else:  # a sample that does not pickle...
             reason = f"{type(e).__name__}: {str(e)[:500]}"
         self._finish(job, i, j, False, reason)
 

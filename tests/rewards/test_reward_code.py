@@ -9,7 +9,7 @@ import pytest
 from cispo.config import RewardConfig
 from rewards import RewardScorer, get_reward_fn
 from rewards.code_exec import CodeRunFailed, TestFormatError, extract_code, run_code_tests
-from rewards.sandbox import SandboxUnavailable, sandbox_uid
+from rewards.sandbox import Limits, RunOutput, SandboxUnavailable, _over_limits, sandbox_uid
 from sandbox_checks import TOKEN, leftovers, sandbox_processes, sandbox_uids
 
 TESTS = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(0, 0) == 0"]
@@ -32,22 +32,28 @@ def test_passing_partial_and_broken_code():
 def test_infinite_loop_is_killed_by_the_time_limit():
     t0 = time.monotonic()
     r = run_code_tests("while True:\n    pass\n", TESTS, time_limit_s=1.0)
-    assert time.monotonic() - t0 < 3.0
+    assert time.monotonic() - t0 < 5.0
     assert (r.passed, r.status) == (0, "timeout")
     # tests that passed before a later one hung are counted, but the run failed
     r = run_code_tests("def add(a, b):\n    while a == 5:\n        pass\n    return a + b\n",
-                       [TESTS[0], "assert add(5, 0) == 5"], time_limit_s=0.5)
+                       [TESTS[0], "assert add(5, 0) == 5"], time_limit_s=2.0)
     assert (r.passed, r.total, r.status) == (1, 2, "timeout")
 
 
 def test_memory_bomb_is_stopped_by_the_memory_limit():
-    t0 = time.monotonic()
+    """Stopped by the memory limit, long before the time limit."""
     r = run_code_tests("blocks = []\nwhile True:\n    blocks.append(b'x' * 50 * 2**20)\n", TESTS,
-                       time_limit_s=5.0, memory_mb=256)
-    assert time.monotonic() - t0 < 4.0
+                       time_limit_s=30.0, memory_mb=256)
     assert (r.passed, r.status) == (0, "memory")
-    r = run_code_tests("x = bytearray(4 * 2**30)\n", TESTS, time_limit_s=5.0, memory_mb=256)
+    r = run_code_tests("x = bytearray(4 * 2**30)\n", TESTS, time_limit_s=30.0, memory_mb=256)
     assert (r.passed, r.status) == (0, "memory")
+
+
+def test_the_watchdog_counts_only_the_sandboxs_own_tmpfs():
+    """Before bwrap has mounted the sandbox's /tmp, /proc/PID/root/tmp is the host's (with its
+    many files): that must not count as the sandbox filling its work dir."""
+    out = RunOutput(b"", b"", None)
+    assert _over_limits(os.getpid(), Limits(memory_mb=100_000, work_dir_files=0), out) is False and out.fault is None
 
 
 def test_what_the_solution_sees():
