@@ -25,9 +25,11 @@ Security model (hostile code, as a policy under RL pressure writes it):
   "output limit: ...", "disk: ...", "network: ...", "escape attempt: ...",
   "syntax error: ...", "solution error: ...", "exit: ...", "crash: ...", "bad report: ...")
   that the scorer records in ``reward/failures`` and logs. This includes runs where some
-  tests passed before the limit was hit, and any attempt at a forbidden action (network,
-  writing outside the work dir, killing processes it did not start, running external
-  programs, ctypes, gc / frame-table introspection), which is also blocked.
+  tests passed before the limit was hit, any attempt at a forbidden action (network,
+  writing outside the work dir, reading outside the system folders, killing processes it
+  did not start, running external programs, ctypes, gc / frame-table introspection,
+  replacing builtins), which is also blocked, and processes left running after the tests.
+  A wrong value or an exception in a test is no failure: that test just does not pass.
 - Without a usable ``bwrap`` the reward refuses to start (`SandboxUnavailable`, saying what
   to install); it never runs code unsandboxed.
 
@@ -94,12 +96,11 @@ def run_code_tests(
     *,
     time_limit_s: float = DEFAULT_TIME_LIMIT_S,
     memory_mb: int = DEFAULT_MEMORY_MB,
-    marker: str = "cispo-sandbox",
 ) -> CodeResult:
     """Run `code` and `tests` in the sandbox; count the tests that pass (judged here, not inside).
 
     Raises `TestFormatError` for a test that cannot be checked safely and `SandboxUnavailable`
-    without bubblewrap. `marker` is put on the sandboxed program's command line (tests find it there).
+    without bubblewrap.
     """
     test_list = split_tests(tests)
     if not test_list:
@@ -107,7 +108,7 @@ def run_code_tests(
     plans = plan_tests(tuple(test_list))
     payload = json.dumps({"code": code, "tests": [list(p.steps) for p in plans]}).encode()
     limits = Limits(time_s=float(time_limit_s), memory_mb=int(memory_mb))
-    run = run_python(HARNESS, payload, limits, end_line=DONE_LINE, marker=marker)
+    run = run_python(HARNESS, payload, limits, end_line=DONE_LINE)
     report = read_report(run.results, plans)
     verdicts = [judge(p, t, report) for t, p in enumerate(plans)]
     passed = sum(v is None for v in verdicts)

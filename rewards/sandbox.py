@@ -9,8 +9,9 @@ What the program sees (bubblewrap, Debian package ``bubblewrap``): ``/usr`` (wit
 minimal ``/dev``, and one private writable work dir, ``/tmp`` (a tmpfs of
 ``Limits.work_dir_mb``; also the cwd and HOME), plus a small ``/dev/shm`` for
 multiprocessing's semaphores. Nothing else of the host exists inside: not the repo, not
-the datasets, not the host's ``/tmp``, not ``/etc``. Own network namespace (no network, no
-DNS), own PID, IPC and UTS namespaces, a new session, no environment but a few variables.
+the datasets, not the host's ``/tmp``, not ``/etc`` (only ``ld.so.cache``). Own network
+namespace (no network, no DNS), own PID, IPC and UTS namespaces, a new session, no
+environment but a few variables.
 The interpreter is the caller's own (``sys.base_prefix``), run with ``-S -s``: standard
 library only.
 
@@ -18,15 +19,17 @@ Identity. RLIMIT_NPROC is not enforced for uid 0, also not for uid 0 mapped to a
 by a user namespace (measured), so the program must run as a real non-root uid. As root,
 bwrap runs privileged (no user namespace) and ``setpriv`` starts the program as uid/gid
 ``UID_BASE + caller pid`` — a uid per reward worker, so one sandbox's processes never count
-against another's limit — with no capabilities and no_new_privs. As another user, bwrap
+against another's limit (one sandbox at a time per calling process) — with no capabilities,
+an empty bounding set and no_new_privs. As another user, bwrap
 makes a user namespace and the program keeps that user's uid.
 
 Limits. ``prlimit`` inside sets address space, CPU seconds, file size, open files and
 processes (threads count) for the program and everything it starts. The parent watches
 the rest: wall-clock time, the summed RSS of all processes in the sandbox (a per-process
 address-space limit alone would let a fork bomb multiply it), files in the tmpfs (empty
-files cost kernel memory but no tmpfs space) and whether it is full, and bytes of output. Any of these ends the
-run with a fault.
+files cost kernel memory but no tmpfs space) and whether it is full, and bytes of output.
+Any of these ends the run with a fault; so does a program still leaving processes running
+after its last line (`run_python`'s ``end_line``).
 
 No process outlives the call: the sandbox's PID namespace dies with its init, which the
 parent kills at the end of every run (SIGKILL to the init kills the whole namespace), and

@@ -116,9 +116,14 @@ _worker_cfg: Any = None
 _worker_fns: dict[str, Any] = {}
 
 
-def _worker_init(cfg_dict: dict[str, Any]) -> None:
+def _worker_init(cfg_dict: dict[str, Any], names: list[str]) -> None:
     global _worker_cfg
     _worker_cfg = _to_config(cfg_dict)
+    for spec in names:  # imports (sympy for math-verify...) here, not inside a task's timeout
+        try:
+            _worker_fns[spec] = get_reward_fn(spec, _worker_cfg)
+        except Exception:  # noqa: BLE001 - the task reports it
+            pass
     parent = os.getppid()
 
     def watchdog() -> None:  # exit if the caller dies, even while a reward function hangs
@@ -287,7 +292,8 @@ class RewardScorer:
         }
 
     def _new_pool(self) -> pebble.ProcessPool:
-        pool = pebble.ProcessPool(self.num_workers, initializer=_worker_init, initargs=(self._cfg,),
+        cpu = [n for j, n in enumerate(self.names) if j not in self._io_fns]
+        pool = pebble.ProcessPool(self.num_workers, initializer=_worker_init, initargs=(self._cfg, cpu),
                                   context=mp.get_context("spawn"))
         pool.active  # noqa: B018 - starts the workers now rather than at the first task
         return pool

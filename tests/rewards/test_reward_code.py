@@ -155,33 +155,40 @@ def test_refuses_to_start_without_bubblewrap(tmp_path, monkeypatch):
         get_reward_fn("code")
 
 
-def test_scorer_records_the_reason_and_its_timeout_kills_the_sandbox():
+def test_the_scorer_records_the_reason():
     hostile = "```python\nimport socket\ntry:\n    socket.getaddrinfo('example.com', 80)\nexcept OSError:\n    pass\n" \
               "def add(a, b):\n    return a + b\n```"
+    samples = [{"prompt": "", "response": r, "answer": None, "metadata": {"tests": TESTS}}
+               for r in (hostile, "```python\ndef add(a, b):\n    return a + b\n```")]
+    with RewardScorer(RewardConfig(functions=["code"], timeout_s=60.0, num_workers=2)) as scorer:
+        res = scorer.score(samples)
+    assert res.rewards == [0.0, 1.0]
+    assert [(i, fn) for i, fn, _ in res.failures] == [(0, "code")]
+    assert res.failures[0][2].startswith("CodeRunFailed: network: socket.getaddrinfo")
+    assert res.metrics()["reward/failures"] == 1.0
+
+
+def test_the_scorer_timeout_kills_the_sandbox_too():
     sleeper = f"```python\nimport time\ntime.sleep(60)  # {TOKEN}\n```"
-    samples = [{"prompt": "", "response": r, "answer": None, "metadata": {"tests": TESTS, "time_limit_s": 60}}
-               for r in (hostile, sleeper, "```python\ndef add(a, b):\n    return a + b\n```")]
-    with RewardScorer(RewardConfig(functions=["code"], timeout_s=2.0, num_workers=2)) as scorer:
+    sample = {"prompt": "", "response": sleeper, "answer": None, "metadata": {"tests": TESTS, "time_limit_s": 60}}
+    with RewardScorer(RewardConfig(functions=["code"], timeout_s=4.0, num_workers=1)) as scorer:
         import multiprocessing as mp
 
-        uids = sandbox_uids([c.pid for c in mp.active_children()])  # the workers' sandboxes
+        uids = sandbox_uids([c.pid for c in mp.active_children()])  # the worker's sandboxes
         seen = []
+        done = threading.Event()
 
         def watch():
             while not done.is_set():
                 seen.extend(sandbox_processes(uids))
                 time.sleep(0.05)
 
-        done = threading.Event()
         watcher = threading.Thread(target=watch)
         watcher.start()
-        res = scorer.score(samples)
+        res = scorer.score([sample])
         done.set()
         watcher.join()
-    assert res.rewards == [0.0, 0.0, 1.0]
-    reasons = {i: r for i, _, r in res.failures}
-    assert reasons[0].startswith("CodeRunFailed: network: socket.getaddrinfo")
-    assert reasons[1] == "timeout after 2s (worker killed)"
+    assert res.rewards == [0.0] and res.failures[0][2] == "timeout after 4s (worker killed)"
     assert seen, "the watcher never saw the sleeping sandbox"
     deadline = time.monotonic() + 5
     while sandbox_processes(uids) and time.monotonic() < deadline:

@@ -189,10 +189,10 @@ import os, time
 for _ in range(6):
     if os.fork() == 0:
         hoard = b"x" * (80 << 20)
-        time.sleep(5)
+        time.sleep(20)
         os._exit(0)
-time.sleep(5)
-""", "memory", {"memory_mb": 256, "time_limit_s": 4.0}),
+time.sleep(20)
+""", "memory", {"memory_mb": 256, "time_limit_s": 10.0}),
     "output_flood": (CORRECT + """
 while True:
     print("x" * 100000)
