@@ -52,7 +52,7 @@ INSPECT_EVENTS = {"gc.get_objects", "gc.get_referrers", "gc.get_referents", "sys
                   "sys.addaudithook"}
 DICT_TYPES = (dict, collections.OrderedDict, collections.defaultdict, collections.Counter)
 
-_fd = int(sys.argv[1])
+_fd = int(sys.argv[1]) if __name__ == "__main__" else -1
 _write, _dumps, _type, _getpid, _getppid = os.write, json.dumps, type, os.getpid, os.getppid
 _harness_pid = _getpid()
 _builtins = dict(vars(builtins))
@@ -242,13 +242,14 @@ def main():
     run_tests(payload["tests"], ns)
 
 
-try:
-    main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-except BaseException as e:  # the solution can break the harness itself (patched functions, closed streams)
-    emit(k="fault", kind=fatal(e) or "crash", e="in the harness: " + describe(e))
-finally:
-    emit(k="done")
-    while True:  # the parent checks the sandbox as it is now, then kills it: no atexit handlers of the solution
-        signal.pause()
+if __name__ == "__main__":  # run with python -c; importing it does nothing
+    try:
+        main()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException as e:  # the solution can break the harness itself (patched functions, closed streams)
+        emit(k="fault", kind=fatal(e) or "crash", e="in the harness: " + describe(e))
+    finally:
+        emit(k="done")
+        while True:  # the parent checks the sandbox as it is now, then kills it: no atexit handlers run
+            signal.pause()
