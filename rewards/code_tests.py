@@ -315,6 +315,10 @@ def check_tests(tests: Union[str, Sequence[str], None]) -> None:
 # ---------------------------------------------------------------- reading the sandbox's report
 
 
+FLAG_KINDS = frozenset({"network", "escape attempt"})  # what rewards/sandbox_harness.py writes
+FAULT_KINDS = frozenset({"syntax error", "solution error", "exit", "memory", "crash"})
+
+
 class BadReport(Exception):
     """The sandbox's report is not what the harness writes (tampered with, or truncated)."""
 
@@ -377,6 +381,14 @@ def _str_field(msg: dict, key: str) -> str:
     return v[:300]
 
 
+def _kind_field(msg: dict, kinds: frozenset) -> str:
+    """A flag's or fault's kind: one the harness writes (never "ok": a run's status is not the sandbox's to set)."""
+    v = msg.get("kind")
+    if v not in kinds:
+        raise BadReport(f"unknown kind {str(v)[:40]!r}")
+    return v
+
+
 def read_report(data: bytes, plans: tuple[TestPlan, ...]) -> Report:
     """Parse the harness's lines; anything unexpected (a duplicate, a message after "done",
     an unknown kind, a malformed value) sets `bad`."""
@@ -391,15 +403,15 @@ def read_report(data: bytes, plans: tuple[TestPlan, ...]) -> Report:
                 raise BadReport("not an object")
             kind = msg.get("k")
             if kind == "flag":  # may come from any process of the solution, also after "done"
-                rep.flags.append((_str_field(msg, "kind"), _str_field(msg, "e")))
+                rep.flags.append((_kind_field(msg, FLAG_KINDS), _str_field(msg, "e")))
                 continue
             if rep.done:
                 raise BadReport(f"a {kind!r} message after 'done'")
             if kind == "done":
                 rep.done = True
             elif kind == "fault":
-                if rep.fault is None:
-                    rep.fault = (_str_field(msg, "kind"), _str_field(msg, "e"))
+                fault = (_kind_field(msg, FAULT_KINDS), _str_field(msg, "e"))
+                rep.fault = rep.fault or fault
             elif kind in ("value", "leaf_error"):
                 t = _int_field(msg, "t", len(plans))
                 j = _int_field(msg, "leaf", len(plans[t].leaves))

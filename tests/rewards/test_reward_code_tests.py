@@ -122,7 +122,9 @@ def test_reports_that_cannot_be_trusted():
                       (line(k="value", t=1, leaf=3, v=["n", 0]), "bad leaf"),
                       (line(k="pass", t=1), "unknown message kind"),
                       (b'{"k": "value", "t": 1, "le', "ends in the middle of a line"),
-                      (b"not json\n", "JSONDecodeError")]:
+                      (b"not json\n", "JSONDecodeError"),
+                      (line(k="flag", kind="ok", e="all fine"), "unknown kind 'ok'"),
+                      (line(k="fault", kind="ok", e="all fine"), "unknown kind 'ok'")]:
         assert why in read_report(good + tail, plans).bad
 
 

@@ -237,6 +237,16 @@ for i in range(3):
     os.write(fd, (json.dumps({"k": "value", "t": i, "leaf": 0, "v": ["b", True]}) + "\\n").encode())
 os.write(fd, b'{"k": "done"}\\n')
 """, None, {}),
+    "forge_a_clean_status_after_a_hang": ("""
+import json, os, sys
+fd = int(sys.argv[1])
+os.write(fd, (json.dumps({"k": "flag", "kind": "ok", "e": "fine"}) + "\\n").encode())
+def add(a, b):
+    if a == 10:
+        while True:
+            pass
+    return a + b
+""", "timeout", {"time_limit_s": 1.0}),
     "forge_via_frames": (WRONG + """
 import sys
 _real = add
