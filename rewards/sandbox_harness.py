@@ -35,7 +35,7 @@ import sys
 WORK_DIR = "/tmp"
 MAX_DEPTH = 64  # nesting of a reported value
 MAX_VALUE_BYTES = 4 << 20
-WRITABLE = (WORK_DIR, "/dev/shm", "/dev/null", "/dev/stdout", "/dev/stderr")  # the sandbox's own tmpfs folders
+WRITABLE = (WORK_DIR, "/dev/shm", "/dev/null", "/dev/stdout", "/dev/stderr")  # its own tmpfs folders, and sinks
 READABLE = WRITABLE + ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/dev", "/proc/self",
                        "/proc/thread-self", "/proc/%d" % os.getpid(), "/etc/ld.so.cache", sys.base_prefix, sys.prefix,
                        os.path.dirname(sys.executable))
@@ -56,7 +56,7 @@ _fd = int(sys.argv[1]) if __name__ == "__main__" else -1
 _write, _dumps, _type, _getpid, _getppid = os.write, json.dumps, type, os.getpid, os.getppid
 _harness_pid = _getpid()
 _builtins = dict(vars(builtins))
-_busy = []  # non-empty while the hook or the harness itself is at work: no audit
+_busy = []  # non-empty while the hook is at work: the events it causes itself are not audited
 
 
 def emit(**msg):
