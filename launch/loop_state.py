@@ -3,7 +3,8 @@ needs to continue exactly where the saved one stood.
 
     checkpoints/step_XXXXXXXX/          (trainer.checkpoint.CheckpointDir: complete or absent)
         mp_rank_*, zero_*, rng_rank*    the trainer ranks' state (weights, Adam, schedule, RNG)
-        driver_state.json               steps done, the dataset's position, the next group id
+        driver_state.json               steps done, the dataset's position, the next group id,
+                                        and what other parts of the loop keep (`extra`)
         next_batch.pkl                  async mode: the next step's batch, already generated
 
 The group id seeds sampling (sample j of group g draws from (seed, g, j)), so it is
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import json
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,8 @@ class LoopState:
     data: dict[str, Any]  # PromptDataset.state_dict() after the last batch drawn
     group_counter: int  # the next prompt group's id
     next_batch: Any = None  # async: (batch, stats) of the next step, generated already
+    # JSON-able state of other parts of the loop (the length schedule, the collapse guard)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def save(system, folders: CheckpointDir, state: LoopState) -> Path:
@@ -41,7 +44,7 @@ def save(system, folders: CheckpointDir, state: LoopState) -> Path:
     if state.next_batch is not None:
         with (tmp / NEXT_BATCH_FILE).open("wb") as f:
             pickle.dump(state.next_batch, f)
-    (tmp / STATE_FILE).write_text(json.dumps({"step": state.step, "data": state.data,
+    (tmp / STATE_FILE).write_text(json.dumps({**state.extra, "step": state.step, "data": state.data,
                                               "group_counter": state.group_counter}))
     return folders.commit(tmp)
 
@@ -53,5 +56,6 @@ def load(folder: Path, prompts_per_step: int) -> LoopState:
         with (folder / NEXT_BATCH_FILE).open("rb") as f:
             next_batch = pickle.load(f)
     # checkpoints from before the counter was saved: what a run without refills reaches
-    counter = raw.get("group_counter", raw["step"] * prompts_per_step)
-    return LoopState(int(raw["step"]), raw["data"], int(counter), next_batch)
+    counter = raw.pop("group_counter", raw["step"] * prompts_per_step)
+    step, data = int(raw.pop("step")), raw.pop("data")
+    return LoopState(step, data, int(counter), next_batch, raw)

@@ -3,6 +3,7 @@ trainer ranks and the weight-sync channel between them."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -29,21 +30,40 @@ class RLSystem:
         self._restarts_reported = 0
         try:
             self.scorer = RewardScorer(conf.reward)
-            log.info("starting %d trainer rank(s) and %d rollout engine(s)", conf.trainer.num_ranks, conf.rollout.num_engines)
+            log.info("starting %d trainer rank(s) and %d rollout engine(s)", conf.trainer.num_ranks,
+                     conf.rollout.num_engines)
+            # asynchronous: the engines generate while the trainer steps, so each keeps its own core
+            trainer_cfg = dataclasses.replace(conf.trainer, cpu_threads=1) if conf.mode == "async" else conf.trainer
             self.trainer = TrainerGroup(
-                model_path, conf.trainer, conf.algorithm, num_ranks=conf.trainer.num_ranks,
+                model_path, trainer_cfg, conf.algorithm, num_ranks=conf.trainer.num_ranks,
                 temperature=conf.rollout.temperature, seed=conf.seed, num_gpus_per_rank=1 if on_gpu else 0,
+                lora=conf.model.lora,
             )
-            self.rollout = RolloutGroup(model_path, conf.rollout, dtype=conf.model.dtype)
-            self.weights = WeightChannel(self.trainer, self.rollout, conf.rollout, "nccl" if on_gpu else "gloo")
+            lora = dataclasses.asdict(conf.model.lora) if conf.model.lora.rank else None
+            self.rollout = RolloutGroup(model_path, conf.rollout, dtype=conf.model.dtype, lora=lora)
+            # LoRA adapters (a few MB) always travel through the object store: the engines
+            # write them as adapter folders (rollout/lora.py), not into the base weights
+            self.weights = WeightChannel(self.trainer, self.rollout, conf.rollout, "nccl" if on_gpu else "gloo",
+                                         collective=conf.rollout.weight_sync == "collective" and lora is None)
         except BaseException:
             self.shutdown()  # a part that failed to start must not leave the others running
             raise
+        plan = self.weights.plan or self.trainer.weight_sync_plan(conf.rollout.sync_bucket_mb)
+        # what one sync sends, and the trainable share: the numbers LoRA changes
+        self.size_metrics = {
+            "model/sync_mb": sum(m.nbytes for bucket in plan for m in bucket) / 2**20,
+            "model/trainable_params": float(self.trainer.trainable_params),
+            "model/total_params": float(self.trainer.total_params),
+            # AdamW keeps two fp32 moments per trainable parameter (plus an fp32 master copy in bf16/fp16)
+            "model/optimizer_state_mb": self.trainer.trainable_params * (8 if conf.trainer.dtype == "float32" else 12)
+            / 2**20,
+        }
 
     # ---- one step's parts ----------------------------------------------------------------
 
-    def generate(self, items: list[PromptItem], group_ids: list[int], n: int) -> list[Trajectory]:
-        trajs = self.rollout.generate([it.prompt_ids for it in items], group_ids, n)
+    def generate(self, items: list[PromptItem], group_ids: list[int], n: int, **overrides) -> list[Trajectory]:
+        """n samples per prompt; overrides: sampling settings for this call (RolloutEngine.generate)."""
+        trajs = self.rollout.generate([it.prompt_ids for it in items], group_ids, n, **overrides)
         by_group = dict(zip(group_ids, items))
         for t in trajs:
             item = by_group[t.group_id]
@@ -89,11 +109,15 @@ class RLSystem:
             self.trainer.step = step
             self.trainer.save_into(str(folder))
 
-    def restore(self, folder: Path, step: int) -> int:
+    def load_trainer(self, folder: Path) -> int:
+        """The trainer's state from a checkpoint folder (the engines keep theirs)."""
         with self.weights.lock:
-            loaded = self.trainer.load_checkpoint(str(folder.parent), str(folder))
-            if loaded != step:
-                raise RuntimeError(f"checkpoint {folder} holds trainer step {loaded}, its loop state says {step}")
+            return self.trainer.load_checkpoint(str(folder.parent), str(folder))
+
+    def restore(self, folder: Path, step: int) -> int:
+        loaded = self.load_trainer(folder)
+        if loaded != step:
+            raise RuntimeError(f"checkpoint {folder} holds trainer step {loaded}, its loop state says {step}")
         self.sync_weights(version=step)
         return step
 

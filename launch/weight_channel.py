@@ -35,16 +35,18 @@ log = logging.getLogger("cispo")
 
 class WeightChannel:
     def __init__(self, trainer: TrainerGroup, rollout: RolloutGroup, config: RolloutConfig, backend: str,
-                 timeout_s: float = 600.0, poll_s: float = 0.5):
+                 collective: bool | None = None, timeout_s: float = 600.0, poll_s: float = 0.5):
         self.trainer, self.rollout, self.config = trainer, rollout, config
         self.backend = backend
+        # the configured path, unless the caller knows better (LoRA adapters: object store)
+        self.collective = config.weight_sync == "collective" if collective is None else collective
         self.timeout_s, self.poll_s = timeout_s, poll_s
         self.lock = threading.RLock()
         self.version = 0  # what the engines serve
         self.plan = None
         self.address: tuple[str, int] | None = None
         self.last_abort_after_s: float | None = None  # broadcast start -> abort, the last time one failed
-        if config.weight_sync == "collective":
+        if self.collective:
             self._join()
         rollout.on_replaced = self.bring_up
 
@@ -117,7 +119,7 @@ class WeightChannel:
         """Every engine to the trainer's current weights, tagged `version`; returns the
         version the engines report."""
         with self.lock:
-            if self.config.weight_sync != "collective":
+            if not self.collective:
                 plan = self.trainer.weight_sync_plan(self.config.sync_bucket_mb)
                 self.version = self.rollout.update_weights(self.trainer.get_weights_ref(plan), version)
                 return self.version
@@ -137,7 +139,7 @@ class WeightChannel:
         with self.lock:
             version = max(self.version, self.trainer.step, self.rollout.version)
             log.info("bringing replaced rollout engines %s to policy version %d", engines, version)
-            if self.config.weight_sync == "collective":
+            if self.collective:
                 self._join()
                 self.sync(version)
             else:

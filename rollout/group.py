@@ -37,6 +37,17 @@ class RolloutEngineError(RuntimeError):
         self.engine_indices = engine_indices
 
 
+def root_cause(message: str) -> str:
+    """The line of a Ray error that says what went wrong: the last "SomeError: ..." line of
+    the traceback it carries (e.g. vLLM refusing to start for lack of memory), else its
+    first line. The engine's own log is in the run folder, but the console must say why."""
+    import re
+
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    causes = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)\b.*:", ln) and "creation task" not in ln]
+    return causes[-1] if causes else (lines[0] if lines else "")
+
+
 def split_evenly(count: int, parts: int) -> list[tuple[int, int]]:
     """[start, end) ranges of `count` items over `parts` engines, contiguous, sizes
     differing by at most one."""
@@ -55,7 +66,8 @@ class RolloutGroup:
     num_cpus / num_gpus: Ray resources per engine (default: 1 CPU; GPUs = TP size when
     CUDA is visible, else 0). timeout_s: the default bound on every wait (start-up
     included). engine_kwargs: extra `vllm.LLM` arguments. env: extra environment
-    variables for the actors (the repo root is put on their PYTHONPATH). wait_ready=False
+    variables for the actors (the repo root is put on their PYTHONPATH). lora: a
+    `cispo.config.LoraConfig` as a dict, to serve trained adapters (rollout/lora.py). wait_ready=False
     returns at once (start several groups side by side), then call `wait_ready()`.
     engine_cls: the engine class run in each actor (a `RolloutEngine` subclass).
     """
@@ -74,6 +86,7 @@ class RolloutGroup:
         name: str = "rollout",
         wait_ready: bool = True,
         engine_cls: type | None = None,
+        lora: dict[str, Any] | None = None,
     ):
         import ray
 
@@ -95,7 +108,7 @@ class RolloutGroup:
         self._actor_options = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0,
                                    runtime_env={"env_vars": env_vars})
         self._engine_args = (model_path, config, dtype)
-        self._engine_kwargs = dict(enforce_eager=enforce_eager, engine_kwargs=engine_kwargs)
+        self._engine_kwargs = dict(enforce_eager=enforce_eager, engine_kwargs=engine_kwargs, lora=lora)
         self._base_names = [f"{name}-{i}" for i in range(config.num_engines)]
         self.names = list(self._base_names)
         self.max_restarts = config.max_restarts
@@ -198,7 +211,7 @@ class RolloutGroup:
             try:
                 results[k] = ray.get(ref, timeout=0)
             except RayActorError as e:
-                failures[k] = ("died", f"{label} died during {what}: {type(e).__name__}: {str(e).splitlines()[0]}")
+                failures[k] = ("died", f"{label} died during {what}: {type(e).__name__}: {root_cause(str(e))}")
             except RayTaskError as e:
                 cause = e.cause if getattr(e, "cause", None) is not None else e
                 failures[k] = ("failed", f"{label} failed during {what}: {type(cause).__name__}: {str(cause).splitlines()[-1]}")

@@ -13,9 +13,6 @@ Kills are real: os.kill(pid, SIGKILL) with the pid from the engine's info().
 After the run fails, the script checks that it left nothing running in Ray (every CPU
 of the cluster free again: no actor, no placement group) and prints LEAK_CHECK ok or
 what is left, then exits 3.
-
-Also `text_reward`, a deterministic reward that varies with the response text (every
-group has a spread to learn from, even for an untrained model).
 """
 
 from __future__ import annotations
@@ -24,10 +21,6 @@ import os
 import signal
 import sys
 import time
-
-
-def text_reward(prompt: str, response: str, answer, metadata: dict) -> float:
-    return (sum(ord(c) for c in response) % 7) / 6.0
 
 
 def _install(faults: set[tuple[str, int]]) -> None:

