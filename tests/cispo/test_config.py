@@ -65,6 +65,8 @@ def test_settings_that_cannot_work_together_are_refused(overrides, key, message)
         ("trainer.lm_head_mode=fp16", "trainer.lm_head_mode", "allowed values: auto, fp16x2, bf16x3"),
         ("rollout.temperature=0", "rollout.temperature", "must be > 0"),
         ("rollout.weight_sync=nfs", "rollout.weight_sync", "allowed values: collective, object_store"),
+        ("rollout.max_restarts=-1", "rollout.max_restarts", "must be >= 0"),
+        ("algorithm.behaviour_is=clip", "algorithm.behaviour_is", "allowed values: off, tis, mis"),
         ("rollout.max_model_len=16", "rollout.max_model_len", "smaller than data.max_prompt_tokens"),
         ("model.dtype=int8", "model.dtype", "allowed values: float32, bfloat16, float16"),
         ("logger.backends=[console,mlflow]", "logger.backends[1]", "allowed values: console, jsonl, wandb, tensorboard"),

@@ -46,10 +46,10 @@ def _install(faults: set[tuple[str, int]]) -> None:
         armed["sync"] = ("kill_sync", k) in faults
         return out
 
-    def patched_generate(self, items, group_ids, n):
+    def patched_generate(self, items, group_ids, n, **overrides):
         armed["generate"] = ("kill_generate", calls["generate"]) in faults
         calls["generate"] += 1
-        return generate(self, items, group_ids, n)
+        return generate(self, items, group_ids, n, **overrides)
 
     def patched_collect(self, refs, engines, what, timeout_s=None):
         if what == "generate" and armed["generate"]:
