@@ -23,6 +23,7 @@ WEIGHT_SYNC_PATHS = ("collective", "object_store")
 RUN_MODES = ("sync", "async")
 LOGGER_BACKENDS = ("console", "jsonl", "wandb", "tensorboard")
 CLUSTER_KINDS = ("local", "slurm")
+PLACEMENT_MODES = ("split", "colocate")
 
 
 @dataclass
@@ -67,6 +68,8 @@ class RolloutConfig:
     stop: list[str] = field(default_factory=list)
     weight_sync: str = "collective"
     sync_bucket_mb: int = 64
+    sync_port: int = 0  # the weight-sync group's TCP port on trainer rank 0's node; 0 = a free one
+    enforce_eager: Optional[bool] = None  # vLLM: True skips torch.compile / CUDA graphs (faster start)
     seed: int = 0
 
 
@@ -155,6 +158,27 @@ class ClusterConfig:
 
 
 @dataclass
+class PlacementConfig:
+    """Where rollout engines and trainer ranks run (launch/placement.py). The counts are
+    GPUs; 0 and 0 = everything on CPU (the default: CI, laptops)."""
+
+    # split: engines and ranks on GPUs of their own, weights over NCCL.
+    # colocate: each GPU holds one trainer rank and one engine; vLLM sleeps while the
+    # trainer steps, weights go to the engine by CUDA IPC.
+    mode: str = "split"
+    rollout_gpus: int = 0  # = rollout.num_engines x rollout.tensor_parallel_size
+    trainer_gpus: int = 0  # = trainer.num_ranks (one rank per GPU)
+    offload_optimizer: bool = True  # colocate: the trainer's optimizer state on CPU while engines generate
+    cpus_per_actor: float = 1.0
+    ready_timeout_s: float = 120.0  # bound on Ray reserving the resources once the fit check passed
+
+
+def placement_gpus(p: Any) -> int:
+    """GPUs a placement (PlacementConfig or its OmegaConf node) asks for in all."""
+    return p.trainer_gpus if p.mode == "colocate" else p.rollout_gpus + p.trainer_gpus
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
@@ -165,6 +189,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
     steps: int = 20
     seed: int = 0
     mode: str = "sync"
@@ -212,6 +237,7 @@ def validate(cfg: Any) -> None:
     if not cfg.model.path:
         raise ConfigError("model.path", "is empty; give a Hugging Face model folder or builtin:<name>")
 
+    _validate_placement(cfg)  # first: the engine and rank counts may come from it
     _at_least("rollout.num_engines", r.num_engines, 1)
     _at_least("rollout.tensor_parallel_size", r.tensor_parallel_size, 1)
     if r.temperature <= 0:
@@ -228,6 +254,8 @@ def validate(cfg: Any) -> None:
         raise ConfigError("rollout.repetition_prob", f"{r.repetition_prob!r} must be in [0.5, 1)")
     _at_least("rollout.repetition_window", r.repetition_window, 1)
     _one_of("rollout.weight_sync", r.weight_sync, WEIGHT_SYNC_PATHS)
+    if not 0 <= r.sync_port <= 65535:
+        raise ConfigError("rollout.sync_port", f"{r.sync_port!r} must be a TCP port (1-65535) or 0 (a free one)")
     _at_least("rollout.sync_bucket_mb", r.sync_bucket_mb, 1)
     if d.max_prompt_tokens + r.max_new_tokens > r.max_model_len:
         raise ConfigError(
@@ -308,3 +336,53 @@ def validate(cfg: Any) -> None:
     _at_least("max_staleness", cfg.max_staleness, 0)
     if cfg.mode == "async" and cfg.max_staleness != 1:
         raise ConfigError("max_staleness", f"{cfg.max_staleness} with mode=async; allowed: 1 (rollouts one step ahead)")
+
+
+PLACEMENT_PRESETS = "placement=colocate_1 (1 GPU), split_1_1 (2 GPUs), colocate_8 or split_4_4 (8 GPUs)"
+
+
+def _validate_placement(cfg: Any) -> None:
+    """The placement against the counts it implies: trainer.num_ranks = trainer GPUs,
+    rollout.num_engines x tensor_parallel_size = rollout GPUs (checked, not guessed)."""
+    p, r, t = cfg.placement, cfg.rollout, cfg.trainer
+    _one_of("placement.mode", p.mode, PLACEMENT_MODES)
+    _at_least("placement.rollout_gpus", p.rollout_gpus, 0)
+    _at_least("placement.trainer_gpus", p.trainer_gpus, 0)
+    if p.cpus_per_actor <= 0:
+        raise ConfigError("placement.cpus_per_actor", f"{p.cpus_per_actor!r} must be > 0")
+    if p.ready_timeout_s <= 0:
+        raise ConfigError("placement.ready_timeout_s", f"{p.ready_timeout_s!r} must be > 0")
+    on_gpu = p.rollout_gpus > 0 or p.trainer_gpus > 0
+    if not on_gpu:
+        if p.mode == "colocate":
+            raise ConfigError("placement.mode", "colocate needs GPUs (vLLM sleep mode, CUDA IPC); set "
+                              f"placement.trainer_gpus/rollout_gpus or choose a preset: {PLACEMENT_PRESETS}")
+        if t.num_ranks < 1 or r.num_engines < 1:
+            raise ConfigError("placement", "trainer.num_ranks / rollout.num_engines come from the placement's GPU "
+                              f"counts, which are 0 (the CPU placement); choose a GPU placement: {PLACEMENT_PRESETS}")
+        return
+    if p.rollout_gpus == 0 or p.trainer_gpus == 0:
+        raise ConfigError("placement.rollout_gpus", f"rollout_gpus={p.rollout_gpus}, trainer_gpus={p.trainer_gpus}: "
+                          "both 0 (everything on CPU) or both > 0")
+    if p.mode == "colocate":
+        if p.rollout_gpus != p.trainer_gpus:
+            raise ConfigError("placement.rollout_gpus", f"colocate shares the same GPUs: rollout_gpus={p.rollout_gpus} "
+                              f"must equal trainer_gpus={p.trainer_gpus}")
+        if r.tensor_parallel_size != 1:
+            raise ConfigError("rollout.tensor_parallel_size", f"{r.tensor_parallel_size} with placement.mode=colocate; "
+                              "colocated engines run one per GPU (tensor_parallel_size=1), use placement.mode=split")
+        if cfg.mode == "async":
+            raise ConfigError("mode", "async with placement.mode=colocate: colocated engines sleep while the trainer "
+                              "steps, so generation cannot overlap training; use mode=sync or placement.mode=split")
+    if t.num_ranks != p.trainer_gpus:
+        raise ConfigError("trainer.num_ranks", f"{t.num_ranks} ranks but placement.trainer_gpus={p.trainer_gpus} "
+                          "(one rank per GPU): make them equal")
+    if r.num_engines * r.tensor_parallel_size != p.rollout_gpus:
+        raise ConfigError("rollout.num_engines", f"{r.num_engines} engines x rollout.tensor_parallel_size="
+                          f"{r.tensor_parallel_size} = {r.num_engines * r.tensor_parallel_size} GPUs but "
+                          f"placement.rollout_gpus={p.rollout_gpus}: set rollout.num_engines="
+                          f"{max(p.rollout_gpus // r.tensor_parallel_size, 1)}")
+    c = cfg.cluster
+    if c.kind == "slurm" and placement_gpus(p) > c.nodes * c.gpus_per_node:
+        raise ConfigError("cluster.gpus_per_node", f"the placement needs {placement_gpus(p)} GPUs but cluster.nodes="
+                          f"{c.nodes} x cluster.gpus_per_node={c.gpus_per_node} = {c.nodes * c.gpus_per_node}")

@@ -31,7 +31,7 @@ from launch.loggers import MetricLogger
 from launch.report import Progress, plot_curves, print_summary, read_metrics
 from launch.rollout_metrics import rollout_metrics, sample_rows
 from launch.system import RLSystem
-from launch.tiny_model import resolve_model_path
+from launch.tiny_model import check_model_folder, resolve_model_path
 from launch.warmup import warm_start
 
 log = logging.getLogger("cispo")
@@ -99,6 +99,7 @@ def run(cfg: DictConfig) -> Path:
                           config=OmegaConf.to_container(cfg, resolve=True))
 
     model_path = resolve_model_path(conf.model.path)
+    check_model_folder(model_path)
     latest = ckpt.latest() if conf.resume else None
     if latest is None and conf.warmup.steps:
         model_path = run_warmup(conf, model_path, out, logger)
@@ -173,6 +174,7 @@ def loop(system: RLSystem, dataset: PromptDataset, conf: Config, logger: MetricL
             t_sync = time.perf_counter() - t0
 
             step_time = time.perf_counter() - t_step
+            sync_split = {f"perf/sync_{k}": v for k, v in system.sync_stats().items()}
             metrics = {
                 **rollout_metrics(stats, batch, trainer_version=step),
                 **namespaced_train_metrics(train),
@@ -180,6 +182,7 @@ def loop(system: RLSystem, dataset: PromptDataset, conf: Config, logger: MetricL
                 "perf/reward_s": stats["reward_s"],
                 "perf/train_s": t_train,
                 "perf/sync_s": t_sync,
+                **sync_split,
                 "perf/idle_s": (t_ready - t_step) if not asynchronous else t_wait,
                 "perf/step_time_s": step_time,
                 "perf/tokens_per_s": sum(t.num_tokens for t in stats["generated"]) / max(step_time, 1e-9),

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from cispo.batch import Trajectory
 from cispo.config import Config
+from launch import placement
+from launch.colocate import Colocated
 from launch.data import PromptItem
 from rewards.scorer import RewardScorer
 from rollout.group import RolloutGroup
@@ -18,34 +20,71 @@ log = logging.getLogger("cispo")
 
 class RLSystem:
     def __init__(self, conf: Config, model_path: str):
-        import torch
+        self.conf = conf
+        # GPUs or not is the placement's call, checked against the cluster before any actor
+        # starts (launch.placement); a CPU placement reserves nothing, as before.
+        layout = self.layout = placement.plan(conf.placement, conf.trainer.num_ranks, conf.rollout.num_engines,
+                                              conf.rollout.tensor_parallel_size)
+        self.reservation = placement.reserve(layout, conf.placement.ready_timeout_s) if layout.on_gpu else None
+        try:
+            self._start(conf, model_path, layout)
+        except BaseException:
+            self.shutdown()  # nothing half-started stays behind (actors, placement group)
+            raise
+
+    def _start(self, conf: Config, model_path: str, layout: placement.Layout) -> None:
         from transformers import AutoTokenizer
 
-        self.conf = conf
+        res = self.reservation
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.scorer = RewardScorer(conf.reward)
-        on_gpu = torch.cuda.is_available()
-        log.info("starting %d trainer rank(s) and %d rollout engine(s)", conf.trainer.num_ranks, conf.rollout.num_engines)
+        log.info("starting %d trainer rank(s) and %d rollout engine(s): %s", conf.trainer.num_ranks,
+                 conf.rollout.num_engines, layout.describe())
         self.trainer = TrainerGroup(
             model_path, conf.trainer, conf.algorithm, num_ranks=conf.trainer.num_ranks,
-            temperature=conf.rollout.temperature, seed=conf.seed, num_gpus_per_rank=1 if on_gpu else 0,
+            temperature=conf.rollout.temperature, seed=conf.seed, num_cpus_per_rank=layout.trainer[0].num_cpus,
+            num_gpus_per_rank=layout.trainer[0].num_gpus, scheduling=res.trainer_strategies() if res else None,
         )
-        self.rollout = RolloutGroup(model_path, conf.rollout, dtype=conf.model.dtype)
-        self.backend = "nccl" if on_gpu else "gloo"
+        if layout.colocated and conf.placement.offload_optimizer:
+            self.trainer.offload_states()  # the engines measure free memory at start-up
+        self.rollout = RolloutGroup(
+            model_path, conf.rollout, dtype=conf.model.dtype, num_cpus=layout.rollout[0].num_cpus,
+            num_gpus=layout.rollout[0].num_gpus, enforce_eager=conf.rollout.enforce_eager,
+            engine_kwargs={"enable_sleep_mode": True} if layout.colocated else None,
+            scheduling=res.rollout_strategies() if res else None,
+        )
+        self.backend = "nccl" if layout.on_gpu else "gloo"
         self.plan = None
-        if conf.rollout.weight_sync == "collective":
+        self.colocated = None
+        self.last_sync_stats: dict[str, float] = {}
+        if layout.colocated:
+            self.colocated = Colocated(self.trainer, self.rollout, conf.placement.offload_optimizer,
+                                       conf.rollout.sync_bucket_mb)
+        elif conf.rollout.weight_sync == "collective":
             host, port = self.trainer.sync_address()
+            port = conf.rollout.sync_port or port
             world = self.rollout.sync_world_size
             self._together(self.trainer.init_weight_sync(host, port, world, self.backend),
                            self.rollout.init_weight_sync(host, port, world, self.backend), "weight-sync set-up")
             self.plan = self.trainer.weight_sync_plan(conf.rollout.sync_bucket_mb)
 
     def _together(self, trainer_refs, rollout_refs, what: str) -> list:
-        """Wait for both sides of a collective; the rollout side's wait is bounded and names
-        a dead engine (a trainer failure surfaces through ray.get)."""
+        """Wait for both sides of a collective, failing as soon as either side fails (the
+        other is then blocked in the collective for good); the wait is bounded and names a
+        dead engine."""
         import ray
 
         trainer_refs = trainer_refs if isinstance(trainer_refs, list) else [trainer_refs]
+        engine_of = {ref: i for i, ref in enumerate(rollout_refs)}
+        pending = list(trainer_refs) + list(rollout_refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=self.rollout.timeout_s)
+            if not done:
+                break  # the bounded wait below names whoever is stuck
+            if done[0] in engine_of:
+                self.rollout.wait(done, what, 0, [engine_of[done[0]]])
+            else:
+                ray.get(done[0])
         results = self.rollout.wait(rollout_refs, what)
         ray.get(trainer_refs)
         return results
@@ -78,11 +117,15 @@ class RLSystem:
         return len(result.failures)
 
     def train(self, batch: list[Trajectory]) -> dict[str, float]:
+        if self.colocated is not None:
+            return self.colocated.train(batch)
         return self.trainer.train_step(batch)
 
     def sync_weights(self, version: int) -> int:
         """Trainer weights into every engine; returns the lowest policy version the
         engines report afterwards (what the next trajectories will carry)."""
+        if self.colocated is not None:
+            return self.colocated.sync(version)
         if self.plan is not None:
             versions = self._together(self.trainer.broadcast_weights(self.plan),
                                       self.rollout.receive_weights(self.plan, version), "weight sync")
@@ -90,22 +133,52 @@ class RLSystem:
         plan = self.trainer.weight_sync_plan(self.conf.rollout.sync_bucket_mb)
         return self.rollout.update_weights(self.trainer.get_weights_ref(plan), version)
 
+    def sync_stats(self) -> dict[str, float]:
+        """Where the last weight sync spent its time (seconds; GPU placements only, two
+        small RPCs): trainer-side gather / send, engine 0's receive / load / FP32-head refresh."""
+        if not self.layout.on_gpu:
+            return {}
+        engine = self.rollout.last_load_stats()[0]
+        out = {k: float(v) for k, v in engine.items() if k.endswith("_s")}
+        if self.colocated is not None:
+            return {**out, **self.colocated.last_sync}
+        if self.plan is not None:
+            sent = self.trainer.last_sync_stats()
+            out.update(gather_s=sent.get("gather_s", 0.0), send_s=sent.get("send_s", 0.0))
+        return out
+
     # ---- checkpoints ---------------------------------------------------------------------
 
     def save(self, folder: Path, step: int) -> None:
         self.trainer.step = step
+        offloaded = self.colocated is not None and self.colocated.offload
+        if offloaded:
+            self.trainer.reload_states()  # DeepSpeed saves (and later loads) the state where it trains
         self.trainer.save_checkpoint(str(folder / "trainer"))
+        if offloaded:
+            self.trainer.offload_states()
 
     def restore(self, folder: Path) -> int:
+        if self.colocated is not None and self.colocated.offload:
+            self.trainer.reload_states()
         step = self.trainer.load_checkpoint(str(folder / "trainer"))
+        if self.colocated is not None and self.colocated.offload:
+            self.trainer.offload_states()
         if step is None:
             raise RuntimeError(f"checkpoint {folder} holds no trainer state")
         self.sync_weights(version=step)
         return step
 
     def shutdown(self) -> None:
-        for part in (self.rollout, self.trainer, self.scorer):
+        # also after a failed start: only the parts that exist
+        parts = [getattr(self, name, None) for name in ("rollout", "trainer", "scorer", "reservation")]
+        for part in (p for p in parts if p is not None):
             try:
-                part.shutdown() if hasattr(part, "shutdown") else part.close()
+                if hasattr(part, "shutdown"):
+                    part.shutdown()
+                elif hasattr(part, "release"):
+                    part.release()
+                else:
+                    part.close()
             except Exception as err:  # shutting down: report, keep closing the rest
                 log.warning("shutdown of %s failed: %s", type(part).__name__, err)

@@ -17,6 +17,14 @@ SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 PRESETS: dict[str, dict[str, int]] = {
     "tiny-qwen2": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, intermediate_size=256),
     "small-qwen2": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=768),
+    # The shapes of the public Qwen2 checkpoints, randomly initialised (GPU measurements, no hub):
+    # bf16 on disk, the char tokenizer padded with filler tokens up to the vocabulary.
+    "qwen2-0.5b-shape": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                             intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2-1.5b-shape": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                             intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2-7b-shape": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                           intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False),
 }
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -24,13 +32,17 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_char_tokenizer():
-    """A character-level fast tokenizer over printable ASCII (every char is one token)."""
+def build_char_tokenizer(vocab_size: int | None = None):
+    """A character-level fast tokenizer over printable ASCII (every char is one token),
+    padded with filler tokens '<x_N>' up to `vocab_size` so every id a bigger model can
+    sample decodes."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders
     from transformers import PreTrainedTokenizerFast
 
     chars = [c for c in string.printable if c not in "\r\x0b\x0c"]
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + chars)}
+    for i in range(len(vocab), vocab_size or 0):
+        vocab[f"<x_{i}>"] = i
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     tok.decoder = decoders.Fuse()
@@ -41,32 +53,65 @@ def build_char_tokenizer():
     return fast
 
 
-def make_tiny_qwen2(path: str | os.PathLike, preset: str = "tiny-qwen2", seed: int = 0, **overrides: int) -> Path:
-    """Write a randomly initialised Qwen2 model with the char tokenizer to `path`."""
+def make_tiny_qwen2(path: str | os.PathLike, preset: str = "tiny-qwen2", seed: int = 0, weights: bool = True,
+                    **overrides: int) -> Path:
+    """Write a randomly initialised Qwen2 model with the char tokenizer to `path`.
+    weights=False writes only config and tokenizer (for vLLM's load_format="dummy")."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     if preset not in PRESETS:
         raise ValueError(f"unknown tiny model preset {preset!r}; allowed: {', '.join(PRESETS)}")
     path = Path(path)
-    tokenizer = build_char_tokenizer()
-    shape = {**PRESETS[preset], **overrides}
+    shape = {"tie_word_embeddings": False, **PRESETS[preset], **overrides}
+    big = "vocab_size" in shape  # the Qwen2 shapes: bf16, rope base and eps as published
+    tokenizer = build_char_tokenizer(shape.get("vocab_size"))
+    shape.setdefault("vocab_size", len(tokenizer))
     config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
+        max_position_embeddings=4096 if big else 2048,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        torch_dtype="float32",
+        torch_dtype="bfloat16" if big else "float32",
+        **({"rope_theta": 1000000.0, "rms_norm_eps": 1e-6} if big else {}),
         **shape,
     )
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
     path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
+    if not weights:
+        config.save_pretrained(path)
+        return path
+    torch.manual_seed(seed)
+    with torch.device("cuda" if big and torch.cuda.is_available() else "cpu"):  # 1.5B inits in seconds on a GPU
+        model = Qwen2ForCausalLM(config)
+    if big:
+        model = model.to(torch.bfloat16)
+    model.save_pretrained(path, safe_serialization=True)
     return path
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def check_model_folder(path: str) -> None:
+    """Fail before anything starts when a local model folder lacks what every part loads:
+    config.json, weights, and a tokenizer (the driver, vLLM and the rewards all decode).
+    A path that is not a local folder (a hub name) is left to transformers."""
+    from cispo.config import ConfigError
+
+    folder = Path(path)
+    if not folder.is_dir():
+        if folder.exists():
+            raise ConfigError("model.path", f"{path} is a file; give a Hugging Face model folder")
+        return
+    if not (folder / "config.json").exists():
+        raise ConfigError("model.path", f"{path} has no config.json: not a Hugging Face model folder")
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise ConfigError("model.path", f"{path} has no weights (*.safetensors or *.bin)")
+    if not any((folder / f).exists() for f in TOKENIZER_FILES):
+        raise ConfigError("model.path", f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save "
+                          "one beside the weights (tokenizer.save_pretrained(folder)) or point model.path at a "
+                          "folder that has one")
 
 
 def default_cache_dir() -> Path:

@@ -77,6 +77,7 @@ class RolloutEngine:
         self.eos_token_id = self.tokenizer.eos_token_id
         self.fp32_head_impl = fp32_head_impl
         self.fp32_head: str | None = None
+        self.asleep = False
         self.set_fp32_head(self.cfg.lm_head_fp32)
 
     # ------------------------------------------------------------------ generation
@@ -231,6 +232,10 @@ class RolloutEngine:
         if not self.inprocess and not isinstance(weights, (bytes, bytearray)):
             weights = encode_weights(decode_weights(weights))  # tensors do not cross the engine-core boundary
         self._compat.collective_rpc(self.llm, "cispo_load_weights", args=(weights,))
+        return self._weights_changed(version)
+
+    def _weights_changed(self, version: int | None) -> int:
+        self._compat.reset_prefix_cache(self.llm)  # cached KV blocks belong to the old weights
         return self._set_version(version)
 
     def init_weight_sync(self, host: str, port: int, rank: int, world_size: int, backend: str = "gloo", timeout_s: float = 300.0) -> list[int]:
@@ -244,7 +249,48 @@ class RolloutEngine:
         """Receive one broadcast per bucket of `plan` from sync rank 0, in plan order,
         load them, refresh the FP32 head; returns the new policy version."""
         self._compat.collective_rpc(self.llm, "cispo_receive", args=(plan,))
-        return self._set_version(version)
+        return self._weights_changed(version)
+
+    def receive_ipc(self, items: list, version: int) -> int:
+        """Colocated path: load the (bucket plan, CUDA IPC handle) pairs a trainer rank on
+        this GPU shared (`cispo.weight_sync.share_bucket`); returns the new policy version."""
+        self._compat.collective_rpc(self.llm, "cispo_receive_ipc", args=(items,))
+        return self._weights_changed(version)
+
+    def last_load_stats(self) -> dict[str, Any]:
+        """Where the last weight load spent its time, per TP worker 0 (seconds)."""
+        return self._compat.collective_rpc(self.llm, "cispo_last_load_stats")[0]
+
+    def weight_checksums(self, rows: dict[str, int] | None = None) -> dict[str, int]:
+        """Exact per-tensor fingerprints of the live weights (TP worker 0; vLLM's names)."""
+        return self._compat.collective_rpc(self.llm, "cispo_checksums", args=(rows,))[0]
+
+    # ------------------------------------------------------------------ sleep / wake (colocated)
+    def _free(self) -> int:
+        return int(self._compat.collective_rpc(self.llm, "cispo_free_memory")[0][0])
+
+    def sleep(self, level: int = 1) -> dict[str, Any]:
+        """Free this engine's GPU memory for a colocated trainer (the engine must be idle;
+        it was made with enable_sleep_mode=True). Returns the device's free bytes before
+        and after, as the driver sees them."""
+        t0, free0 = time.perf_counter(), self._free()
+        self._compat.collective_rpc(self.llm, "cispo_head_to", args=("cpu",))
+        self._compat.sleep(self.llm, level)
+        free1 = self._free()
+        self.asleep = True
+        return {"engine": self.engine_index, "free_before": free0, "free_after": free1,
+                "freed": free1 - free0, "sleep_s": time.perf_counter() - t0}
+
+    def wake_up(self, tags: list[str] | None = None) -> dict[str, Any]:
+        """Re-allocate what sleep freed (tags: "weights", then "kv_cache"; None = all)."""
+        t0, free0 = time.perf_counter(), self._free()
+        self._compat.wake_up(self.llm, tags)
+        if tags is None or "weights" in tags:
+            self._compat.collective_rpc(self.llm, "cispo_head_to", args=("device",))
+        if tags is None or "kv_cache" in tags:
+            self.asleep = False
+        free1 = self._free()
+        return {"engine": self.engine_index, "taken": free0 - free1, "wake_s": time.perf_counter() - t0}
 
     # ------------------------------------------------------------------ misc
     def info(self) -> dict[str, Any]:

@@ -46,8 +46,9 @@ class RolloutGroup:
     """`config.num_engines` `RolloutEngine` actors of `config.tensor_parallel_size` each.
 
     num_cpus / num_gpus: Ray resources per engine (default: 1 CPU; GPUs = TP size when
-    CUDA is visible, else 0). timeout_s: the default bound on every wait (start-up
-    included). engine_kwargs: extra `vllm.LLM` arguments. env: extra environment
+    CUDA is visible, else 0). scheduling: one Ray scheduling strategy per engine
+    (launch.placement's bundles), or None. timeout_s: the default bound on every wait
+    (start-up included). engine_kwargs: extra `vllm.LLM` arguments. env: extra environment
     variables for the actors (the repo root is put on their PYTHONPATH). wait_ready=False
     returns at once (start several groups side by side), then call `wait_ready()`.
     """
@@ -65,6 +66,7 @@ class RolloutGroup:
         env: dict[str, str] | None = None,
         name: str = "rollout",
         wait_ready: bool = True,
+        scheduling: list | None = None,
     ):
         import ray
 
@@ -91,6 +93,7 @@ class RolloutGroup:
                 num_gpus=num_gpus,
                 max_restarts=0,
                 runtime_env={"env_vars": env_vars},
+                **({"scheduling_strategy": scheduling[i]} if scheduling else {}),
             ).remote(model_path, config, dtype, i, enforce_eager, engine_kwargs)
             for i in range(config.num_engines)
         ]
@@ -197,7 +200,28 @@ class RolloutGroup:
         self.version = version
         return [e.receive_weights.remote(plan, version) for e in self.engines]
 
+    def receive_ipc(self, items_per_engine: list[list], version: int, timeout_s: float | None = None) -> list[int]:
+        """Colocated path: engine i loads the CUDA IPC buckets its GPU's trainer rank
+        shared (`items_per_engine[i]`); blocks until all have loaded; returns versions."""
+        refs = [e.receive_ipc.remote(items, version) for e, items in zip(self.engines, items_per_engine)]
+        versions = self.wait(refs, "receive_ipc", timeout_s)
+        self.version = version
+        return versions
+
+    # ------------------------------------------------------------------ sleep / wake (colocated)
+    def sleep(self, level: int = 1, timeout_s: float | None = None) -> list[dict[str, Any]]:
+        return self.wait([e.sleep.remote(level) for e in self.engines], "sleep", timeout_s)
+
+    def wake_up(self, tags: list[str] | None = None, timeout_s: float | None = None) -> list[dict[str, Any]]:
+        return self.wait([e.wake_up.remote(tags) for e in self.engines], "wake_up", timeout_s)
+
     # ------------------------------------------------------------------ misc
+    def last_load_stats(self, timeout_s: float = 60.0) -> list[dict[str, Any]]:
+        return self.wait([e.last_load_stats.remote() for e in self.engines], "last_load_stats", timeout_s)
+
+    def weight_checksums(self, rows: dict[str, int] | None = None, timeout_s: float = 120.0) -> list[dict[str, int]]:
+        return self.wait([e.weight_checksums.remote(rows) for e in self.engines], "weight_checksums", timeout_s)
+
     def set_fp32_head(self, enabled: bool, timeout_s: float | None = None) -> None:
         self.wait([e.set_fp32_head.remote(enabled) for e in self.engines], "set_fp32_head", timeout_s)
 

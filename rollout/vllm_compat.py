@@ -210,6 +210,54 @@ def reload_weights(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
     worker.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
 
 
+LOAD_MODE_ENV = "CISPO_VLLM_LOAD"  # "auto" (default) | "direct" | "reload": for A/B measurements
+
+
+def load_weights_inplace(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """Load checkpoint-format weights into the running model; returns the path taken.
+
+    "direct": `model.load_weights`, each parameter's own weight_loader copying into the
+    live tensor (fusing qkv / gate_up, sharding): on CUDA with an unquantized model
+    nothing needs re-processing after a load. "reload": vLLM's layerwise reload, which
+    moves every layer to meta, re-materialises and re-processes it (needed on CPU, where
+    linear weights are prepacked, and for quantized models), at a multiple of the cost."""
+    how = os.environ.get(LOAD_MODE_ENV, "auto")
+    if how == "auto":
+        quantized = getattr(getattr(getattr(worker, "vllm_config", None), "model_config", None), "quantization", None)
+        how = "direct" if worker_device(worker).type == "cuda" and quantized is None else "reload"
+    if how == "direct":
+        with torch.no_grad():
+            worker_model(worker).load_weights(weights)
+    else:
+        reload_weights(worker, weights)
+    return how
+
+
+def sleep(llm, level: int) -> None:
+    """Free the engine's GPU memory (level 1: weights to CPU memory, KV cache dropped;
+    level 2: both dropped). Needs `enable_sleep_mode=True` at engine creation."""
+    llm.sleep(level=level)
+
+
+def wake_up(llm, tags: list[str] | None = None) -> None:
+    """Re-allocate what sleep freed: tags ["weights"] first lets weights be loaded before
+    the KV cache comes back (["kv_cache"]); None = everything."""
+    llm.wake_up(tags=tags) if tags is not None else llm.wake_up()
+
+
+def reset_prefix_cache(llm) -> None:
+    """Drop cached KV blocks: after a weight change they were computed by the old policy."""
+    llm.reset_prefix_cache()
+
+
+def device_free_memory(worker) -> tuple[int, int]:
+    """(free, total) bytes of the worker's GPU as the driver sees it (all processes)."""
+    device = worker_device(worker)
+    if device.type != "cuda":
+        return 0, 0
+    return torch.cuda.mem_get_info(device)
+
+
 def tied_word_embeddings(model) -> bool:
     cfg = getattr(model, "config", None)
     return bool(getattr(cfg, "tie_word_embeddings", False))

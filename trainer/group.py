@@ -65,7 +65,11 @@ class TrainerGroup:
         num_gpus_per_rank: float = 0,
         attn_implementation: str | None = None,
         dist_backend: str | None = None,
+        scheduling: list | None = None,
     ):
+        """scheduling: one Ray scheduling strategy per rank (launch.placement pins the
+        ranks into its own placement group); None = the group packs its ranks itself.
+        The ranks use CUDA exactly when num_gpus_per_rank > 0."""
         import os
 
         import ray
@@ -77,10 +81,15 @@ class TrainerGroup:
         self.num_ranks = int(num_ranks or self.cfg.num_ranks)
         self.model_path = model_path
         self.step = 0  # RL steps done (train_step calls)
+        self.device = "cuda" if num_gpus_per_rank else "cpu"
 
-        bundle = {"CPU": num_cpus_per_rank, **({"GPU": num_gpus_per_rank} if num_gpus_per_rank else {})}
-        self._pg = placement_group([dict(bundle) for _ in range(self.num_ranks)], strategy="PACK")
-        ray.get(self._pg.ready())
+        self._pg = None
+        if scheduling is None:
+            bundle = {"CPU": num_cpus_per_rank, **({"GPU": num_gpus_per_rank} if num_gpus_per_rank else {})}
+            self._pg = placement_group([dict(bundle) for _ in range(self.num_ranks)], strategy="PACK")
+            ray.get(self._pg.ready())
+            scheduling = [PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=r)
+                          for r in range(self.num_ranks)]
         pythonpath = os.pathsep.join(p for p in (_REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p)
         actor_cls = ray.remote(TrainerWorker)
         # All actors are created before any is waited on: setup() blocks in
@@ -88,7 +97,7 @@ class TrainerGroup:
         self.workers = [
             actor_cls.options(
                 num_cpus=num_cpus_per_rank, num_gpus=num_gpus_per_rank,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=r),
+                scheduling_strategy=scheduling[r],
                 runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
             ).remote(r, self.num_ranks, model_path, dataclasses.asdict(self.cfg),
                      dataclasses.asdict(self.algorithm_cfg), temperature, seed, attn_implementation)
@@ -96,12 +105,13 @@ class TrainerGroup:
         ]
         try:
             host, port = ray.get(self.workers[0].address.remote())
-            infos = ray.get([w.setup.remote(host, port, dist_backend) for w in self.workers])
+            infos = ray.get([w.setup.remote(host, port, dist_backend, self.device) for w in self.workers])
         except BaseException:
             # one rank failing leaves the others blocked in init: take all of them down
             for w in self.workers:
                 ray.kill(w)
-            remove_placement_group(self._pg)
+            if self._pg is not None:
+                remove_placement_group(self._pg)
             self.workers = []
             raise
         self.num_params = infos[0]["num_params"]
@@ -246,6 +256,35 @@ class TrainerGroup:
         rollout actors' receive_weights. Rank 0's result is the number of bytes sent."""
         return [w.broadcast_weights.remote(plan) for w in self.workers]
 
+    def last_sync_stats(self) -> dict:
+        """Rank 0's split of the last weight send (gather_s, send_s, total_s, bytes)."""
+        import ray
+
+        return ray.get(self.workers[0].last_sync_stats.remote())
+
+    # ---- colocated engines --------------------------------------------------------------
+
+    def share_weights(self, plan: list[list[ParamMeta]]) -> list[list]:
+        """Per rank, [(bucket, CUDA IPC handle), ...] of its gathered weights (all ranks
+        gather together under ZeRO-3); call `release_shared` once the engines loaded them."""
+        return self._all("share_weights", same=(plan,))
+
+    def release_shared(self) -> None:
+        self._all("release_shared")
+
+    def offload_states(self) -> list[dict]:
+        """Optimizer state to CPU on every rank (colocated engines get the memory)."""
+        return self._all("offload_states")
+
+    def reload_states(self) -> float:
+        return max(self._all("reload_states"), default=0.0)
+
+    def empty_cache(self) -> None:
+        self._all("empty_cache")
+
+    def memory(self) -> list[dict]:
+        return self._all("memory")
+
     def get_weights_ref(self, plan: list[list[ParamMeta]]):
         """Object-store path: an ObjectRef to rank 0's [(bucket, flat CPU tensor), ...]
         (pass it to rollout actors as is; the driver need not fetch it)."""
@@ -276,5 +315,6 @@ class TrainerGroup:
             # a graceful actor exit (atexit handlers run) rather than ray.kill's SIGKILL
             ray.wait([w.__ray_terminate__.remote() for w in self.workers],
                      num_returns=len(self.workers), timeout=60)
-            remove_placement_group(self._pg)
+            if self._pg is not None:
+                remove_placement_group(self._pg)
             self.workers = []

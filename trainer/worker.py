@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from dataclasses import asdict, is_dataclass
 
 import torch
@@ -19,7 +20,7 @@ from cispo.batch import PackedBatch
 from cispo.config import AlgorithmConfig, TrainerConfig
 from cispo.metrics import merge_stats
 from cispo.objectives import policy_loss, resolve_algorithm
-from cispo.weight_sync import ParamMeta, broadcast_bucket, create_sync_group, unflatten_bucket
+from cispo.weight_sync import ParamMeta, broadcast_bucket, create_sync_group, share_bucket, unflatten_bucket
 from trainer import checkpoint as ckpt
 from trainer.ds_setup import build_optimizer, build_scheduler, deepspeed_config
 from trainer.policy import PolicyModel, load_hf_causal_lm, loss_positions
@@ -65,10 +66,16 @@ class TrainerWorker:
             s.bind(("", 0))
             return host, s.getsockname()[1]
 
-    def setup(self, master_addr: str, master_port: int, dist_backend: str | None = None) -> dict:
+    def setup(self, master_addr: str, master_port: int, dist_backend: str | None = None,
+              device: str | None = None) -> dict:
+        """device: "cuda" or "cpu" as the placement decided (None: CUDA when visible)."""
         import deepspeed
 
-        use_cuda = torch.cuda.is_available()
+        use_cuda = torch.cuda.is_available() if device is None else device == "cuda"
+        if use_cuda and not torch.cuda.is_available():
+            raise RuntimeError(f"trainer rank {self.rank} was placed on a GPU but sees none "
+                               f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}, "
+                               f"torch {torch.__version__} CUDA build: {torch.version.cuda is not None})")
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
                           WORLD_SIZE=str(self.world_size),
                           # Ray gives each GPU actor its own CUDA_VISIBLE_DEVICES, so its GPU is device 0
@@ -197,12 +204,88 @@ class TrainerWorker:
         if self.rank == 0 and self._sync_group is None:
             raise RuntimeError("broadcast_weights before init_weight_sync")
         device = self.device if (self.rank == 0 and self._sync_backend == "nccl") else "cpu"
-        sent = 0
-        for flat in iter_flat_buckets(self.hf, plan, device):
+        sent, gather_s, send_s, t0 = 0, 0.0, 0.0, time.perf_counter()
+        buckets = iter_flat_buckets(self.hf, plan, device)
+        while True:
+            t = time.perf_counter()
+            flat = next(buckets, None)
+            self._device_sync()
+            gather_s += time.perf_counter() - t
+            if flat is None:
+                break
             if self.rank == 0:
+                t = time.perf_counter()
                 broadcast_bucket(self._sync_group, flat)
+                self._device_sync()
+                send_s += time.perf_counter() - t
                 sent += flat.numel() * flat.element_size()
+        self._sync_stats = {"gather_s": gather_s, "send_s": send_s, "total_s": time.perf_counter() - t0,
+                            "bytes": sent, "buckets": len(plan)}
         return sent
+
+    def _device_sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def last_sync_stats(self) -> dict:
+        """Where the last weight send spent its time (seconds): gathering the buckets
+        (ZeRO-3 all-gather + flatten) and sending them."""
+        return dict(getattr(self, "_sync_stats", {}))
+
+    # ---- colocated engines (same GPU) ------------------------------------------------
+
+    def share_weights(self, plan: list[list[ParamMeta]]) -> list[tuple[list[ParamMeta], tuple]]:
+        """Every rank gathers the full weights as flat GPU buckets and returns their CUDA
+        IPC handles, for the engine on its own GPU; the buckets stay alive until
+        `release_shared`. (No NCCL: two processes on one GPU cannot form an NCCL group.)"""
+        t0 = time.perf_counter()
+        self._shared = list(iter_flat_buckets(self.hf, plan, self.device))
+        self._device_sync()
+        items = [(bucket, share_bucket(flat)) for bucket, flat in zip(plan, self._shared)]
+        self._sync_stats = {"gather_s": time.perf_counter() - t0, "buckets": len(plan),
+                            "bytes": sum(f.numel() * f.element_size() for f in self._shared)}
+        return items
+
+    def release_shared(self) -> None:
+        self._shared = None
+        if self.device.type == "cuda":
+            torch.cuda.ipc_collect()  # blocks the receivers held are freed once they let go
+            torch.cuda.empty_cache()
+
+    def offload_states(self) -> dict:
+        """Optimizer state, fp32 master weights and gradient buffers to (pinned) CPU
+        memory while a colocated engine generates; the bf16 weights stay for the sync.
+        Returns the GPU bytes this process holds afterwards. No-op on CPU."""
+        if self.device.type != "cuda":
+            return {}
+        from deepspeed.runtime.zero.offload_config import OffloadStateTypeEnum as S
+
+        t0, before = time.perf_counter(), torch.cuda.memory_reserved()
+        if hasattr(self.engine.optimizer, "offload_states"):
+            self.engine.offload_states(include=[S.optim_states, S.hp_params, S.lp_grads, S.contiguous_grad_buffer])
+        torch.cuda.empty_cache()
+        return {"reserved_before": before, "reserved_after": torch.cuda.memory_reserved(),
+                "offload_s": time.perf_counter() - t0}
+
+    def reload_states(self) -> float:
+        """Back to the GPU before training; returns the seconds taken."""
+        t0 = time.perf_counter()
+        if self.device.type == "cuda" and getattr(self.engine.optimizer, "offloaded_states", None):
+            self.engine.reload_states()
+        return time.perf_counter() - t0
+
+    def empty_cache(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def memory(self) -> dict:
+        """This rank's GPU memory (bytes): held by torch now, its peak, and the device's free."""
+        if self.device.type != "cuda":
+            return {}
+        free, total = torch.cuda.mem_get_info()
+        return {"allocated": torch.cuda.memory_allocated(), "reserved": torch.cuda.memory_reserved(),
+                "peak_allocated": torch.cuda.max_memory_allocated(), "device_free": free, "device_total": total,
+                "pid": os.getpid()}
 
     def get_weights(self, plan: list[list[ParamMeta]]) -> list[tuple[list[ParamMeta], torch.Tensor]] | None:
         """Object-store path: rank 0 returns (bucket, flat CPU tensor) pairs, others None."""
