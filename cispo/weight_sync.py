@@ -88,7 +88,12 @@ def create_sync_group(backend: str, host: str, port: int, rank: int, world_size:
     from datetime import timedelta
 
     timeout = timedelta(seconds=timeout_s)
-    store = dist.TCPStore(host, port, world_size, is_master=(rank == 0), timeout=timeout)
+    try:
+        store = dist.TCPStore(host, port, world_size, is_master=(rank == 0), timeout=timeout)
+    except Exception as err:  # DistNetworkError / DistStoreError: say which setting to change
+        role = "listen on" if rank == 0 else f"reach (as rank {rank} of {world_size})"
+        raise RuntimeError(f"weight-sync group: cannot {role} {host}:{port}: {str(err).splitlines()[0]}; "
+                           "if the port is in use, set rollout.sync_port to a free port (0 = pick one)") from err
     if backend == "gloo":
         return dist.ProcessGroupGloo(store, rank, world_size, timeout)
     if backend == "nccl":

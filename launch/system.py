@@ -83,8 +83,13 @@ class RLSystem:
                 break  # the bounded wait below names whoever is stuck
             if done[0] in engine_of:
                 self.rollout.wait(done, what, 0, [engine_of[done[0]]])
-            else:
+                continue
+            try:
                 ray.get(done[0])
+            except ray.exceptions.RayTaskError as err:
+                cause = err.cause if getattr(err, "cause", None) is not None else err
+                raise RuntimeError(f"{what} failed on the trainer side: {type(cause).__name__}: "
+                                   f"{str(cause).splitlines()[-1]}") from err
         results = self.rollout.wait(rollout_refs, what)
         ray.get(trainer_refs)
         return results

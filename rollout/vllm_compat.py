@@ -258,6 +258,23 @@ def device_free_memory(worker) -> tuple[int, int]:
     return torch.cuda.mem_get_info(device)
 
 
+# vLLM's Qwen2/Llama-family fusing of checkpoint tensors (the models' stacked_params_mapping).
+FUSED = (("qkv_proj", ("q_proj", "k_proj", "v_proj")), ("gate_up_proj", ("gate_proj", "up_proj")))
+
+
+def checkpoint_to_vllm_layout(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hugging Face-named tensors (TP 1) arranged as vLLM holds them: q/k/v and gate/up
+    concatenated along dim 0 under the fused name. What `cispo_checksums` is compared with."""
+    out = dict(named)
+    for fused, parts in FUSED:
+        for name in [n for n in named if f".{parts[0]}." in n]:
+            pieces = [name.replace(f".{parts[0]}.", f".{p}.") for p in parts]
+            out[name.replace(f".{parts[0]}.", f".{fused}.")] = torch.cat([named[p] for p in pieces], dim=0)
+            for p in pieces:
+                del out[p]
+    return out
+
+
 def tied_word_embeddings(model) -> bool:
     cfg = getattr(model, "config", None)
     return bool(getattr(cfg, "tie_word_embeddings", False))
