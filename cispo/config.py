@@ -20,6 +20,7 @@ OLD_LOGPROB_SOURCES = ("rollout", "recompute")
 # kernels.lm_head_logprobs modes (tests/cispo checks this list against kernels.MODES).
 LM_HEAD_MODES = ("auto", "fp16x2", "bf16x3", "tf32x3", "fp32", "bf16")
 WEIGHT_SYNC_PATHS = ("collective", "object_store")
+WEIGHT_LOAD_MODES = ("auto", "direct", "reload")
 RUN_MODES = ("sync", "async")
 LOGGER_BACKENDS = ("console", "jsonl", "wandb", "tensorboard")
 CLUSTER_KINDS = ("local", "slurm")
@@ -70,6 +71,10 @@ class RolloutConfig:
     sync_bucket_mb: int = 64
     sync_port: int = 0  # the weight-sync group's TCP port on trainer rank 0's node; 0 = a free one
     enforce_eager: Optional[bool] = None  # vLLM: True skips torch.compile / CUDA graphs (faster start)
+    # How received weights enter vLLM: "direct" (each parameter's loader copies in place: CUDA,
+    # unquantized), "reload" (vLLM's layerwise reload: re-processes every layer; CPU, quantized),
+    # "auto" = direct where it is valid.
+    weight_load: str = "auto"
     seed: int = 0
 
 
@@ -254,6 +259,7 @@ def validate(cfg: Any) -> None:
         raise ConfigError("rollout.repetition_prob", f"{r.repetition_prob!r} must be in [0.5, 1)")
     _at_least("rollout.repetition_window", r.repetition_window, 1)
     _one_of("rollout.weight_sync", r.weight_sync, WEIGHT_SYNC_PATHS)
+    _one_of("rollout.weight_load", r.weight_load, WEIGHT_LOAD_MODES)
     if not 0 <= r.sync_port <= 65535:
         raise ConfigError("rollout.sync_port", f"{r.sync_port!r} must be a TCP port (1-65535) or 0 (a free one)")
     _at_least("rollout.sync_bucket_mb", r.sync_bucket_mb, 1)
@@ -371,6 +377,10 @@ def _validate_placement(cfg: Any) -> None:
         if r.tensor_parallel_size != 1:
             raise ConfigError("rollout.tensor_parallel_size", f"{r.tensor_parallel_size} with placement.mode=colocate; "
                               "colocated engines run one per GPU (tensor_parallel_size=1), use placement.mode=split")
+        if p.offload_optimizer and str(t.zero_stage) not in ("1", "2"):
+            raise ConfigError("trainer.zero_stage", f"{t.zero_stage} with placement.offload_optimizer: DeepSpeed moves "
+                              "the state of the trainer's torch AdamW only under ZeRO-1/2 (ZeRO-3 needs its FusedAdam); "
+                              "use trainer.zero_stage=2 (the colocate presets do) or placement.offload_optimizer=false")
         if cfg.mode == "async":
             raise ConfigError("mode", "async with placement.mode=colocate: colocated engines sleep while the trainer "
                               "steps, so generation cannot overlap training; use mode=sync or placement.mode=split")

@@ -34,6 +34,7 @@ class Colocated:
         self.plan = trainer.weight_sync_plan(bucket_mb)
         self.asleep = False
         self.last_sync: dict[str, float] = {}
+        self.last_memory: dict[str, float] = {}  # GiB freed by sleep, re-taken by each wake (least over GPUs)
 
     def train(self, batch) -> dict[str, float]:
         """Engines sleep, the trainer steps; returns the trainer's metrics plus the turn's
@@ -50,6 +51,7 @@ class Colocated:
         else:
             self.trainer.empty_cache()  # activations' cached blocks would keep the engine from waking
         freed = min(s["freed"] for s in slept)
+        self.last_memory = {"sleep_freed_gib": freed / GIB}
         log.info("colocate: engines slept in %.2f s and freed %.1f GiB (least of %d GPU(s)); trainer state "
                  "reloaded in %.2f s", t1 - t0, freed / GIB, len(slept), reload_s)
         metrics.update({
@@ -64,7 +66,8 @@ class Colocated:
         """The trainer's weights into the engine on each GPU; returns the lowest version."""
         t0 = time.perf_counter()
         if self.asleep:
-            self.rollout.wake_up(["weights"])  # the KV cache stays freed while the buckets exist
+            woke = self.rollout.wake_up(["weights"])  # the KV cache stays freed while the buckets exist
+            self.last_memory["wake_weights_gib"] = min(w["taken"] for w in woke) / GIB
         t1 = time.perf_counter()
         shared = self.trainer.share_weights(self.plan)
         t2 = time.perf_counter()
@@ -74,7 +77,8 @@ class Colocated:
             self.trainer.release_shared()
         t3 = time.perf_counter()
         if self.asleep:
-            self.rollout.wake_up(["kv_cache"])
+            woke = self.rollout.wake_up(["kv_cache"])
+            self.last_memory["wake_kv_gib"] = min(w["taken"] for w in woke) / GIB
             self.asleep = False
         self.last_sync = {"wake_weights_s": t1 - t0, "gather_s": t2 - t1, "load_s": t3 - t2,
                           "wake_kv_s": time.perf_counter() - t3}

@@ -140,16 +140,15 @@ class RLSystem:
 
     def sync_stats(self) -> dict[str, float]:
         """Where the last weight sync spent its time (seconds; GPU placements only, two
-        small RPCs): trainer-side gather / send, engine 0's receive / load / FP32-head refresh."""
+        small RPCs): engine 0's load (with the waits for incoming buckets) and FP32-head
+        refresh, trainer rank 0's send, or the colocated turn's phases."""
         if not self.layout.on_gpu:
             return {}
-        engine = self.rollout.last_load_stats()[0]
-        out = {k: float(v) for k, v in engine.items() if k.endswith("_s")}
+        out = {f"engine_{k}": float(v) for k, v in self.rollout.last_load_stats()[0].items() if k.endswith("_s")}
         if self.colocated is not None:
             return {**out, **self.colocated.last_sync}
         if self.plan is not None:
-            sent = self.trainer.last_sync_stats()
-            out.update(gather_s=sent.get("gather_s", 0.0), send_s=sent.get("send_s", 0.0))
+            out.update({f"trainer_{k}": float(v) for k, v in self.trainer.last_sync_stats().items() if k.endswith("_s")})
         return out
 
     # ---- checkpoints ---------------------------------------------------------------------

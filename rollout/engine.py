@@ -77,8 +77,9 @@ class RolloutEngine:
         self.eos_token_id = self.tokenizer.eos_token_id
         self.fp32_head_impl = fp32_head_impl
         self.fp32_head: str | None = None
-        self.asleep = False
+        self.asleep: set[str] = set()  # what sleep freed and no wake-up has restored yet
         self.set_fp32_head(self.cfg.lm_head_fp32)
+        self.set_weight_load(self.cfg.weight_load)
 
     # ------------------------------------------------------------------ generation
     def encode(self, prompt: Any, chat_template: bool = True) -> list[int]:
@@ -213,6 +214,10 @@ class RolloutEngine:
         return self._compat.collective_rpc(self.llm, "cispo_fp32_head_weight")[0]
 
     # ------------------------------------------------------------------ weights
+    def set_weight_load(self, how: str) -> None:
+        """How received weights enter vLLM (rollout.weight_load: auto / direct / reload)."""
+        self._compat.collective_rpc(self.llm, "cispo_set_weight_load", args=(how,))
+
     def _set_version(self, version: int | None) -> int:
         new = self.version + 1 if version is None else int(version)
         if new <= self.version:
@@ -245,10 +250,11 @@ class RolloutEngine:
             self.llm, "cispo_init_sync", args=(host, int(port), int(rank), int(world_size), backend, float(timeout_s))
         )
 
-    def receive_weights(self, plan: list, version: int) -> int:
+    def receive_weights(self, plan: list, version: int, timed: bool = False) -> int:
         """Receive one broadcast per bucket of `plan` from sync rank 0, in plan order,
-        load them, refresh the FP32 head; returns the new policy version."""
-        self._compat.collective_rpc(self.llm, "cispo_receive", args=(plan,))
+        load them, refresh the FP32 head; returns the new policy version. timed: split
+        receive and load time (see last_load_stats; slower)."""
+        self._compat.collective_rpc(self.llm, "cispo_receive", args=(plan, timed))
         return self._weights_changed(version)
 
     def receive_ipc(self, items: list, version: int) -> int:
@@ -274,21 +280,26 @@ class RolloutEngine:
         it was made with enable_sleep_mode=True). Returns the device's free bytes before
         and after, as the driver sees them."""
         t0, free0 = time.perf_counter(), self._free()
-        self._compat.collective_rpc(self.llm, "cispo_head_to", args=("cpu",))
-        self._compat.sleep(self.llm, level)
+        if not self.asleep:
+            self._compat.collective_rpc(self.llm, "cispo_head_to", args=("cpu",))
+            self._compat.sleep(self.llm, level)
+            self._compat.collective_rpc(self.llm, "cispo_release_cached")
+            self.asleep = {"weights", "kv_cache"}
         free1 = self._free()
-        self.asleep = True
         return {"engine": self.engine_index, "free_before": free0, "free_after": free1,
                 "freed": free1 - free0, "sleep_s": time.perf_counter() - t0}
 
     def wake_up(self, tags: list[str] | None = None) -> dict[str, Any]:
-        """Re-allocate what sleep freed (tags: "weights", then "kv_cache"; None = all)."""
+        """Re-allocate what sleep freed (tags: "weights", then "kv_cache"; None = all);
+        what is awake already is left alone."""
         t0, free0 = time.perf_counter(), self._free()
-        self._compat.wake_up(self.llm, tags)
-        if tags is None or "weights" in tags:
-            self._compat.collective_rpc(self.llm, "cispo_head_to", args=("device",))
-        if tags is None or "kv_cache" in tags:
-            self.asleep = False
+        want = self.asleep if tags is None else self.asleep & set(tags)
+        if want:
+            woke = self._compat.wake_up(self.llm, None if tags is None else sorted(want))
+            woke = set(self.asleep) if woke is None else set(woke)
+            if "weights" in woke:
+                self._compat.collective_rpc(self.llm, "cispo_head_to", args=("device",))
+            self.asleep = self.asleep - woke
         free1 = self._free()
         return {"engine": self.engine_index, "taken": free0 - free1, "wake_s": time.perf_counter() - t0}
 

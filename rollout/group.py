@@ -194,11 +194,11 @@ class RolloutGroup:
             e.init_weight_sync.remote(host, port, first_rank + i * self.tp, world, backend) for i, e in enumerate(self.engines)
         ]
 
-    def receive_weights(self, plan: list, version: int) -> list[Any]:
+    def receive_weights(self, plan: list, version: int, timed: bool = False) -> list[Any]:
         """Non-blocking: refs of every engine receiving the plan's buckets; wait on them
         together with the trainer's broadcast. Sets the group's version."""
         self.version = version
-        return [e.receive_weights.remote(plan, version) for e in self.engines]
+        return [e.receive_weights.remote(plan, version, timed) for e in self.engines]
 
     def receive_ipc(self, items_per_engine: list[list], version: int, timeout_s: float | None = None) -> list[int]:
         """Colocated path: engine i loads the CUDA IPC buckets its GPU's trainer rank

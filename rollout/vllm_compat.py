@@ -210,18 +210,15 @@ def reload_weights(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
     worker.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
 
 
-LOAD_MODE_ENV = "CISPO_VLLM_LOAD"  # "auto" (default) | "direct" | "reload": for A/B measurements
-
-
-def load_weights_inplace(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> str:
-    """Load checkpoint-format weights into the running model; returns the path taken.
+def load_weights_inplace(worker, weights: Iterable[tuple[str, torch.Tensor]], how: str = "auto") -> str:
+    """Load checkpoint-format weights into the running model; returns the path taken
+    (`how`: "auto", "direct" or "reload", rollout.weight_load).
 
     "direct": `model.load_weights`, each parameter's own weight_loader copying into the
     live tensor (fusing qkv / gate_up, sharding): on CUDA with an unquantized model
     nothing needs re-processing after a load. "reload": vLLM's layerwise reload, which
     moves every layer to meta, re-materialises and re-processes it (needed on CPU, where
     linear weights are prepacked, and for quantized models), at a multiple of the cost."""
-    how = os.environ.get(LOAD_MODE_ENV, "auto")
     if how == "auto":
         quantized = getattr(getattr(getattr(worker, "vllm_config", None), "model_config", None), "quantization", None)
         how = "direct" if worker_device(worker).type == "cuda" and quantized is None else "reload"
@@ -239,10 +236,19 @@ def sleep(llm, level: int) -> None:
     llm.sleep(level=level)
 
 
-def wake_up(llm, tags: list[str] | None = None) -> None:
+def wake_up(llm, tags: list[str] | None = None) -> list[str] | None:
     """Re-allocate what sleep freed: tags ["weights"] first lets weights be loaded before
-    the KV cache comes back (["kv_cache"]); None = everything."""
-    llm.wake_up(tags=tags) if tags is not None else llm.wake_up()
+    the KV cache comes back (["kv_cache"]); None = everything. Returns the tags woken
+    (None = all: a release without tagged wake-up wakes everything at once)."""
+    if tags is None:
+        llm.wake_up()
+        return None
+    try:
+        llm.wake_up(tags=tags)
+        return list(tags)
+    except TypeError:
+        llm.wake_up()
+        return None
 
 
 def reset_prefix_cache(llm) -> None:

@@ -85,7 +85,7 @@ class CispoWorkerExtension:
 
         self._cispo_updated = True
         t0 = time.perf_counter()
-        how = compat.load_weights_inplace(self, tap(named))
+        how = compat.load_weights_inplace(self, tap(named), getattr(self, "_cispo_weight_load", "auto"))
         t1 = time.perf_counter()
         head = getattr(self, "_cispo_head", None)
         if head is not None and seen["head_any"]:
@@ -102,6 +102,9 @@ class CispoWorkerExtension:
     def _cispo_sync(self) -> None:
         if compat.worker_device(self).type == "cuda":
             torch.cuda.synchronize()
+
+    def cispo_set_weight_load(self, how: str) -> None:
+        self._cispo_weight_load = how
 
     def cispo_load_weights(self, weights: Any) -> int:
         return self._cispo_load(decode_weights(weights))
@@ -130,6 +133,12 @@ class CispoWorkerExtension:
         if head is not None:
             head.move("cpu" if where == "cpu" else compat.worker_device(self))
 
+    def cispo_release_cached(self) -> None:
+        """Hand the blocks torch's caching allocator keeps in this process (the moved head
+        copy, generation's activations) back to the device, for the colocated trainer."""
+        if compat.worker_device(self).type == "cuda":
+            torch.cuda.empty_cache()
+
     def cispo_free_memory(self) -> tuple[int, int]:
         return compat.device_free_memory(self)
 
@@ -157,7 +166,10 @@ class CispoWorkerExtension:
         self._cispo_sync_device = compat.worker_device(self) if backend == "nccl" else torch.device("cpu")
         return my_rank
 
-    def cispo_receive(self, plan: list[list[weight_sync.ParamMeta]]) -> int:
+    def cispo_receive(self, plan: list[list[weight_sync.ParamMeta]], timed: bool = False) -> int:
+        """Receive the plan's buckets from sync rank 0 and load them. timed: wait for each
+        bucket to arrive before loading it, so receive_s and load_s split the total (costs
+        the overlap; for measurements)."""
         group = getattr(self, "_cispo_sync_group", None)
         if group is None:
             raise RuntimeError("receive_weights called before init_weight_sync: this worker is in no sync group")
@@ -173,7 +185,7 @@ class CispoWorkerExtension:
                 t = time.perf_counter()
                 flat = weight_sync.empty_bucket(bucket, device)
                 weight_sync.broadcast_bucket(group, flat)
-                if flat.is_cuda:
+                if timed and flat.is_cuda:
                     torch.cuda.current_stream().synchronize()  # the bucket is here: time it as transfer
                 recv["s"] += time.perf_counter() - t
                 yield from weight_sync.unflatten_bucket(flat, bucket)
@@ -187,8 +199,9 @@ class CispoWorkerExtension:
             for _ in gen:
                 pass
         stats = self._cispo_stats
-        stats.update(receive_s=recv["s"], load_s=stats["load_s"] - recv["s"], total_s=time.perf_counter() - t0,
-                     buckets=len(plan))
+        stats.update(total_s=time.perf_counter() - t0, buckets=len(plan))
+        if timed:  # otherwise load_s includes the waits for the incoming buckets
+            stats.update(receive_s=recv["s"], load_s=stats["load_s"] - recv["s"])
         return count
 
     def cispo_probe(self) -> dict[str, Any]:

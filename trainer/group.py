@@ -250,11 +250,12 @@ class TrainerGroup:
         ray.get it together with the rollout actors' init_weight_sync."""
         return self.workers[0].init_weight_sync.remote(host, port, world_size, backend)
 
-    def broadcast_weights(self, plan: list[list[ParamMeta]]) -> list:
+    def broadcast_weights(self, plan: list[list[ParamMeta]], timed: bool = False) -> list:
         """Non-blocking: ObjectRefs of every rank walking the plan (rank 0 broadcasts each
         bucket, the others help gather it under ZeRO-3); ray.get them together with the
-        rollout actors' receive_weights. Rank 0's result is the number of bytes sent."""
-        return [w.broadcast_weights.remote(plan) for w in self.workers]
+        rollout actors' receive_weights. Rank 0's result is the number of bytes sent.
+        timed: also split rank 0's time into gather and send (slower; measurements)."""
+        return [w.broadcast_weights.remote(plan, timed) for w in self.workers]
 
     def last_sync_stats(self) -> dict:
         """Rank 0's split of the last weight send (gather_s, send_s, total_s, bytes)."""

@@ -20,11 +20,11 @@ from cispo.batch import PackedBatch
 from cispo.config import AlgorithmConfig, TrainerConfig
 from cispo.metrics import merge_stats
 from cispo.objectives import policy_loss, resolve_algorithm
-from cispo.weight_sync import ParamMeta, broadcast_bucket, create_sync_group, share_bucket, unflatten_bucket
+from cispo.weight_sync import ParamMeta, create_sync_group, share_bucket, unflatten_bucket
 from trainer import checkpoint as ckpt
 from trainer.ds_setup import build_optimizer, build_scheduler, deepspeed_config
 from trainer.policy import PolicyModel, load_hf_causal_lm, loss_positions
-from trainer.weights_out import cpu_buckets, iter_flat_buckets, sync_plan
+from trainer.weights_out import broadcast_plan, cpu_buckets, iter_flat_buckets, sync_plan
 
 
 def _as_cfg(cls, value):
@@ -199,37 +199,22 @@ class TrainerWorker:
             self._sync_group = create_sync_group(backend, host, port, 0, world_size)
             self._sync_backend = backend
 
-    def broadcast_weights(self, plan: list[list[ParamMeta]]) -> int:
-        """Every rank gathers each bucket (ZeRO-3); rank 0 broadcasts it. Returns bytes sent."""
+    def broadcast_weights(self, plan: list[list[ParamMeta]], timed: bool = False) -> int:
+        """Every rank gathers each bucket (ZeRO-3); rank 0 broadcasts it. Returns bytes sent.
+        timed: split the time into gather and send (see weights_out.broadcast_plan)."""
         if self.rank == 0 and self._sync_group is None:
             raise RuntimeError("broadcast_weights before init_weight_sync")
         device = self.device if (self.rank == 0 and self._sync_backend == "nccl") else "cpu"
-        sent, gather_s, send_s, t0 = 0, 0.0, 0.0, time.perf_counter()
-        buckets = iter_flat_buckets(self.hf, plan, device)
-        while True:
-            t = time.perf_counter()
-            flat = next(buckets, None)
-            self._device_sync()
-            gather_s += time.perf_counter() - t
-            if flat is None:
-                break
-            if self.rank == 0:
-                t = time.perf_counter()
-                broadcast_bucket(self._sync_group, flat)
-                self._device_sync()
-                send_s += time.perf_counter() - t
-                sent += flat.numel() * flat.element_size()
-        self._sync_stats = {"gather_s": gather_s, "send_s": send_s, "total_s": time.perf_counter() - t0,
-                            "bytes": sent, "buckets": len(plan)}
-        return sent
+        self._sync_stats = broadcast_plan(self.hf, plan, device, self._sync_group if self.rank == 0 else None, timed)
+        return self._sync_stats["bytes"]
 
     def _device_sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
     def last_sync_stats(self) -> dict:
-        """Where the last weight send spent its time (seconds): gathering the buckets
-        (ZeRO-3 all-gather + flatten) and sending them."""
+        """Where the last weight send spent its time (seconds): total_s, and with timed
+        sends gather_s (ZeRO-3 all-gather + flatten) and send_s."""
         return dict(getattr(self, "_sync_stats", {}))
 
     # ---- colocated engines (same GPU) ------------------------------------------------
