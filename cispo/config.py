@@ -24,6 +24,8 @@ WEIGHT_LOAD_MODES = ("auto", "direct", "reload")
 RUN_MODES = ("sync", "async")
 LOGGER_BACKENDS = ("console", "jsonl", "wandb", "tensorboard")
 CLUSTER_KINDS = ("local", "slurm")
+GUARD_ACTIONS = ("stop", "rollback", "warn")
+WARMUP_MODES = ("format", "solve")
 PLACEMENT_MODES = ("split", "colocate")
 
 
@@ -48,7 +50,8 @@ class AlgorithmConfig:
     dynamic_sampling: bool = True  # drop groups whose rewards have zero spread, then refill
     max_refills: int = 3
     overlong: str = "mask"  # what happens to responses that hit the length limit
-    overlong_buffer: int = 0  # soft penalty ramp length (tokens) for overlong="penalty"
+    # soft penalty ramp length (tokens) for overlong="penalty"; None = a fifth of rollout.max_new_tokens
+    overlong_buffer: Optional[int] = None
     overlong_penalty: float = 1.0
 
 
@@ -75,7 +78,10 @@ class RolloutConfig:
     # unquantized), "reload" (vLLM's layerwise reload: re-processes every layer; CPU, quantized),
     # "auto" = direct where it is valid.
     weight_load: str = "auto"
-    seed: int = 0
+    seed: int = 0  # the run's `seed` (conf/config.yaml interpolates it)
+    # One generator per request, seeded by (seed, group, sample): samples do not depend on
+    # batching, so runs and resumed runs repeat exactly (a per-request cost in vLLM's sampler).
+    seeded_requests: bool = True
 
 
 @dataclass
@@ -117,12 +123,22 @@ class DataConfig:
 
 @dataclass
 class WarmupConfig:
-    # Supervised warm-start on the answer *format* (answers shuffled across prompts, so
-    # the model learns to answer, not the answers); built-in tasks only. 0 = off.
+    """Supervised warm-start on a built-in task before RL (launch/warmup.py). 0 steps = off.
+
+    mode "format": answers shuffled across prompts, so the model learns to answer, not the
+    answers. mode "solve": correct (worked) solutions, stopped once the sampled pass rate on
+    held-out prompts reaches target_pass_rate (checked every check_every steps).
+    """
+
     steps: int = 0
     lr: float = 1e-3
     batch_size: int = 32
     examples: int = 2000
+    mode: str = "format"
+    target_pass_rate: Optional[float] = None
+    check_every: int = 25
+    check_prompts: int = 64
+    cache: bool = False  # share the warmed model between runs with the same settings (and seed)
 
 
 @dataclass
@@ -163,6 +179,19 @@ class ClusterConfig:
 
 
 @dataclass
+class GuardConfig:
+    """The collapse guard (launch/guard.py): when a run stops learning, say so and act."""
+
+    enabled: bool = True
+    window: int = 10  # K: consecutive steps a symptom must last
+    flat_group_frac: float = 0.95  # a step is flat when at least this fraction of groups has zero reward spread
+    max_nonfinite_steps: int = 3  # consecutive steps with a non-finite loss/gradient (each one is alerted)
+    action: str = "stop"  # stop (non-zero exit) | rollback (to the last good checkpoint, lower lr) | warn
+    rollback_lr_factor: float = 0.5
+    max_rollbacks: int = 2  # then stop
+
+
+@dataclass
 class PlacementConfig:
     """Where rollout engines and trainer ranks run (launch/placement.py). The counts are
     GPUs; 0 and 0 = everything on CPU (the default: CI, laptops)."""
@@ -194,6 +223,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     steps: int = 20
     seed: int = 0
@@ -231,12 +261,18 @@ def validate(cfg: Any) -> None:
         _at_least("algorithm.eps_low", a.eps_low, 0.0)
     if a.eps_high is not None:
         _at_least("algorithm.eps_high", a.eps_high, 0.0)
-    _at_least("algorithm.group_size", a.group_size, 1)
+    # group-relative advantages need two samples of a prompt: a group of one has advantage 0
+    _at_least("algorithm.group_size", a.group_size, 2)
     _at_least("algorithm.max_refills", a.max_refills, 0)
     _one_of("algorithm.overlong", a.overlong, OVERLONG_MODES)
-    _at_least("algorithm.overlong_buffer", a.overlong_buffer, 0)
-    if a.overlong_buffer > r.max_new_tokens:
-        raise ConfigError("algorithm.overlong_buffer", f"{a.overlong_buffer} exceeds rollout.max_new_tokens={r.max_new_tokens}")
+    if a.overlong_buffer is not None:
+        _at_least("algorithm.overlong_buffer", a.overlong_buffer, 0)
+        if a.overlong == "penalty" and a.overlong_buffer >= r.max_new_tokens:
+            raise ConfigError("algorithm.overlong_buffer",
+                              f"{a.overlong_buffer} >= rollout.max_new_tokens={r.max_new_tokens}: every response would "
+                              "be penalised; keep the ramp inside the generation budget (null = a fifth of it)")
+    if a.token_mask and a.name != "cispo":
+        raise ConfigError("algorithm.token_mask", f"is CISPO's trust-region mask; {a.name} clips with its own min()")
 
     _one_of("model.dtype", cfg.model.dtype, DTYPES)
     if not cfg.model.path:
@@ -312,9 +348,19 @@ def validate(cfg: Any) -> None:
             f"{t.mini_batch_size} does not divide data.rollout_batch_size={d.rollout_batch_size}",
         )
     _at_least("data.max_prompt_tokens", d.max_prompt_tokens, 1)
-    _at_least("warmup.steps", cfg.warmup.steps, 0)
-    if cfg.warmup.steps and not d.path.startswith("builtin:"):
-        raise ConfigError("warmup.steps", f"the format warm-start needs a built-in task; data.path={d.path!r}")
+    w = cfg.warmup
+    _at_least("warmup.steps", w.steps, 0)
+    _one_of("warmup.mode", w.mode, WARMUP_MODES)
+    if w.steps and not d.path.startswith("builtin:"):
+        raise ConfigError("warmup.steps", f"the warm-start needs a built-in task; data.path={d.path!r} "
+                                          "(set warmup.steps=0 for your own model and data)")
+    if w.target_pass_rate is not None:
+        if w.mode != "solve":
+            raise ConfigError("warmup.target_pass_rate", "applies to warmup.mode=solve only")
+        if not 0 < w.target_pass_rate < 1:
+            raise ConfigError("warmup.target_pass_rate", f"{w.target_pass_rate!r} must be in (0, 1)")
+    _at_least("warmup.check_every", w.check_every, 1)
+    _at_least("warmup.check_prompts", w.check_prompts, 1)
 
     if not cfg.reward.functions:
         raise ConfigError("reward.functions", "is empty; name at least one reward function")
@@ -336,6 +382,24 @@ def validate(cfg: Any) -> None:
     _at_least("cluster.max_requeues", cfg.cluster.max_requeues, 0)
     if cfg.cluster.signal_seconds is not None:
         _at_least("cluster.signal_seconds", cfg.cluster.signal_seconds, 1)
+
+    g = cfg.guard
+    _at_least("guard.window", g.window, 1)
+    if not 0 < g.flat_group_frac <= 1:
+        raise ConfigError("guard.flat_group_frac", f"{g.flat_group_frac!r} must be in (0, 1]")
+    _at_least("guard.max_nonfinite_steps", g.max_nonfinite_steps, 1)
+    _one_of("guard.action", g.action, GUARD_ACTIONS)
+    if not 0 < g.rollback_lr_factor <= 1:
+        raise ConfigError("guard.rollback_lr_factor", f"{g.rollback_lr_factor!r} must be in (0, 1]")
+    _at_least("guard.max_rollbacks", g.max_rollbacks, 0)
+    if g.enabled and g.action == "rollback":
+        if not t.save_every:
+            raise ConfigError("guard.action", "'rollback' needs checkpoints to roll back to: set trainer.save_every > 0")
+        # the newest checkpoint from before a window of bad steps must still be kept
+        need = -(-g.window // t.save_every) + 1
+        if t.keep_checkpoints < need:
+            raise ConfigError("trainer.keep_checkpoints", f"{t.keep_checkpoints} is too few for guard.action=rollback "
+                              f"with guard.window={g.window} and trainer.save_every={t.save_every}: keep >= {need}")
 
     _at_least("steps", cfg.steps, 1)
     _one_of("mode", cfg.mode, RUN_MODES)

@@ -162,7 +162,8 @@ class RLSystem:
         if offloaded:
             self.trainer.offload_states()
 
-    def restore(self, folder: Path) -> int:
+    def load_trainer(self, folder: Path) -> int:
+        """The trainer's state from a checkpoint folder (the engines keep theirs)."""
         if self.colocated is not None and self.colocated.offload:
             self.trainer.reload_states()
         step = self.trainer.load_checkpoint(str(folder / "trainer"))
@@ -170,6 +171,10 @@ class RLSystem:
             self.trainer.offload_states()
         if step is None:
             raise RuntimeError(f"checkpoint {folder} holds no trainer state")
+        return step
+
+    def restore(self, folder: Path) -> int:
+        step = self.load_trainer(folder)
         self.sync_weights(version=step)
         return step
 

@@ -17,6 +17,7 @@ and a trainer comparing with full-vocab log-probs should recompute pi_old instea
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import time
 import uuid
@@ -25,6 +26,12 @@ from typing import Any, Sequence
 from cispo.batch import Trajectory
 from cispo.config import RolloutConfig
 
+
+
+def request_seed(seed: int, group_id: int, sample_index: int) -> int:
+    """A 63-bit sampling seed for sample `sample_index` of group `group_id` in a run seeded `seed`."""
+    digest = hashlib.blake2b(f"{seed}/{group_id}/{sample_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 class RolloutEngine:
@@ -107,6 +114,12 @@ class RolloutEngine:
         prompt shares it. overrides: any RolloutConfig sampling field for this call
         (temperature (0 = greedy), top_p, top_k, max_new_tokens, stop, repetition_stop,
         repetition_window, repetition_prob), plus ignore_eos, detokenize, seed.
+
+        Sampling is seeded per request when `seed` is given or `config.seeded_requests`
+        is on: sample j of group g draws from its own generator seeded by
+        (seed, g, j), so what a request samples does not depend on which other requests
+        share the batch, the engine, or the engine's history — a run (and a resumed run)
+        repeats itself exactly for the same weights.
         """
         c = self._compat
         if group_ids is None:
@@ -120,13 +133,13 @@ class RolloutEngine:
         cfg = dataclasses.replace(self.cfg, **{k: v for k, v in overrides.items() if k in RolloutConfig.__dataclass_fields__})
         ignore_eos = bool(overrides.get("ignore_eos", False))
         detokenize = bool(overrides.get("detokenize", True))
-        seed = overrides.get("seed")
+        seed = overrides.get("seed", self.cfg.seed if self.cfg.seeded_requests else None)
         rep_on = cfg.repetition_stop and not ignore_eos and self.eos_token_id is not None
         truncated = cfg.top_p < 1.0 or cfg.top_k > 0
 
         encoded = [self.encode(p, chat_template) for p in prompts]
         requests, params, tags = [], [], []
-        for ids in encoded:
+        for ids, gid in zip(encoded, group_ids):
             for j in range(n):
                 tag = uuid.uuid4().hex
                 extra = None
@@ -144,7 +157,7 @@ class RolloutEngine:
                         stop=cfg.stop,
                         ignore_eos=ignore_eos,
                         detokenize=detokenize,
-                        seed=None if seed is None else int(seed) + len(params),
+                        seed=None if seed is None else request_seed(int(seed), int(gid), j),
                         extra_args=extra,
                     )
                 )

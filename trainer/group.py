@@ -165,6 +165,8 @@ class TrainerGroup:
                                     mismatch_metrics(t, o, torch.ones_like(t, dtype=torch.bool)).items()})
         self.step += 1
         metrics.update({f"train/{k}": v for k, v in finalize_stats(stats).items()})
+        # changes with every update: a run whose weights stand still shows it here
+        metrics["train/param_norm"] = self._all("param_norm")[0]
         metrics.update({
             "train/loss": losses / max(updates, 1),
             "train/grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
@@ -226,6 +228,11 @@ class TrainerGroup:
         states = self._all("load_checkpoint", same=(str(root), tag))
         self.step = int(states[0]["step"])
         return self.step
+
+    def scale_lr(self, factor: float) -> float:
+        """Scale the learning rate from now on (the schedule's base and the current rate);
+        checkpoints taken afterwards keep the scaled rate. Returns the new base rate."""
+        return self._all("scale_lr", same=(float(factor),))[0]
 
     def export_hf(self, out_dir: str, bucket_mb: float = 512) -> str:
         """A Hugging Face folder (safetensors, config, tokenizer) of the current policy."""

@@ -153,6 +153,26 @@ class TrainerWorker:
             out.append(full.cpu())
         return out
 
+    @torch.no_grad()
+    def param_norm(self) -> float:
+        """L2 norm of all weights (under ZeRO-3 each rank sums its own shard)."""
+        import torch.distributed as dist
+
+        sq = torch.zeros((), dtype=torch.float64, device=self.device)
+        for p in self.hf.parameters():
+            shard = getattr(p, "ds_tensor", None)  # ZeRO-3 partition; the full tensor otherwise
+            sq += (p.data if shard is None else shard).double().pow(2).sum()
+        if self.cfg.zero_stage == 3 and dist.is_initialized():
+            dist.all_reduce(sq)
+        return float(sq.sqrt())
+
+    def scale_lr(self, factor: float) -> float:
+        sched = self.engine.lr_scheduler
+        sched.base_lrs = [lr * factor for lr in sched.base_lrs]
+        for group in self.engine.optimizer.param_groups:  # the rate the next update uses
+            group["lr"] *= factor
+        return sched.base_lrs[0]
+
     # ---- checkpoints ------------------------------------------------------------------
 
     def save_checkpoint(self, root: str, tag: str, client_state: dict) -> str:
