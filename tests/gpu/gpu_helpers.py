@@ -44,7 +44,7 @@ def overrides(model_path: str, placement: str, *extra: str) -> list[str]:
             "rollout.enforce_eager=true", "rollout.gpu_memory_utilization=0.3", "data.max_prompt_tokens=16",
             "data.rollout_batch_size=64", "algorithm.group_size=8", "algorithm.dynamic_sampling=false",
             "algorithm.overlong=none", "trainer.lr=1e-3", "trainer.warmup_steps=0", "trainer.micro_batch_tokens=4096",
-            "warmup.steps=0", "logger.backends=[jsonl]", "logger.samples_every=1", *extra]
+            "warmup.steps=0", "logger.backends=[jsonl]", "logger.samples_every=1", "guard.enabled=false", *extra]
 
 
 def make_system(model_path: str, placement: str, *extra: str):
