@@ -112,6 +112,14 @@ stage() {  # stage NAME NEED_GPUS WANT_S MIN_S command...
   collect
 }
 
+loop_stage() {  # loop_stage NAME NEED_GPUS WANT_S MIN_S MODEL STEPS RUN_TIMEOUT_S PLACEMENT:MODE ...
+  local name=$1 need=$2 want=$3 min=$4 model=$5 steps=$6 run_timeout=$7
+  shift 7
+  ensure_models "$model"
+  stage "$name" "$need" "$want" "$min" "$PY" bench/gpu_loop.py --run "$@" --model "$model" --steps "$steps" \
+    --timeout-s "$run_timeout" --work "$WORK/loop" --out "$WORK/$name.json"
+}
+
 pytest_ready() {  # the image may lack pytest: take wheels carried in .gs/pytest (docs/gpu.md)
   "$PY" -c "import pytest" 2>/dev/null && return 0
   local wheels=${CISPO_PYTEST_WHEELS:-$REPO/.gs/pytest}
@@ -152,22 +160,10 @@ for s in "${STAGES[@]}"; do
       stage sync 2 200 100 "$PY" bench/weight_sync.py --path nccl --sizes 0.5b 1.5b 7b --out "$WORK/sync.json" ;;
     sync_ipc)
       stage sync_ipc 1 150 70 "$PY" bench/weight_sync.py --path ipc --sizes 0.5b 1.5b --out "$WORK/sync_ipc.json" ;;
-    colocate)
-      ensure_models qwen2-0.5b-shape
-      stage colocate 1 200 100 "$PY" bench/gpu_loop.py --run colocate_1:sync --model qwen2-0.5b-shape --steps 5 \
-        --timeout-s 190 --work "$WORK/loop" --out "$WORK/colocate.json" ;;
-    split)
-      ensure_models qwen2-0.5b-shape
-      stage split 2 330 150 "$PY" bench/gpu_loop.py --run split_1_1:sync split_1_1:async --model qwen2-0.5b-shape \
-        --steps 5 --timeout-s 160 --work "$WORK/loop" --out "$WORK/split.json" ;;
-    colocate15)
-      ensure_models qwen2-1.5b-shape
-      stage colocate15 1 280 150 "$PY" bench/gpu_loop.py --run colocate_1:sync --model qwen2-1.5b-shape --steps 20 \
-        --timeout-s 270 --work "$WORK/loop" --out "$WORK/colocate15.json" ;;
-    colocate2)
-      ensure_models qwen2-0.5b-shape
-      stage colocate2 2 200 100 "$PY" bench/gpu_loop.py --run colocate_2:sync --model qwen2-0.5b-shape --steps 5 \
-        --timeout-s 190 --work "$WORK/loop" --out "$WORK/colocate2.json" ;;
+    colocate)   loop_stage colocate 1 200 100 qwen2-0.5b-shape 5 190 colocate_1:sync ;;
+    split)      loop_stage split 2 330 150 qwen2-0.5b-shape 5 160 split_1_1:sync split_1_1:async ;;
+    colocate15) loop_stage colocate15 1 280 150 qwen2-1.5b-shape 20 270 colocate_1:sync ;;
+    colocate2)  loop_stage colocate2 2 200 100 qwen2-0.5b-shape 5 190 colocate_2:sync ;;
     *) say "unknown stage $s (tests sync sync_ipc colocate split colocate15 colocate2)" ;;
   esac
 done

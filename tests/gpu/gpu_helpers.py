@@ -3,6 +3,7 @@ comparisons between the trainer and every engine, log-prob agreement, real steps
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -47,12 +48,18 @@ def overrides(model_path: str, placement: str, *extra: str) -> list[str]:
             "warmup.steps=0", "logger.backends=[jsonl]", "logger.samples_every=1", "guard.enabled=false", *extra]
 
 
-def make_system(model_path: str, placement: str, *extra: str):
+@contextlib.contextmanager
+def running_system(model_path: str, placement: str, *extra: str):
+    """(conf, RLSystem) on a named placement, shut down afterwards."""
     from launch.config import compose_config, to_dataclass
     from launch.system import RLSystem
 
     conf = to_dataclass(compose_config(overrides(model_path, placement, *extra)))
-    return conf, RLSystem(conf, model_path)
+    system = RLSystem(conf, model_path)
+    try:
+        yield conf, system
+    finally:
+        system.shutdown()
 
 
 def vocab_rows(system) -> tuple[int, dict[str, int]]:
@@ -90,6 +97,14 @@ def logprob_agreement(system, n: int = 4) -> dict[str, float]:
     r = torch.cat([torch.tensor(x.rollout_logprobs, dtype=torch.float32) for x in trajs])
     m = mismatch_metrics(t, r, torch.ones_like(t, dtype=torch.bool))
     m.update(tokens=int(t.numel()), max_abs_logp_diff=float((t - r).abs().max()))
+    return m
+
+
+def check_logprobs(system, section: str) -> dict[str, float]:
+    """Record the engine-vs-trainer agreement and hold it to the stated bounds."""
+    m = logprob_agreement(system)
+    record(section, **m)
+    assert m["pearson"] >= MIN_PEARSON and m["abs_logp_diff"] <= MAX_MEAN_ABS_DLOGP, m
     return m
 
 

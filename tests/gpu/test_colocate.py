@@ -5,24 +5,19 @@ from __future__ import annotations
 
 import pytest
 
-from gpu_helpers import (CUDA, MAX_MEAN_ABS_DLOGP, MIN_PEARSON, assert_engines_equal_trainer, logprob_agreement,
-                         make_system, real_steps, record)
+from gpu_helpers import CUDA, assert_engines_equal_trainer, check_logprobs, real_steps, running_system, record
 
 pytestmark = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 
 
 @pytest.fixture(scope="module")
 def colocated(ray_gpus, gpu_model):
-    conf, system = make_system(gpu_model, "colocate_1")
-    yield conf, system
-    system.shutdown()
+    with running_system(gpu_model, "colocate_1") as started:
+        yield started
 
 
 def test_colocated_logprobs_agree(colocated):
-    _, system = colocated
-    m = logprob_agreement(system)
-    record("colocate_logprobs", **m)
-    assert m["pearson"] >= MIN_PEARSON and m["abs_logp_diff"] <= MAX_MEAN_ABS_DLOGP, m
+    check_logprobs(colocated[1], "colocate_logprobs")
 
 
 def test_colocated_step_frees_and_restores_engine_memory(colocated):
@@ -55,6 +50,4 @@ def test_colocated_steps_change_the_policy_and_the_engine_follows(colocated):
     record("colocate_steps", tensors_changed=moved, mean_abs_logp_shift=shift,
            losses=[m["train/loss"] for m in metrics], grad_norms=[m["train/grad_norm"] for m in metrics])
     assert moved >= 0.9 and shift > 1e-3
-    m = logprob_agreement(system)
-    record("colocate_logprobs_after_steps", **m)
-    assert m["pearson"] >= MIN_PEARSON and m["abs_logp_diff"] <= MAX_MEAN_ABS_DLOGP, m
+    check_logprobs(system, "colocate_logprobs_after_steps")

@@ -8,17 +8,15 @@ import json
 
 import pytest
 
-from gpu_helpers import (CUDA, GPUS, MAX_MEAN_ABS_DLOGP, MIN_PEARSON, assert_engines_equal_trainer, logprob_agreement,
-                         make_system, real_steps, record)
+from gpu_helpers import CUDA, GPUS, assert_engines_equal_trainer, check_logprobs, real_steps, running_system, record
 
 pytestmark = pytest.mark.skipif(not CUDA or GPUS < 2, reason="needs 2 GPUs")
 
 
 @pytest.fixture(scope="module")
 def split(ray_gpus, gpu_model):
-    conf, system = make_system(gpu_model, "split_1_1")
-    yield conf, system
-    system.shutdown()
+    with running_system(gpu_model, "split_1_1") as started:
+        yield started
 
 
 def test_split_sync_makes_the_engine_equal_the_trainer(split):
@@ -29,10 +27,7 @@ def test_split_sync_makes_the_engine_equal_the_trainer(split):
 
 
 def test_split_logprobs_agree(split):
-    _, system = split
-    m = logprob_agreement(system)
-    record("split_logprobs", **m)
-    assert m["pearson"] >= MIN_PEARSON and m["abs_logp_diff"] <= MAX_MEAN_ABS_DLOGP, m
+    check_logprobs(split[1], "split_logprobs")
 
 
 def test_split_steps_change_the_policy_and_the_engine_follows(split):
