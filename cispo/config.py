@@ -30,11 +30,33 @@ PLACEMENT_MODES = ("split", "colocate")
 
 
 @dataclass
+class LoraConfig:
+    # LoRA through peft (trainer/lora.py): only the adapters train and only they go to the
+    # engines (vLLM's LoRA support); the LM head stays a full FP32 weight. rank 0 = off.
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                               "gate_proj", "up_proj", "down_proj"])
+
+    def peft_kwargs(self) -> dict[str, Any]:
+        """Arguments of `peft.LoraConfig` (the trainer's model and the engines' adapter folders)."""
+        return {"r": int(self.rank), "lora_alpha": float(self.alpha), "lora_dropout": float(self.dropout),
+                "target_modules": list(self.target_modules), "bias": "none"}
+
+    @property
+    def scaling(self) -> float:
+        """peft's factor on B A (without rslora): alpha / rank."""
+        return float(self.alpha) / int(self.rank)
+
+
+@dataclass
 class ModelConfig:
     # A Hugging Face model folder, or "builtin:<name>" for a tiny model made and cached locally.
     path: str = "builtin:tiny-qwen2"
     dtype: str = "float32"
     trust_remote_code: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -53,6 +75,20 @@ class AlgorithmConfig:
     # soft penalty ramp length (tokens) for overlong="penalty"; None = a fifth of rollout.max_new_tokens
     overlong_buffer: Optional[int] = None
     overlong_penalty: float = 1.0
+
+
+@dataclass
+class LengthScheduleConfig:
+    # M1's staged generation budget (launch/length_schedule.py): generate with stages[0]
+    # tokens, move to the next stage once the 99th-percentile response length has stayed
+    # >= p99_frac x the limit for `patience` steps and the policy has settled (|slope| of
+    # reward and of entropy per step, over the last `window` steps, below max_slope).
+    # Empty = a fixed budget of rollout.max_new_tokens (which bounds every stage).
+    stages: list[int] = field(default_factory=list)
+    p99_frac: float = 0.9
+    patience: int = 3
+    window: int = 10
+    max_slope: float = 0.01
 
 
 @dataclass
@@ -82,6 +118,10 @@ class RolloutConfig:
     # One generator per request, seeded by (seed, group, sample): samples do not depend on
     # batching, so runs and resumed runs repeat exactly (a per-request cost in vLLM's sampler).
     seeded_requests: bool = True
+    # Any other `vllm.LLM` argument, passed as is: e.g. {max_num_seqs: 1024, enforce_eager: true,
+    # kv_cache_memory_bytes: 4e9 (a fixed KV cache, no memory profiling: engines sharing a GPU)}.
+    engine_args: dict[str, Any] = field(default_factory=dict)
+    length_schedule: LengthScheduleConfig = field(default_factory=LengthScheduleConfig)
 
 
 @dataclass
@@ -142,6 +182,28 @@ class WarmupConfig:
 
 
 @dataclass
+class EvalConfig:
+    # Held-out prompts (launch/evaluation.py): a .jsonl/.parquet file, a datasets folder or
+    # builtin:<task> (its "eval" split, disjoint from training's); null = the built-in
+    # training task's eval split (with file data: no evaluation unless a path is given).
+    # Fields, chat template and prompt length follow data.*.
+    path: Optional[str] = None
+    num_prompts: int = 64  # the first n held-out prompts
+    every: int = 0  # steps between evaluations; 0 = only at the end
+    at_end: bool = True
+    samples: int = 4  # samples per prompt at rollout.temperature, for pass@k (k = 1..samples)
+    max_new_tokens: Optional[int] = None  # null = the rollout's current budget
+
+
+@dataclass
+class ExportConfig:
+    # A Hugging Face folder (safetensors, config, tokenizer, generation config) of the final
+    # policy in <output_dir>/<dir> (launch/export.py; `cispo-export` for any checkpoint).
+    at_end: bool = True
+    dir: str = "hf_model"
+
+
+@dataclass
 class RewardConfig:
     functions: list[str] = field(default_factory=lambda: ["builtin"])
     weights: list[float] = field(default_factory=list)  # empty = all 1.0
@@ -158,6 +220,9 @@ class LoggerConfig:
     project: str = "cispo"
     run_name: Optional[str] = None
     samples_every: int = 10  # steps between tables of sample generations
+    # false: vLLM, Ray and DeepSpeed output goes to <output_dir>/logs/, the console shows the
+    # progress bar, the summary and warnings (launch/console.py); true: everything on the console
+    verbose: bool = False
 
 
 @dataclass
@@ -220,6 +285,8 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -303,8 +370,10 @@ def validate(cfg: Any) -> None:
         raise ConfigError(
             "rollout.max_model_len",
             f"{r.max_model_len} is smaller than data.max_prompt_tokens + rollout.max_new_tokens = "
-            f"{d.max_prompt_tokens + r.max_new_tokens}",
+            f"{d.max_prompt_tokens + r.max_new_tokens}; raise rollout.max_model_len (rollout=gpu sizes it "
+            f"for long responses) or lower data.max_prompt_tokens",
         )
+    _validate_length_schedule(r)
 
     _at_least("trainer.num_ranks", t.num_ranks, 1)
     _one_of("trainer.zero_stage", str(t.zero_stage), ("0", "1", "2", "3"))
@@ -352,8 +421,11 @@ def validate(cfg: Any) -> None:
     _at_least("warmup.steps", w.steps, 0)
     _one_of("warmup.mode", w.mode, WARMUP_MODES)
     if w.steps and not d.path.startswith("builtin:"):
-        raise ConfigError("warmup.steps", f"the warm-start needs a built-in task; data.path={d.path!r} "
-                                          "(set warmup.steps=0 for your own model and data)")
+        raise ConfigError("warmup.steps", f"the warm-start needs a built-in task; data.path={d.path!r}: "
+                                          "set warmup.steps=0 for your own model and data")
+    if w.steps and not str(cfg.model.path).startswith("builtin:"):
+        raise ConfigError("warmup.steps", f"the warm-start runs in the driver, for the built-in small models; "
+                                          f"model.path={cfg.model.path!r}: set warmup.steps=0")
     if w.target_pass_rate is not None:
         if w.mode != "solve":
             raise ConfigError("warmup.target_pass_rate", "applies to warmup.mode=solve only")
@@ -361,6 +433,8 @@ def validate(cfg: Any) -> None:
             raise ConfigError("warmup.target_pass_rate", f"{w.target_pass_rate!r} must be in (0, 1)")
     _at_least("warmup.check_every", w.check_every, 1)
     _at_least("warmup.check_prompts", w.check_prompts, 1)
+    _validate_lora(cfg.model.lora)
+    _validate_eval(cfg)
 
     if not cfg.reward.functions:
         raise ConfigError("reward.functions", "is empty; name at least one reward function")
@@ -371,6 +445,9 @@ def validate(cfg: Any) -> None:
         )
     if cfg.reward.timeout_s <= 0:
         raise ConfigError("reward.timeout_s", f"{cfg.reward.timeout_s!r} must be > 0")
+
+    if not getattr(cfg, "export", None) or not str(cfg.export.dir).strip():
+        raise ConfigError("export.dir", "is empty; name a folder under output_dir")
 
     for i, backend in enumerate(cfg.logger.backends):
         _one_of(f"logger.backends[{i}]", backend, LOGGER_BACKENDS)
@@ -406,6 +483,51 @@ def validate(cfg: Any) -> None:
     _at_least("max_staleness", cfg.max_staleness, 0)
     if cfg.mode == "async" and cfg.max_staleness != 1:
         raise ConfigError("max_staleness", f"{cfg.max_staleness} with mode=async; allowed: 1 (rollouts one step ahead)")
+
+
+def _validate_length_schedule(r: Any) -> None:
+    ls = r.length_schedule
+    stages = list(ls.stages)
+    for i, n in enumerate(stages):
+        _at_least(f"rollout.length_schedule.stages[{i}]", n, 1)
+    if any(b <= a for a, b in zip(stages, stages[1:])):
+        raise ConfigError("rollout.length_schedule.stages", f"{stages} must increase strictly")
+    if stages and stages[-1] > r.max_new_tokens:
+        raise ConfigError("rollout.length_schedule.stages",
+                          f"the last stage {stages[-1]} exceeds rollout.max_new_tokens={r.max_new_tokens}, which "
+                          f"sizes the engines and the trainer's micro-batches for the longest budget")
+    if not 0 < ls.p99_frac <= 1:
+        raise ConfigError("rollout.length_schedule.p99_frac", f"{ls.p99_frac!r} must be in (0, 1]")
+    _at_least("rollout.length_schedule.patience", ls.patience, 1)
+    _at_least("rollout.length_schedule.window", ls.window, 2)
+    _at_least("rollout.length_schedule.max_slope", ls.max_slope, 0.0)
+
+
+def _validate_lora(lora: Any) -> None:
+    _at_least("model.lora.rank", lora.rank, 0)
+    if lora.rank:
+        if lora.alpha <= 0:
+            raise ConfigError("model.lora.alpha", f"{lora.alpha!r} must be > 0")
+        if not 0 <= lora.dropout < 1:
+            raise ConfigError("model.lora.dropout", f"{lora.dropout!r} must be in [0, 1)")
+        if not lora.target_modules:
+            raise ConfigError("model.lora.target_modules", "is empty; name the linear layers to adapt")
+        if any("lm_head" in m for m in lora.target_modules):
+            raise ConfigError("model.lora.target_modules", "lm_head stays a full FP32 weight; adapt body layers only")
+
+
+def _validate_eval(cfg: Any) -> None:
+    e = cfg.eval
+    _at_least("eval.num_prompts", e.num_prompts, 1)
+    _at_least("eval.every", e.every, 0)
+    _at_least("eval.samples", e.samples, 1)
+    if e.max_new_tokens is not None:
+        _at_least("eval.max_new_tokens", e.max_new_tokens, 1)
+        if e.max_new_tokens > cfg.rollout.max_new_tokens:
+            raise ConfigError("eval.max_new_tokens", f"{e.max_new_tokens} exceeds rollout.max_new_tokens="
+                                                     f"{cfg.rollout.max_new_tokens} (the engines' budget)")
+    if e.path is not None and not str(e.path).strip():
+        raise ConfigError("eval.path", "is empty; give a file, a datasets folder, builtin:<task> or null")
 
 
 PLACEMENT_PRESETS = "placement=colocate_1 (1 GPU), split_1_1 (2 GPUs), colocate_8 or split_4_4 (8 GPUs)"
@@ -445,6 +567,9 @@ def _validate_placement(cfg: Any) -> None:
             raise ConfigError("trainer.zero_stage", f"{t.zero_stage} with placement.offload_optimizer: DeepSpeed moves "
                               "the state of the trainer's torch AdamW only under ZeRO-1/2 (ZeRO-3 needs its FusedAdam); "
                               "use trainer.zero_stage=2 (the colocate presets do) or placement.offload_optimizer=false")
+        if cfg.model.lora.rank:
+            raise ConfigError("model.lora.rank", "LoRA adapters travel through the object store, not the colocated "
+                              "CUDA IPC path; use placement.mode=split with LoRA")
         if cfg.mode == "async":
             raise ConfigError("mode", "async with placement.mode=colocate: colocated engines sleep while the trainer "
                               "steps, so generation cannot overlap training; use mode=sync or placement.mode=split")

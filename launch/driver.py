@@ -26,8 +26,12 @@ from launch.batching import assign_advantages, shape_rewards, split_groups
 from launch.checkpoints import CheckpointDir
 from launch.cluster import init_ray
 from launch.config import to_dataclass
+from launch.console import NOTICE, setup_console
 from launch.data import PromptDataset
+from launch.evaluation import Evaluator
+from launch.export import export_run
 from launch.guard import CollapseGuard, GuardStop, Trip
+from launch.length_schedule import LengthSchedule
 from launch.loggers import MetricLogger
 from launch.report import Progress, plot_curves, print_summary, read_metrics
 from launch.rollout_metrics import rollout_metrics, sample_rows
@@ -57,8 +61,10 @@ class StopFlag:
         self.requested = True
 
 
-def collect_step_batch(system: RLSystem, dataset: PromptDataset, conf: Config, group_counter: list[int]):
-    """Generate, score and filter until the step has its batch (or refills run out)."""
+def collect_step_batch(system: RLSystem, dataset: PromptDataset, conf: Config, group_counter: list[int],
+                       max_new_tokens: int):
+    """Generate, score and filter until the step has its batch (or refills run out);
+    `max_new_tokens` is the generation budget of this step (launch/length_schedule.py)."""
     a = conf.algorithm
     need = conf.data.rollout_batch_size // a.group_size
     kept: list[list[Trajectory]] = []
@@ -69,12 +75,12 @@ def collect_step_batch(system: RLSystem, dataset: PromptDataset, conf: Config, g
         gids = list(range(group_counter[0], group_counter[0] + len(items)))
         group_counter[0] += len(items)
         t0 = time.perf_counter()
-        trajs = system.generate(items, gids, a.group_size)
+        trajs = system.generate(items, gids, a.group_size, max_new_tokens=max_new_tokens)
         t1 = time.perf_counter()
         stats["reward_failures"] += system.score(trajs, items)
         stats["gen_s"] += t1 - t0
         stats["reward_s"] += time.perf_counter() - t1
-        shape_rewards(trajs, a, conf.rollout.max_new_tokens)
+        shape_rewards(trajs, a, max_new_tokens)
         stats["generated"].extend(trajs)
         groups = split_groups(trajs, drop_flat=a.dynamic_sampling)
         kept.extend(groups.kept)
@@ -90,10 +96,10 @@ def collect_step_batch(system: RLSystem, dataset: PromptDataset, conf: Config, g
 
 
 def run(cfg: DictConfig) -> Path:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     conf = to_dataclass(cfg)
     out = Path(conf.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    log_dir = setup_console(out, conf.logger.verbose)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     random.seed(conf.seed)
     torch.manual_seed(conf.seed)
@@ -111,33 +117,40 @@ def run(cfg: DictConfig) -> Path:
         model_path = str(out / "warmup_model")
 
     dataset = PromptDataset(conf.data, model_path, seed=conf.seed)
-    init_ray(conf.cluster.address)
+    init_ray(conf.cluster.address, log_dir=log_dir, verbose=conf.logger.verbose)
     stop.install()
     system = RLSystem(conf, model_path)
+    schedule = LengthSchedule(conf.rollout)
+    evaluator = Evaluator(conf, system, out)
     start, rollbacks = 0, 0
     try:
         if latest is not None:
             start = system.restore(latest)
             state = json.loads((latest / "driver_state.json").read_text())
             dataset.load_state_dict(state["data"])
+            schedule.load_state_dict(state.get("length_schedule", {}))
             rollbacks = state.get("guard_rollbacks", 0)
-            log.info("resumed from checkpoint step %d (%s)", start, latest)
-        loop(system, dataset, conf, logger, ckpt, stop, start, rollbacks)
+            log.info("resumed from checkpoint step %d (%s)", start, latest, extra=NOTICE)
+        loop(system, dataset, conf, logger, ckpt, stop, start, schedule, evaluator, rollbacks)
     except Preempted:
         logger.finish()
         system.shutdown()
         raise SystemExit(143)  # 128 + SIGTERM: Slurm's requeue path restarts the job
     except GuardStop as guard_stop:
         log.error("the collapse guard stopped the run at its %s check: %s", guard_stop.trip.kind, guard_stop)
-        finish(out, logger, system)
+        # a solved task is worth exporting; a collapsed policy is not
+        finish(conf, out, logger, system, schedule, export=not guard_stop.exit_code)
         if guard_stop.exit_code:
             raise SystemExit(guard_stop.exit_code)
         return out
-    finish(out, logger, system)
+    finish(conf, out, logger, system, schedule, export=True)
     return out
 
 
-def finish(out: Path, logger: MetricLogger, system: RLSystem) -> None:
+def finish(conf: Config, out: Path, logger: MetricLogger, system: RLSystem, schedule: LengthSchedule,
+           export: bool) -> None:
+    if export and conf.export.at_end:
+        log.info("Hugging Face export: %s", export_run(system.trainer, out, conf, schedule.limit), extra=NOTICE)
     rows = read_metrics(out / "metrics.jsonl")
     print_summary(rows)
     plot = plot_curves(rows, out / "curves.png")
@@ -191,13 +204,14 @@ def run_warmup(conf: Config, model_path: str, out: Path, logger: MetricLogger) -
 
 
 def loop(system: RLSystem, dataset: PromptDataset, conf: Config, logger: MetricLogger,
-         ckpt: CheckpointDir, stop: StopFlag, start: int, rollbacks: int = 0) -> None:
+         ckpt: CheckpointDir, stop: StopFlag, start: int, schedule: LengthSchedule, evaluator: Evaluator,
+         rollbacks: int = 0) -> None:
     asynchronous = conf.mode == "async"
     guard = CollapseGuard(conf.guard, rollbacks) if conf.guard.enabled else None
     counter = [start * conf.data.rollout_batch_size]
     progress = Progress(total=conf.steps, initial=start)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout")
-    pending = pool.submit(collect_step_batch, system, dataset, conf, counter)
+    pending = pool.submit(collect_step_batch, system, dataset, conf, counter, schedule.limit)
     try:
         for step in range(start, conf.steps):
             t_step = time.perf_counter()
@@ -206,7 +220,7 @@ def loop(system: RLSystem, dataset: PromptDataset, conf: Config, logger: MetricL
             last = step == conf.steps - 1
             if asynchronous and not last:
                 # rollouts for step+1 run on the current weights while we train
-                pending = pool.submit(collect_step_batch, system, dataset, conf, counter)
+                pending = pool.submit(collect_step_batch, system, dataset, conf, counter, schedule.limit)
             t0 = time.perf_counter()
             train = system.train(batch) if batch else {}
             t_train = time.perf_counter() - t0
@@ -221,6 +235,7 @@ def loop(system: RLSystem, dataset: PromptDataset, conf: Config, logger: MetricL
             t0 = time.perf_counter()
             engine_version = system.sync_weights(version=step + 1)
             t_sync = time.perf_counter() - t0
+            evals = evaluator.maybe_run(step, last, schedule.limit)  # engines idle, just synced
 
             step_time = time.perf_counter() - t_step
             sync_split = {f"perf/sync_{k}": v for k, v in system.sync_stats().items()}
@@ -236,7 +251,10 @@ def loop(system: RLSystem, dataset: PromptDataset, conf: Config, logger: MetricL
                 "perf/tokens_per_s": sum(t.num_tokens for t in stats["generated"]) / max(step_time, 1e-9),
                 "policy/version": step + 1,
                 "rollout/engine_version": engine_version,
+                **system.size_metrics,
+                **evals,
             })
+            metrics.update(schedule.observe(step, metrics))  # may raise the next step's budget
             logger.log(step, metrics)
             if conf.logger.samples_every and step % conf.logger.samples_every == 0:
                 logger.log_samples(step, sample_rows(batch, system.tokenizer, limit=8))
@@ -249,14 +267,15 @@ def loop(system: RLSystem, dataset: PromptDataset, conf: Config, logger: MetricL
                 # by the old policy): a resumed run draws them again from this state
                 drawn_ahead = asynchronous and not last and not stopping
                 data_state = pending.result()[1]["data_state"] if drawn_ahead else dataset.state_dict()
-                save(system, data_state, ckpt, step + 1, guard.rollbacks if guard else 0)
+                save(system, {"data": data_state, "length_schedule": schedule.state_dict(),
+                              "guard_rollbacks": guard.rollbacks if guard else 0}, ckpt, step + 1)
             if stopping:
                 raise GuardStop(trip, exit_code=0 if trip.kind == "saturated" else 3)
             if stop.requested and not last:
                 raise Preempted()
             if not asynchronous and not last:
                 # only now: the checkpoint above must not see the next step's prompts drawn
-                pending = pool.submit(collect_step_batch, system, dataset, conf, counter)
+                pending = pool.submit(collect_step_batch, system, dataset, conf, counter, schedule.limit)
     finally:
         progress.close()
         pool.shutdown(wait=True, cancel_futures=True)
@@ -271,11 +290,10 @@ def namespaced_train_metrics(train: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def save(system: RLSystem, data_state: dict, ckpt: CheckpointDir, step: int, guard_rollbacks: int = 0) -> None:
+def save(system: RLSystem, driver_state: dict, ckpt: CheckpointDir, step: int) -> None:
     folder = ckpt.begin(step)
     system.save(folder, step)
-    (folder / "driver_state.json").write_text(json.dumps({"step": step, "data": data_state,
-                                                          "guard_rollbacks": guard_rollbacks}))
+    (folder / "driver_state.json").write_text(json.dumps({"step": step, **driver_state}))
     ckpt.commit(folder)
 
 

@@ -131,7 +131,8 @@ class ConsoleSink:
     """Step lines go to the log (the progress bar shows the live view)."""
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        keys = ("reward/mean", "rollout/response_len_mean", "train/entropy", "mismatch/pearson", "perf/step_time_s")
+        keys = ("reward/mean", "rollout/response_len_mean", "train/entropy", "mismatch/pearson", "perf/step_time_s",
+                "eval/greedy_accuracy", *sorted(k for k in metrics if k.startswith("eval/pass@")))
         shown = ", ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
         log.info("step %d: %s", step, shown)
 

@@ -3,6 +3,7 @@ trainer ranks and the weight-sync channel between them."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -44,29 +45,42 @@ class RLSystem:
             model_path, conf.trainer, conf.algorithm, num_ranks=conf.trainer.num_ranks,
             temperature=conf.rollout.temperature, seed=conf.seed, num_cpus_per_rank=layout.trainer[0].num_cpus,
             num_gpus_per_rank=layout.trainer[0].num_gpus, scheduling=res.trainer_strategies() if res else None,
+            lora=conf.model.lora,
         )
         if layout.colocated and conf.placement.offload_optimizer:
             self.trainer.offload_states()  # the engines measure free memory at start-up
+        lora = dataclasses.asdict(conf.model.lora) if conf.model.lora.rank else None
         self.rollout = RolloutGroup(
             model_path, conf.rollout, dtype=conf.model.dtype, num_cpus=layout.rollout[0].num_cpus,
             num_gpus=layout.rollout[0].num_gpus, enforce_eager=conf.rollout.enforce_eager,
             engine_kwargs={"enable_sleep_mode": True} if layout.colocated else None,
-            scheduling=res.rollout_strategies() if res else None,
+            scheduling=res.rollout_strategies() if res else None, lora=lora,
         )
         self.backend = "nccl" if layout.on_gpu else "gloo"
         self.plan = None
         self.colocated = None
-        self.last_sync_stats: dict[str, float] = {}
         if layout.colocated:
             self.colocated = Colocated(self.trainer, self.rollout, conf.placement.offload_optimizer,
                                        conf.rollout.sync_bucket_mb)
-        elif conf.rollout.weight_sync == "collective":
+        # LoRA adapters (a few MB) always travel through the object store: the engines
+        # write them as adapter folders (rollout/lora.py), not into the base weights
+        elif conf.rollout.weight_sync == "collective" and lora is None:
             host, port = self.trainer.sync_address()
             port = conf.rollout.sync_port or port
             world = self.rollout.sync_world_size
             self._together(self.trainer.init_weight_sync(host, port, world, self.backend),
                            self.rollout.init_weight_sync(host, port, world, self.backend), "weight-sync set-up")
             self.plan = self.trainer.weight_sync_plan(conf.rollout.sync_bucket_mb)
+        plan = self.plan or self.trainer.weight_sync_plan(conf.rollout.sync_bucket_mb)
+        # what one sync sends, and the trainable share: the numbers LoRA changes
+        self.size_metrics = {
+            "model/sync_mb": sum(m.nbytes for bucket in plan for m in bucket) / 2**20,
+            "model/trainable_params": float(self.trainer.trainable_params),
+            "model/total_params": float(self.trainer.total_params),
+            # AdamW keeps two fp32 moments per trainable parameter (plus an fp32 master copy in bf16/fp16)
+            "model/optimizer_state_mb": self.trainer.trainable_params * (8 if conf.trainer.dtype == "float32" else 12)
+            / 2**20,
+        }
 
     def _together(self, trainer_refs, rollout_refs, what: str) -> list:
         """Wait for both sides of a collective, failing as soon as either side fails (the
@@ -96,8 +110,9 @@ class RLSystem:
 
     # ---- one step's parts ----------------------------------------------------------------
 
-    def generate(self, items: list[PromptItem], group_ids: list[int], n: int) -> list[Trajectory]:
-        trajs = self.rollout.generate([it.prompt_ids for it in items], group_ids, n)
+    def generate(self, items: list[PromptItem], group_ids: list[int], n: int, **overrides) -> list[Trajectory]:
+        """n samples per prompt; overrides: sampling settings for this call (RolloutEngine.generate)."""
+        trajs = self.rollout.generate([it.prompt_ids for it in items], group_ids, n, **overrides)
         by_group = dict(zip(group_ids, items))
         for t in trajs:
             item = by_group[t.group_id]

@@ -17,6 +17,8 @@ SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 PRESETS: dict[str, dict[str, int]] = {
     "tiny-qwen2": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, intermediate_size=256),
     "small-qwen2": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=768),
+    # ~25M parameters: the GPU size of the reasoning recipe (conf/experiment/long_addition_gpu.yaml)
+    "base-qwen2": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, intermediate_size=1536),
     # The shapes of the public Qwen2 checkpoints, randomly initialised (GPU measurements, no hub):
     # bf16 on disk, the char tokenizer padded with filler tokens up to the vocabulary.
     "qwen2-0.5b-shape": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,

@@ -54,6 +54,10 @@ def warm_start(
         log.info("warm-start: reusing %s", target)
         return str(target)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        # one thread: the same sums on any machine (the warmed model, and so the run, repeats
+        # exactly), and no spinning OpenMP threads fighting for cores with the rest of the run
+        torch.set_num_threads(1)
     torch.manual_seed(seed)
     rng = random.Random(seed)
     tok = AutoTokenizer.from_pretrained(model_path)

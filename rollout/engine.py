@@ -52,10 +52,12 @@ class RolloutEngine:
         enforce_eager: bool | None = None,
         engine_kwargs: dict[str, Any] | None = None,
         fp32_head_impl: str = "auto",
+        lora: dict | None = None,
     ):
         from rollout import vllm_compat as compat
 
         compat.use_inprocess_engine()
+        compat.silence_rotary_reload_warning()
         from rollout.repetition import RepetitionStopProcessor
 
         self._compat = compat
@@ -64,6 +66,13 @@ class RolloutEngine:
         self.dtype = dtype
         self.engine_index = engine_index
         self.version = 0
+        self.adapters = None  # rollout.lora.AdapterSlot when the trainer trains LoRA adapters only
+        if lora and int(lora.get("rank", 0)):
+            from cispo.config import LoraConfig
+            from rollout.lora import AdapterSlot, engine_kwargs as lora_kwargs
+
+            self.adapters = AdapterSlot(LoraConfig(**lora))
+            engine_kwargs = {**lora_kwargs(self.adapters.cfg), **(engine_kwargs or {})}
         t0 = time.perf_counter()
         self.llm = compat.make_llm(
             compat.engine_kwargs(
@@ -75,7 +84,7 @@ class RolloutEngine:
                 seed=self.cfg.seed,
                 logits_processors=[RepetitionStopProcessor],
                 enforce_eager=enforce_eager,
-                extra=engine_kwargs,
+                extra={**self.cfg.engine_args, **(engine_kwargs or {})},
             )
         )
         self.startup_s = time.perf_counter() - t0
@@ -164,7 +173,7 @@ class RolloutEngine:
                 tags.append(tag)
 
         version = self.version
-        outputs = c.generate(self.llm, requests, params)
+        outputs = c.generate(self.llm, requests, params, self.adapters.request if self.adapters else None)
         trajectories = []
         for k, out in enumerate(outputs):
             p_idx, j = divmod(k, n)
@@ -247,6 +256,9 @@ class RolloutEngine:
         sends through Ray's object store)."""
         from rollout.worker_extension import decode_weights, encode_weights
 
+        if self.adapters is not None:  # LoRA: new adapters, the base weights stay
+            self.adapters.load(self.llm, decode_weights(weights), version if version is not None else self.version + 1)
+            return self._set_version(version)
         if not self.inprocess and not isinstance(weights, (bytes, bytearray)):
             weights = encode_weights(decode_weights(weights))  # tensors do not cross the engine-core boundary
         self._compat.collective_rpc(self.llm, "cispo_load_weights", args=(weights,))
@@ -337,6 +349,8 @@ class RolloutEngine:
         return "ok"
 
     def shutdown(self) -> None:
+        if getattr(self, "adapters", None) is not None:
+            self.adapters.close()
         llm = getattr(self, "llm", None)
         self.llm = None
         if llm is not None:

@@ -24,7 +24,7 @@ import torch
 
 from cispo.aggregation import count_loss_seqs
 from cispo.batch import PackedBatch, Trajectory, pack
-from cispo.config import AlgorithmConfig, TrainerConfig
+from cispo.config import AlgorithmConfig, LoraConfig, TrainerConfig
 from cispo.metrics import finalize_stats, merge_stats, mismatch_metrics
 from cispo.weight_sync import ParamMeta, unflatten_bucket
 from trainer import checkpoint as ckpt
@@ -66,6 +66,7 @@ class TrainerGroup:
         attn_implementation: str | None = None,
         dist_backend: str | None = None,
         scheduling: list | None = None,
+        lora: LoraConfig | None = None,
     ):
         """scheduling: one Ray scheduling strategy per rank (launch.placement pins the
         ranks into its own placement group); None = the group packs its ranks itself.
@@ -78,6 +79,7 @@ class TrainerGroup:
 
         self.cfg = _as_dataclass(TrainerConfig, trainer_cfg)
         self.algorithm_cfg = _as_dataclass(AlgorithmConfig, algorithm_cfg)
+        self.lora = _as_dataclass(LoraConfig, lora)  # rank 0: full weights (trainer/lora.py)
         self.num_ranks = int(num_ranks or self.cfg.num_ranks)
         self.model_path = model_path
         self.step = 0  # RL steps done (train_step calls)
@@ -100,7 +102,8 @@ class TrainerGroup:
                 scheduling_strategy=scheduling[r],
                 runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
             ).remote(r, self.num_ranks, model_path, dataclasses.asdict(self.cfg),
-                     dataclasses.asdict(self.algorithm_cfg), temperature, seed, attn_implementation)
+                     dataclasses.asdict(self.algorithm_cfg), temperature, seed, attn_implementation,
+                     dataclasses.asdict(self.lora))
             for r in range(self.num_ranks)
         ]
         try:
@@ -114,7 +117,9 @@ class TrainerGroup:
                 remove_placement_group(self._pg)
             self.workers = []
             raise
-        self.num_params = infos[0]["num_params"]
+        self.num_params = infos[0]["num_params"]  # what a weight sync sends (LoRA: the adapters)
+        self.trainable_params = int(infos[0]["trainable_params"])
+        self.total_params = int(infos[0]["total_params"])
 
     def _all(self, method: str, *per_rank_args, same=()):
         """Call `method` on every rank at once and wait; per_rank_args are lists indexed by rank."""

@@ -17,11 +17,12 @@ import torch
 
 from cispo.aggregation import token_weights
 from cispo.batch import PackedBatch
-from cispo.config import AlgorithmConfig, TrainerConfig
+from cispo.config import AlgorithmConfig, LoraConfig, TrainerConfig
 from cispo.metrics import merge_stats
 from cispo.objectives import policy_loss, resolve_algorithm
 from cispo.weight_sync import ParamMeta, create_sync_group, share_bucket, unflatten_bucket
 from trainer import checkpoint as ckpt
+from trainer.lora import apply_lora, is_adapter, merge_lora_state, trainable_summary
 from trainer.ds_setup import build_optimizer, build_scheduler, deepspeed_config
 from trainer.policy import PolicyModel, load_hf_causal_lm, loss_positions
 from trainer.weights_out import broadcast_plan, cpu_buckets, iter_flat_buckets, sync_plan
@@ -37,7 +38,7 @@ def _as_cfg(cls, value):
 
 class TrainerWorker:
     def __init__(self, rank: int, world_size: int, model_path: str, trainer_cfg, algorithm_cfg,
-                 temperature: float = 1.0, seed: int = 0, attn_implementation: str | None = None):
+                 temperature: float = 1.0, seed: int = 0, attn_implementation: str | None = None, lora=None):
         # Cheap on purpose: the group creates every actor before any of them blocks
         # in init_distributed (which waits until all ranks have joined).
         self.rank, self.world_size = rank, world_size
@@ -48,6 +49,7 @@ class TrainerWorker:
         self.temperature = float(temperature)
         self.seed = seed
         self.attn_implementation = attn_implementation
+        self.lora = _as_cfg(LoraConfig, lora)  # rank 0 = full-weight training
         self.engine = None
         self._sync_group = None
         self._sync_backend = "gloo"
@@ -86,6 +88,9 @@ class TrainerWorker:
         torch.manual_seed(self.seed + self.rank)
 
         self.hf = load_hf_causal_lm(self.model_path, self.attn_implementation)
+        if self.lora.rank:
+            apply_lora(self.hf, self.lora)  # in place: only the adapters keep requires_grad
+        sizes = trainable_summary(self.hf)
         self.policy = PolicyModel(self.hf, self.cfg.logprob_chunk_tokens, self.cfg.lm_head_mode)
         optimizer = build_optimizer([p for p in self.policy.parameters() if p.requires_grad], self.cfg)
         self.engine, _, _, _ = deepspeed.initialize(
@@ -94,7 +99,7 @@ class TrainerWorker:
         )
         self.device = self.engine.device
         self.updates = 0  # optimizer updates taken
-        return {"rank": self.rank, "device": str(self.device),
+        return {"rank": self.rank, "device": str(self.device), **sizes,
                 "num_params": sum(int(m.numel) for bucket in self.weight_sync_plan(1e9) for m in bucket)}
 
     # ---- forward / train ------------------------------------------------------------
@@ -204,6 +209,8 @@ class TrainerWorker:
         buckets = cpu_buckets(self.hf, plan, keep=self.rank == 0)
         if self.rank == 0:
             state = {name: t.clone() for bucket, flat in buckets for name, t in unflatten_bucket(flat, bucket)}
+            if self.lora.rank:
+                state = merge_lora_state(state, self.lora.scaling)
             ckpt.write_hf_folder(self.hf, state, self.model_path, out_dir)
         dist.barrier()
         return out_dir if self.rank == 0 else None
@@ -211,7 +218,8 @@ class TrainerWorker:
     # ---- weights out ------------------------------------------------------------------
 
     def weight_sync_plan(self, bucket_mb: float) -> list[list[ParamMeta]]:
-        return sync_plan(self.hf, bucket_mb)
+        """What the engines receive: every weight, or with LoRA only the adapters."""
+        return sync_plan(self.hf, bucket_mb, is_adapter if self.lora.rank else None)
 
     def init_weight_sync(self, host: str, port: int, world_size: int, backend: str = "gloo") -> None:
         """Rank 0 joins the trainer->rollout group as its rank 0 (blocks until all join)."""
