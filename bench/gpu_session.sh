@@ -146,6 +146,11 @@ open(sys.argv[1], "w").write(json.dumps(info))
 EOF
 cat "$WORK/env.json" | tee -a "$WORK/session.log"
 collect
+if ! "$PY" -c "import vllm, ray, deepspeed, hydra" 2>> "$WORK/session.log"; then
+  say "vLLM / Ray / DeepSpeed / Hydra do not import: assemble the gpu-stack first (docs/gpu.md), nothing run"
+  collect
+  exit 3
+fi
 
 for s in "${STAGES[@]}"; do
   case $s in
