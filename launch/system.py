@@ -41,8 +41,10 @@ class RLSystem:
         self.scorer = RewardScorer(conf.reward)
         log.info("starting %d trainer rank(s) and %d rollout engine(s): %s", conf.trainer.num_ranks,
                  conf.rollout.num_engines, layout.describe())
+        # asynchronous: the engines generate while the trainer steps, so each keeps its own core
+        trainer_cfg = dataclasses.replace(conf.trainer, cpu_threads=1) if conf.mode == "async" else conf.trainer
         self.trainer = TrainerGroup(
-            model_path, conf.trainer, conf.algorithm, num_ranks=conf.trainer.num_ranks,
+            model_path, trainer_cfg, conf.algorithm, num_ranks=conf.trainer.num_ranks,
             temperature=conf.rollout.temperature, seed=conf.seed, num_cpus_per_rank=layout.trainer[0].num_cpus,
             num_gpus_per_rank=layout.trainer[0].num_gpus, scheduling=res.trainer_strategies() if res else None,
             lora=conf.model.lora,
