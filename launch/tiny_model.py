@@ -9,6 +9,7 @@ weights and a `tokenizers` tokenizer with a chat template.
 from __future__ import annotations
 
 import os
+import shutil
 import string
 from pathlib import Path
 
@@ -131,7 +132,12 @@ def resolve_model_path(spec: str, cache_dir: str | os.PathLike | None = None, de
     if not (target / "config.json").exists():
         tmp = folder / f".{preset}.tmp{os.getpid()}"
         make_tiny_qwen2(tmp, preset=preset, device=device)
-        tmp.rename(target)  # atomic: concurrent runs never see half a model
+        try:
+            tmp.rename(target)  # atomic: concurrent runs never see half a model
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another run made it first: the same model
     return str(target)
 
 
