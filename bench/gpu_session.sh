@@ -13,6 +13,9 @@
 #   colocate15  bench/gpu_loop.py colocate_1:sync, Qwen2-1.5B shape, 20 steps (no OOM, memory)  (~170 s)
 #   sync_ipc    bench/weight_sync.py --path ipc: 0.5B / 1.5B, colocated CUDA IPC                (~70 s)
 #   colocate2   bench/gpu_loop.py colocate_2:sync, 0.5B, 5 steps                       [2 GPUs] (~110 s)
+#   compare     bench/compare_algorithms.py, +experiment=long_addition_gpu: CISPO / DAPO / GRPO and CISPO
+#               with a bf16 head, 3 seeds each, 12 runs side by side (each engine GPU 0, trainer GPU 1);
+#               compare.{md,json,png} also land in $OUT                              [2 GPUs] (~570 s)
 # Two calls cover them all on a 2-GPU host: `tests sync colocate`, then `split colocate15 sync_ipc`.
 #
 # Everything lands in $OUT (3 files, rewritten after every stage, so a run cut short still returns
@@ -169,7 +172,14 @@ for s in "${STAGES[@]}"; do
     split)      loop_stage split 2 330 150 qwen2-0.5b-shape 5 160 split_1_1:sync split_1_1:async ;;
     colocate15) loop_stage colocate15 1 280 150 qwen2-1.5b-shape 20 270 colocate_1:sync ;;
     colocate2)  loop_stage colocate2 2 200 100 qwen2-0.5b-shape 5 190 colocate_2:sync ;;
-    *) say "unknown stage $s (tests sync sync_ipc colocate split colocate15 colocate2)" ;;
+    compare)  # issue 11: CISPO vs DAPO vs GRPO (+ the bf16-head ablation), 3 seeds, 12 runs side by side
+      ensure_models base-qwen2
+      stage compare 2 570 300 "$PY" bench/compare_algorithms.py --experiment long_addition_gpu --seeds 0 1 2 \
+        --parallel 12 --deadline-s $(( $(left) - 45 )) --out "$WORK/compare" --runs-dir "$WORK/compare_runs" \
+        --row cispo:algorithm=cispo --row dapo:algorithm=dapo --row grpo:algorithm=grpo \
+        --row "cispo_bf16_head:algorithm=cispo rollout.lm_head_fp32=false trainer.lm_head_mode=bf16"
+      cp "$WORK"/compare.md "$WORK"/compare.json "$WORK"/compare.png "$OUT"/ 2>/dev/null ;;
+    *) say "unknown stage $s (tests sync sync_ipc colocate split colocate15 colocate2 compare)" ;;
   esac
 done
 say "done"
