@@ -123,7 +123,7 @@ def test_trainer_update_with_options_equals_plain(tiny_model_path):
         # adam_eps=1: the first Adam step is ~lr * g, not lr * sign(g), whose sign flips on
         # near-zero gradients would turn rounding-level differences into +-2 lr.
         cfg = TrainerConfig(num_ranks=1, zero_stage=2, dtype="float32", lr=1e-3, adam_eps=1.0,
-                            micro_batch_tokens=64, logprob_chunk_tokens=16, **options)
+                            micro_batch_tokens=40, logprob_chunk_tokens=16, **options)
         worker = TrainerWorker(0, 1, tiny_model_path, cfg, AlgorithmConfig(), temperature=0.8)
         worker.setup(*worker.address())
         before = {n: p.detach().clone() for n, p in worker.hf.named_parameters()}
