@@ -61,9 +61,15 @@ def make_model_folder(preset: str, path: Path) -> dict:
             "vocab": cfg.vocab_size}
 
 
-def scratch_dir() -> str | None:
-    """/dev/shm when it exists (model folders of GBs load from memory), else the default."""
-    return "/dev/shm" if Path("/dev/shm").is_dir() else None
+def scratch_dir(need_gib: float = 16) -> str | None:
+    """/dev/shm when it has room (model folders of GBs load from memory; containers often
+    give it only 64 MB), else the default temporary directory."""
+    import shutil
+
+    try:
+        return "/dev/shm" if shutil.disk_usage("/dev/shm").free > need_gib * 2**30 else None
+    except OSError:
+        return None
 
 
 def make_batch(args, vocab: int):
