@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+START = time.time()
 sys.path.insert(0, str(REPO))
 
 from launch.report import read_metrics  # noqa: E402
@@ -59,11 +60,23 @@ def run_one(job: dict, args) -> dict:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
     if job["device"] is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(job["device"])
+    # many runs side by side: keep each Ray's object store small (it defaults to 30% of RAM)
+    env.setdefault("RAY_DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES", str(2 * 10**9))
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with (out / "console.log").open("w") as log:
-        code = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                              timeout=args.timeout).returncode
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            code = proc.wait(timeout=max(args.deadline_s - (time.time() - START), 1))
+        except subprocess.TimeoutExpired:
+            # out of time: SIGTERM ends the run after its current step (checkpoint, exit 143);
+            # the steps it made are in its metrics
+            proc.terminate()
+            try:
+                code = proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                code = proc.wait()
     rows = read_metrics(out / "metrics.jsonl")
     print(f"  {job['row']:>16} seed {job['seed']}: exit {code}, {len(rows)} steps, {time.time() - t0:.0f} s", flush=True)
     return {**job, "exit_code": code, "wall_s": time.time() - t0, "steps": len(rows),
@@ -80,6 +93,15 @@ def steps_to_reach(curve: list[float], level: float, k: int = 5) -> int | None:
         if mean(curve[i - k + 1: i + 1]) >= level:
             return i + 1
     return None
+
+
+def truncate(results: list[dict]) -> int:
+    """Cut every run's curves to the steps all runs made (a deadline can stop runs unevenly):
+    rows are compared over the same steps. Returns that step count."""
+    common = min((x["steps"] for x in results if x["steps"]), default=0)
+    for x in results:
+        x["curves"] = {k: v[:common] for k, v in x["curves"].items()}
+    return common
 
 
 def summarise(results: list[dict], rows: list[str], reference: str) -> tuple[str, dict]:
@@ -159,7 +181,7 @@ def main() -> None:
     ap.add_argument("--reference", default="dapo", help="the row whose final reward the others must reach")
     ap.add_argument("--devices", nargs="*", default=[], help="GPU indices to spread the runs over (none: CPU)")
     ap.add_argument("--parallel", type=int, default=1)
-    ap.add_argument("--timeout", type=float, default=3600)
+    ap.add_argument("--deadline-s", type=float, default=3600, help="wall-clock budget of the whole comparison")
     ap.add_argument("--out", default="bench/results/compare")
     ap.add_argument("--runs-dir", default="runs/compare")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
@@ -176,9 +198,11 @@ def main() -> None:
     t0 = time.time()
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
         results = list(pool.map(lambda j: run_one(j, args), jobs))
+    common = truncate(results)
     table, numbers = summarise(results, rows, args.reference)
+    table = f"All rows over their first {common} steps (the fewest any run made).\n\n{table}"
     print(table)
-    report = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "device": device_name(),
+    report = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "device": device_name(), "steps": common,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "wall_s": time.time() - t0, "rows": dict(zip(rows, specs)), **numbers, "runs": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

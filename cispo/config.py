@@ -146,6 +146,9 @@ class TrainerConfig:
     liger: bool = False  # Liger-Kernel's fused RMSNorm, SwiGLU and rotary (not its cross entropy)
     activation_checkpointing: bool = False  # recompute each decoder layer in backward (non-reentrant)
     compile: bool = False  # torch.compile each decoder layer
+    # torch threads of each rank on a CPU machine; 0 = the host's cores shared by the ranks
+    # (sync mode: the engines idle while the trainer steps; async mode uses 1, leaving them theirs)
+    cpu_threads: int = 0
     save_every: int = 0  # steps; 0 = only at the end
     keep_checkpoints: int = 2
 
@@ -362,6 +365,7 @@ def validate(cfg: Any) -> None:
     if t.adam_eps <= 0:
         raise ConfigError("trainer.adam_eps", f"{t.adam_eps!r} must be > 0")
     _at_least("trainer.micro_batch_tokens", t.micro_batch_tokens, 1)
+    _at_least("trainer.cpu_threads", t.cpu_threads, 0)
     _at_least("trainer.mini_batch_size", t.mini_batch_size, 0)
     _at_least("trainer.epochs", t.epochs, 1)
     _one_of("trainer.old_logprobs", t.old_logprobs, OLD_LOGPROB_SOURCES)

@@ -27,8 +27,10 @@ class RLSystem:
         self.scorer = RewardScorer(conf.reward)
         on_gpu = torch.cuda.is_available()
         log.info("starting %d trainer rank(s) and %d rollout engine(s)", conf.trainer.num_ranks, conf.rollout.num_engines)
+        # asynchronous: the engines generate while the trainer steps, so each keeps its own core
+        trainer_cfg = dataclasses.replace(conf.trainer, cpu_threads=1) if conf.mode == "async" else conf.trainer
         self.trainer = TrainerGroup(
-            model_path, conf.trainer, conf.algorithm, num_ranks=conf.trainer.num_ranks,
+            model_path, trainer_cfg, conf.algorithm, num_ranks=conf.trainer.num_ranks,
             temperature=conf.rollout.temperature, seed=conf.seed, num_gpus_per_rank=1 if on_gpu else 0,
             lora=conf.model.lora,
         )

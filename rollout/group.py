@@ -30,6 +30,17 @@ class RolloutEngineError(RuntimeError):
         self.engine_indices = engine_indices
 
 
+def root_cause(message: str) -> str:
+    """The line of a Ray error that says what went wrong: the last "SomeError: ..." line of
+    the traceback it carries (e.g. vLLM refusing to start for lack of memory), else its
+    first line. The engine's own log is in the run folder, but the console must say why."""
+    import re
+
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    causes = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)\b.*:", ln) and "creation task" not in ln]
+    return causes[-1] if causes else (lines[0] if lines else "")
+
+
 def split_evenly(count: int, parts: int) -> list[tuple[int, int]]:
     """[start, end) ranges of `count` items over `parts` engines, contiguous, sizes
     differing by at most one."""
@@ -128,7 +139,7 @@ class RolloutGroup:
             try:
                 results.append(ray.get(ref, timeout=0))
             except RayActorError as e:
-                problems.append(f"{label} died during {what}: {type(e).__name__}: {str(e).splitlines()[0]}")
+                problems.append(f"{label} died during {what}: {type(e).__name__}: {root_cause(str(e))}")
                 bad.append(i)
             except RayTaskError as e:
                 cause = e.cause if getattr(e, "cause", None) is not None else e

@@ -80,6 +80,8 @@ class TrainerWorker:
             torch.cuda.set_device(0)
         deepspeed.init_distributed(dist_backend=dist_backend or ("nccl" if use_cuda else "gloo"))
         torch.manual_seed(self.seed + self.rank)
+        if not use_cuda:  # Ray's OMP_NUM_THREADS is the actor's CPU count, 1 by default
+            torch.set_num_threads(self.cfg.cpu_threads or max(1, (os.cpu_count() or 1) // self.world_size))
 
         self.hf = load_hf_causal_lm(self.model_path, self.attn_implementation)
         if self.lora.rank:
