@@ -11,8 +11,9 @@
 #     without it the +liger variants record an error and the others run.
 # Writes (7 files): env.txt, kernels_lm_head_h200.{json,log}, trainer_profile_h200.{json,md,log},
 # timeline.txt. Every step has its own timeout; each JSON is rewritten as results come in.
-# CPU dry run of the plumbing: SPEED_PRESETS=tiny SPEED_EXTRA_ARGS="--seq-len 256 --prompt-len 32" bash bench/speed_session.sh
+# CPU dry run of the plumbing: PYTHON=.venv/bin/python SPEED_PRESETS=tiny SPEED_EXTRA_ARGS="--seq-len 256 --prompt-len 32" bash bench/speed_session.sh
 set -u
+PY=${PYTHON:-python3}
 OUT=${OUT:-/tmp/speed-out}
 mkdir -p "$OUT"
 T0=$(date +%s)
@@ -23,30 +24,30 @@ mark() { echo "$(($(date +%s) - T0))s $*" | tee -a "$OUT/timeline.txt"; }
 
 if [ -f /tmp/site/env.sh ]; then . /tmp/site/env.sh; fi
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/speed_site .whl/*.whl \
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/speed_site .whl/*.whl \
     && export PYTHONPATH=/tmp/speed_site:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 mark "start"
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv
-  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-  python3 -c "import deepspeed; print('deepspeed', deepspeed.__version__)" 2>&1 | tail -1
-  python3 -c "import liger_kernel, importlib.metadata as m; print('liger-kernel', m.version('liger-kernel'))" 2>&1 | tail -1
+  "$PY" -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+  "$PY" -c "import deepspeed; print('deepspeed', deepspeed.__version__)" 2>&1 | tail -1
+  "$PY" -c "import liger_kernel, importlib.metadata as m; print('liger-kernel', m.version('liger-kernel'))" 2>&1 | tail -1
   git log -1 --format='commit %H %s' 2>/dev/null
 } > "$OUT/env.txt" 2>&1
 
 # 1) FP32 LM head at T=16k, H=4096, V=151,936: fp16x2 (default backward chunks and one other)
 #    against naive fp32 / bf16, with the small-shape float64 check of forward and backward first.
 mark "kernels_lm_head"
-timeout "$KERNEL_S" python3 bench/kernels_lm_head.py --T 16384 --H 4096 --modes fp16x2 --no-liger \
+timeout "$KERNEL_S" "$PY" bench/kernels_lm_head.py --T 16384 --H 4096 --modes fp16x2 --no-liger \
   --bwd-chunks 8:2048 --out "$OUT/kernels_lm_head_h200.json" > "$OUT/kernels_lm_head_h200.log" 2>&1
 mark "kernels_lm_head rc=$?"
 
 # 2) trainer: profile + sweep, both shapes in one process, stopping cleanly before the deadline.
 BUDGET=$(( $(left) - 8 ))
 mark "trainer_profile budget=${BUDGET}s"
-timeout $((BUDGET + 6)) python3 bench/trainer_profile.py --engine auto \
+timeout $((BUDGET + 6)) "$PY" bench/trainer_profile.py --engine auto \
   --presets ${SPEED_PRESETS:-qwen2-0.5b qwen2-1.5b} ${SPEED_EXTRA_ARGS:-} \
   --variants base varlen+liger+mbt16k varlen+liger qwen2-0.5b:mbt16k qwen2-1.5b:varlen+liger+seq16k \
              qwen2-0.5b:varlen+compile+mbt16k qwen2-0.5b:flex+mbt16k qwen2-0.5b:varlen+liger+ac+mbt32k \

@@ -182,7 +182,9 @@ def check_varlen(device) -> dict:
 
 # ---- one variant ------------------------------------------------------------------------
 
-def run_variant(args, preset, shape, folder, name, deadline) -> dict:
+def run_variant(args, preset, shape, folder, name, deadline, res: dict, save=lambda: None) -> dict:
+    """Fills `res` in place and calls save() at each stage, so a run killed mid-variant
+    (an outer timeout) still leaves its set-up and warm-up times in the JSON."""
     v = parse_variant(name, args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -192,8 +194,9 @@ def run_variant(args, preset, shape, folder, name, deadline) -> dict:
     batch = make_batch(bargs, shape["vocab"])
     cfg = trainer_config(args, micro_batch_tokens=v["micro_batch_tokens"], attn_implementation=v["attn"],
                          liger=v["liger"], compile=v["compile"], activation_checkpointing=v["ac"])
-    res = {"preset": preset, "variant": name, **v, "engine": args.engine, "tokens_per_step": batch.num_tokens,
-           "loss_tokens_per_step": batch.num_loss_tokens, "seqs_per_step": batch.num_seqs}
+    res.update({**v, "engine": args.engine, "tokens_per_step": batch.num_tokens, "status": "setup",
+                "loss_tokens_per_step": batch.num_loss_tokens, "seqs_per_step": batch.num_seqs})
+    save()
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -202,12 +205,16 @@ def run_variant(args, preset, shape, folder, name, deadline) -> dict:
     step, n_mb, close = build(cfg, folder, batch)
     res["micro_batches_per_step"] = n_mb
     res["setup_s"] = time.perf_counter() - t_start
+    res["status"] = "warmup"
+    save()
     try:
         t0 = time.perf_counter()
         for _ in range(args.warmup):
             step()
         sync()
         res["warmup_s"] = time.perf_counter() - t0
+        res["status"] = "timing"
+        save()
         times = []
         for _ in range(args.steps):
             if times and time.perf_counter() > deadline:
@@ -217,6 +224,8 @@ def run_variant(args, preset, shape, folder, name, deadline) -> dict:
             step()
             sync()
             times.append(time.perf_counter() - t0)
+            res["step_times_s"] = sorted(times)
+            save()
         times.sort()
         med = times[len(times) // 2]
         flops = model_flops(batch, shape)
@@ -254,7 +263,9 @@ def markdown(report: dict) -> str:
             lines.append(f"| {r['preset']} | {r['variant']} | error: {r['error'][:120]} |||||||||")
             continue
         if "median_step_s" not in r:
-            lines.append(f"| {r['preset']} | {r['variant']} | {r.get('skipped', 'no timed step')} |||||||||")
+            why = r.get("skipped") or f"stopped in {r.get('status', '?')} (setup {r.get('setup_s', 0):.0f}s, " \
+                f"warm-up {r.get('warmup_s', 0):.0f}s, steps {r.get('step_times_s', [])})"
+            lines.append(f"| {r['preset']} | {r['variant']} | {why} |||||||||")
             continue
         pk = f"{r['peak_memory_gib']:.1f}" if r.get("peak_memory_gib") is not None else "n/a"
         lines.append(f"| {r['preset']} | {r['variant']} | {r['attn']} | {r['micro_batch_tokens']} | "
@@ -362,7 +373,11 @@ def main() -> None:
                 report.setdefault("shapes", {})[preset] = shapes[preset]
             print(f"RUN {preset} {name} ({left:.0f}s left)", flush=True)
             try:
-                r = run_variant(args, preset, shapes[preset], Path(tmp) / preset, name, deadline)
+                r = {"preset": preset, "variant": name}
+                report["results"].append(r)
+                run_variant(args, preset, shapes[preset], Path(tmp) / preset, name, deadline, r,
+                            lambda: write(report, args))
+                r["status"] = "done"
                 last_wall[preset] = r["wall_s"]
                 print(f"RESULT {preset} {name}: " + (f"{r['tokens_per_s']:,.0f} tok/s, MFU {100 * r['mfu']:.1f}%, "
                       f"step {r['median_step_s']:.3f}s, peak {r['peak_memory_gib'] or 0:.1f} GiB, wall {r['wall_s']:.0f}s"
@@ -371,11 +386,10 @@ def main() -> None:
                 import traceback
 
                 traceback.print_exc()
-                r = {"preset": preset, "variant": name, "error": f"{type(e).__name__}: {e}"}
+                r["error"] = f"{type(e).__name__}: {e}"
                 gc.collect()
                 if device == "cuda":
                     torch.cuda.empty_cache()
-            report["results"].append(r)
             report["elapsed_s"] = time.perf_counter() - t_begin
             write(report, args)
     write(report, args)
