@@ -19,6 +19,9 @@ OVERLONG_MODES = ("none", "mask", "penalty")
 OLD_LOGPROB_SOURCES = ("rollout", "recompute")
 # kernels.lm_head_logprobs modes (tests/cispo checks this list against kernels.MODES).
 LM_HEAD_MODES = ("auto", "fp16x2", "bf16x3", "tf32x3", "fp32", "bf16")
+# Attention of the trainer's body on packed micro-batches (trainer/attention.py says which
+# build a dense [T, T] mask and which do not).
+ATTN_IMPLEMENTATIONS = ("sdpa", "varlen", "flex_attention", "eager", "flash_attention_2")
 WEIGHT_SYNC_PATHS = ("collective", "object_store")
 WEIGHT_LOAD_MODES = ("auto", "direct", "reload")
 RUN_MODES = ("sync", "async")
@@ -144,6 +147,13 @@ class TrainerConfig:
     # Precision of the FP32 LM head's products (kernels.lm_head_logprobs): "auto" = fp16x2 on
     # GPUs (fp32-accurate, tensor cores), exact fp32 on CPU.
     lm_head_mode: str = "auto"
+    # Speed options (trainer/speed.py, bench/trainer_profile.py). "varlen" = flash attention over
+    # the packed sequences' boundaries, no [T, T] mask (sdpa builds one when a micro-batch holds
+    # several sequences); "flex_attention" = torch FlexAttention with a document block mask.
+    attn_implementation: str = "sdpa"
+    liger: bool = False  # Liger-Kernel's fused RMSNorm, SwiGLU and rotary (not its cross entropy)
+    activation_checkpointing: bool = False  # recompute each decoder layer in backward (non-reentrant)
+    compile: bool = False  # torch.compile each decoder layer
     # torch threads of each rank on a CPU machine; 0 = the host's cores shared by the ranks
     # (sync mode: the engines idle while the trainer steps; async mode uses 1, leaving them theirs)
     cpu_threads: int = 0
@@ -401,6 +411,10 @@ def validate(cfg: Any) -> None:
         )
     _at_least("trainer.logprob_chunk_tokens", t.logprob_chunk_tokens, 1)
     _one_of("trainer.lm_head_mode", t.lm_head_mode, LM_HEAD_MODES)
+    _one_of("trainer.attn_implementation", t.attn_implementation, ATTN_IMPLEMENTATIONS)
+    if t.liger and t.compile:
+        raise ConfigError("trainer.liger/trainer.compile", "choose one: torch.compile fuses the same norms and "
+                          "activations that Liger replaces, and Liger's kernels are not tested under compile")
     if t.micro_batch_tokens < d.max_prompt_tokens + r.max_new_tokens:
         raise ConfigError(
             "trainer.micro_batch_tokens",

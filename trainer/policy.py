@@ -10,7 +10,8 @@ per sequence. With `use_cache=False`, transformers (5.x) reads the restarts from
 `position_ids` and keeps attention inside each sequence (block-diagonal causal mask
 for sdpa/eager, varlen for flash-attention). With the cache on (the config default)
 it silently attends across sequences — tests/trainer/test_packing.py proves the
-packed row equals each sequence run alone.
+packed row equals each sequence run alone. Given the batch's `cu_seqlens`, the attention
+choices of trainer/attention.py skip the dense block-diagonal mask sdpa would build.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from trainer.attention import VARLEN, attention_kwargs, register_varlen
 from trainer.fp32_head import install_fp32_head
 
 
@@ -26,6 +28,8 @@ def load_hf_causal_lm(path: str, attn_implementation: str | None = None) -> nn.M
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": torch.float32}
+    if attn_implementation == VARLEN:
+        register_varlen()
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -49,10 +53,13 @@ class PolicyModel(nn.Module):
         targets: torch.Tensor,  # [n] the token whose log-prob is wanted at each position
         temperature: float = 1.0,
         with_entropy: bool = False,
+        cu_seqlens: torch.Tensor | None = None,  # [n+1] int32 on the device: the sequences' bounds
+        max_seqlen: int | None = None,  # the longest sequence (a host int: no sync to find it)
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         body = self.hf.get_decoder() if hasattr(self.hf, "get_decoder") else self.hf.model
+        extra = attention_kwargs(self.hf.config, self.hf.config._attn_implementation, cu_seqlens, max_seqlen)
         hidden = body(
-            input_ids=input_ids[None], position_ids=position_ids[None], use_cache=False
+            input_ids=input_ids[None], position_ids=position_ids[None], use_cache=False, **extra
         ).last_hidden_state[0]
         return self.hf.lm_head(
             hidden.index_select(0, positions), targets, temperature=temperature,

@@ -15,16 +15,17 @@ from dataclasses import asdict, is_dataclass
 
 import torch
 
-from cispo.aggregation import token_weights
 from cispo.batch import PackedBatch
 from cispo.config import AlgorithmConfig, LoraConfig, TrainerConfig
-from cispo.metrics import merge_stats
+from cispo.metrics import accumulate_stats, stats_to_floats
 from cispo.objectives import policy_loss, resolve_algorithm
 from cispo.weight_sync import ParamMeta, create_sync_group, share_bucket, unflatten_bucket
 from trainer import checkpoint as ckpt
 from trainer.lora import apply_lora, is_adapter, merge_lora_state, trainable_summary
 from trainer.ds_setup import build_optimizer, build_scheduler, deepspeed_config
-from trainer.policy import PolicyModel, load_hf_causal_lm, loss_positions
+from trainer.device_batch import DeviceMicroBatch, to_device
+from trainer.policy import PolicyModel, load_hf_causal_lm
+from trainer.speed import apply_speed_options
 from trainer.weights_out import broadcast_plan, cpu_buckets, iter_flat_buckets, sync_plan
 
 
@@ -48,7 +49,7 @@ class TrainerWorker:
         self.algorithm = resolve_algorithm(alg.name, alg.eps_low, alg.eps_high, alg.token_mask, alg.loss_agg)
         self.temperature = float(temperature)
         self.seed = seed
-        self.attn_implementation = attn_implementation
+        self.attn_implementation = attn_implementation or self.cfg.attn_implementation
         self.lora = _as_cfg(LoraConfig, lora)  # rank 0 = full-weight training
         self.engine = None
         self._sync_group = None
@@ -93,6 +94,7 @@ class TrainerWorker:
         if self.lora.rank:
             apply_lora(self.hf, self.lora)  # in place: only the adapters keep requires_grad
         sizes = trainable_summary(self.hf)
+        self.speed_options = apply_speed_options(self.hf, self.cfg)
         self.policy = PolicyModel(self.hf, self.cfg.logprob_chunk_tokens, self.cfg.lm_head_mode)
         optimizer = build_optimizer([p for p in self.policy.parameters() if p.requires_grad], self.cfg)
         self.engine, _, _, _ = deepspeed.initialize(
@@ -106,11 +108,9 @@ class TrainerWorker:
 
     # ---- forward / train ------------------------------------------------------------
 
-    def _logprobs(self, mb: PackedBatch, with_entropy: bool):
-        positions = loss_positions(mb.loss_mask)
-        lp, ent = self.engine(mb.input_ids, mb.position_ids, positions, mb.targets[positions],
-                              temperature=self.temperature, with_entropy=with_entropy)
-        return positions, lp, ent
+    def _logprobs(self, mb: DeviceMicroBatch, with_entropy: bool):
+        return self.engine(*mb.model_inputs(), temperature=self.temperature, with_entropy=with_entropy,
+                           cu_seqlens=mb.cu_seqlens, max_seqlen=mb.max_seqlen)
 
     def train_micro_batches(self, micro_batches: list[PackedBatch], num_loss_tokens: int, num_loss_seqs: int,
                             return_logprobs: bool = False) -> dict:
@@ -120,44 +120,47 @@ class TrainerWorker:
         all micro-batches and ranks is the full update's loss. DeepSpeed averages
         gradients over the data-parallel ranks; multiplying by world_size turns that
         mean back into the sum, i.e. the exact full-batch gradient.
+        All inputs go to the device first and the statistics stay there until the end:
+        the loop itself never waits for the GPU (trainer/device_batch.py).
         """
         self.engine.train()
-        stats: dict[str, float] = {}
-        train_lp, old_lp = [], []
-        for i, mb in enumerate(micro_batches):
-            mb = mb.to(self.device)
-            self.engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
-            pos, lp, ent = self._logprobs(mb, with_entropy=True)
-            mask = mb.loss_mask[pos]
-            weights = token_weights(mb.loss_mask, mb.seq_index, self.algorithm.loss_agg,
-                                    num_loss_tokens, num_loss_seqs)[pos]
-            out = policy_loss(self.algorithm, lp, mb.old_logprobs[pos], mb.advantages[pos], weights, mask)
+        agg = self.algorithm.loss_agg
+        batches = [to_device(mb, self.device, agg, num_loss_tokens, num_loss_seqs) for mb in micro_batches]
+        stats: dict[str, torch.Tensor] = {}
+        train_lp = []
+        for i, mb in enumerate(batches):
+            self.engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
+            lp, ent = self._logprobs(mb, with_entropy=True)
+            out = policy_loss(self.algorithm, lp, mb.old_logprobs, mb.advantages, mb.weights, mb.mask)
             self.engine.backward(out.loss * self.world_size, scale_wrt_gas=False)
-            merge_stats(stats, out.stats)
-            merge_stats(stats, {"loss": out.loss.detach(), "entropy_sum": torch.where(mask, ent, 0.0).sum()})
+            accumulate_stats(stats, out.stats)
+            accumulate_stats(stats, {"loss": out.loss, "entropy_sum": torch.where(mb.mask, ent, 0.0).sum()})
             if return_logprobs:
-                train_lp.append(lp.detach()[mask].cpu())
-                old_lp.append(mb.old_logprobs[pos][mask].cpu())
+                train_lp.append(lp.detach())
         lr = self.engine.get_lr()[0]  # the rate this update uses (the scheduler steps inside step())
-        self.engine.step()
+        with torch.profiler.record_function("trainer.optimizer_step"):  # a named range in profiles
+            self.engine.step()
         self.updates += 1
         grad_norm = self.engine.get_global_grad_norm()
-        out = {"stats": stats, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "lr": lr}
+        out = {"stats": stats_to_floats(stats), "lr": lr,
+               "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
         if return_logprobs:
-            out["train_logprobs"], out["old_logprobs"] = torch.cat(train_lp), torch.cat(old_lp)
+            out["train_logprobs"] = torch.cat(train_lp).cpu()[torch.cat([mb.mask_cpu for mb in batches])]
+            out["old_logprobs"] = torch.cat([mb.old_logprobs for mb in batches]).cpu()[
+                torch.cat([mb.mask_cpu for mb in batches])]
         return out
 
     @torch.no_grad()
     def compute_logprobs(self, micro_batches: list[PackedBatch]) -> list[torch.Tensor]:
         """Per micro-batch, a [T] fp32 tensor: log pi(targets[t]) where loss_mask[t], else 0."""
         self.engine.eval()
+        batches = [to_device(mb, self.device) for mb in micro_batches]
+        lps = [self._logprobs(mb, with_entropy=False)[0] for mb in batches]
         out = []
-        for mb in micro_batches:
-            mb = mb.to(self.device)
-            pos, lp, _ = self._logprobs(mb, with_entropy=False)
-            full = torch.zeros(mb.num_tokens, dtype=torch.float32, device=self.device)
-            full[pos] = torch.where(mb.loss_mask[pos], lp, 0.0)
-            out.append(full.cpu())
+        for mb, lp in zip(batches, torch.cat(lps).cpu().split([mb.positions_cpu.numel() for mb in batches])):
+            full = torch.zeros(mb.num_tokens, dtype=torch.float32)
+            full[mb.positions_cpu] = torch.where(mb.mask_cpu, lp, 0.0)
+            out.append(full)
         return out
 
     @torch.no_grad()

@@ -44,6 +44,7 @@ def test_presets_are_valid_and_hold_sampling_equal(experiment):
         (["algorithm=dapo", "algorithm.overlong_buffer=8"], "algorithm.overlong_buffer", ">= rollout.max_new_tokens=8"),
         (["algorithm.group_size=1", "data.rollout_batch_size=16"], "algorithm.group_size", "must be >= 2"),
         (["algorithm=grpo", "algorithm.token_mask=true"], "algorithm.token_mask", "CISPO's trust-region mask"),
+        (["trainer.liger=true", "trainer.compile=true"], "trainer.liger/trainer.compile", "choose one"),
     ],
 )
 def test_settings_that_cannot_work_together_are_refused(overrides, key, message):
@@ -63,6 +64,7 @@ def test_settings_that_cannot_work_together_are_refused(overrides, key, message)
         ("trainer.zero_stage=4", "trainer.zero_stage", "allowed values: 0, 1, 2, 3"),
         ("trainer.old_logprobs=cached", "trainer.old_logprobs", "allowed values: rollout, recompute"),
         ("trainer.lm_head_mode=fp16", "trainer.lm_head_mode", "allowed values: auto, fp16x2, bf16x3"),
+        ("trainer.attn_implementation=flash", "trainer.attn_implementation", "allowed values: sdpa, varlen"),
         ("rollout.temperature=0", "rollout.temperature", "must be > 0"),
         ("rollout.weight_sync=nfs", "rollout.weight_sync", "allowed values: collective, object_store"),
         ("rollout.max_model_len=16", "rollout.max_model_len", "smaller than data.max_prompt_tokens"),
