@@ -1,4 +1,5 @@
-"""Tiny Qwen2-architecture models made locally (random init + a character tokenizer).
+"""Tiny models made locally (random init + a character tokenizer): Qwen2 presets, and a
+MiniMax-M1-shaped hybrid (lightning + softmax attention, MoE feed-forward).
 
 Hubs cannot be reached from every machine, and tests and the embedded default run
 need a real Hugging Face model folder that `transformers`, vLLM and DeepSpeed all
@@ -17,6 +18,18 @@ SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 PRESETS: dict[str, dict[str, int]] = {
     "tiny-qwen2": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, intermediate_size=256),
     "small-qwen2": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=768),
+}
+# MiniMax-M1's layout at toy size: 7 lightning-attention layers per softmax layer, a
+# mixture of experts in every layer (top-2 of 4). block_size 16 (transformers' lightning
+# attention block) makes short prompts span several blocks. The residual factors follow
+# MiniMax-Text-01's alpha = (2 * layers) ** 0.25 on the residual branch.
+MINIMAX_PRESETS: dict[str, dict] = {
+    "minimax-tiny": dict(
+        hidden_size=256, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+        layer_types=["linear_attention"] * 7 + ["full_attention"], intermediate_size=256,
+        num_local_experts=4, num_experts_per_tok=2, block_size=16,
+        full_attn_alpha_factor=2.0, linear_attn_alpha_factor=2.0, mlp_alpha_factor=2.0,
+    ),
 }
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -69,6 +82,42 @@ def make_tiny_qwen2(path: str | os.PathLike, preset: str = "tiny-qwen2", seed: i
     return path
 
 
+def make_tiny_minimax(path: str | os.PathLike, preset: str = "minimax-tiny", seed: int = 0, **overrides) -> Path:
+    """Write a randomly initialised transformers `MiniMaxForCausalLM` (hybrid lightning /
+    softmax attention, MoE) with the char tokenizer to `path`."""
+    import torch
+    from transformers import MiniMaxConfig, MiniMaxForCausalLM
+
+    if preset not in MINIMAX_PRESETS:
+        raise ValueError(f"unknown MiniMax preset {preset!r}; allowed: {', '.join(MINIMAX_PRESETS)}")
+    path = Path(path)
+    tokenizer = build_char_tokenizer()
+    config = MiniMaxConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **{**MINIMAX_PRESETS[preset], **overrides},
+    )
+    torch.manual_seed(seed)
+    model = MiniMaxForCausalLM(config)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def make_builtin(path: str | os.PathLike, preset: str, seed: int = 0) -> Path:
+    """Any built-in preset, by name."""
+    if preset in MINIMAX_PRESETS:
+        return make_tiny_minimax(path, preset, seed)
+    if preset in PRESETS:
+        return make_tiny_qwen2(path, preset, seed)
+    raise ValueError(f"unknown built-in model {preset!r}; allowed: {', '.join([*PRESETS, *MINIMAX_PRESETS])}")
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("CISPO_CACHE", Path.home() / ".cache" / "cispo")) / "models"
 
@@ -82,6 +131,6 @@ def resolve_model_path(spec: str, cache_dir: str | os.PathLike | None = None) ->
     target = folder / preset
     if not (target / "config.json").exists():
         tmp = folder / f".{preset}.tmp{os.getpid()}"
-        make_tiny_qwen2(tmp, preset=preset)
+        make_builtin(tmp, preset)
         tmp.rename(target)  # atomic: concurrent runs never see half a model
     return str(target)

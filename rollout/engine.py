@@ -49,6 +49,7 @@ class RolloutEngine:
         from rollout import vllm_compat as compat
 
         compat.use_inprocess_engine()
+        from rollout.models import register_for
         from rollout.repetition import RepetitionStopProcessor
 
         self._compat = compat
@@ -57,6 +58,14 @@ class RolloutEngine:
         self.dtype = dtype
         self.engine_index = engine_index
         self.version = 0
+        register_for(self.model_path)  # architectures vLLM lacks (rollout/models)
+        processors: list[type] = [RepetitionStopProcessor]
+        if self.cfg.record_routing:
+            from rollout import routing
+
+            processors.append(routing.RoutingRecorder)
+            engine_kwargs = routing.engine_overrides(engine_kwargs)
+            enforce_eager = engine_kwargs.pop("enforce_eager")
         t0 = time.perf_counter()
         self.llm = compat.make_llm(
             compat.engine_kwargs(
@@ -66,7 +75,7 @@ class RolloutEngine:
                 gpu_memory_utilization=self.cfg.gpu_memory_utilization,
                 max_model_len=self.cfg.max_model_len,
                 seed=self.cfg.seed,
-                logits_processors=[RepetitionStopProcessor],
+                logits_processors=processors,
                 enforce_eager=enforce_eager,
                 extra=engine_kwargs,
             )
@@ -127,11 +136,15 @@ class RolloutEngine:
         for ids in encoded:
             for j in range(n):
                 tag = uuid.uuid4().hex
-                extra = None
+                extra = {}
                 if rep_on:
                     from rollout.repetition import request_args
 
-                    extra = request_args(cfg.repetition_window, cfg.repetition_prob, self.eos_token_id, tag)
+                    extra.update(request_args(cfg.repetition_window, cfg.repetition_prob, self.eos_token_id, tag))
+                if self.cfg.record_routing:
+                    from rollout.routing import request_args as routing_args
+
+                    extra.update(routing_args(tag))
                 requests.append(c.token_prompt(ids))
                 params.append(
                     c.sampling_params(
@@ -143,14 +156,14 @@ class RolloutEngine:
                         ignore_eos=ignore_eos,
                         detokenize=detokenize,
                         seed=None if seed is None else int(seed) + len(params),
-                        extra_args=extra,
+                        extra_args=extra or None,
                     )
                 )
                 tags.append(tag)
 
         version = self.version
         outputs = c.generate(self.llm, requests, params)
-        trajectories = []
+        trajectories: list[Trajectory] = []
         for k, out in enumerate(outputs):
             p_idx, j = divmod(k, n)
             comp = out.outputs[0]
@@ -178,6 +191,11 @@ class RolloutEngine:
                     metadata=meta,
                 )
             )
+        if self.cfg.record_routing:
+            wanted = [(tags[k], t.num_tokens) for k, t in enumerate(trajectories)]
+            records = c.collective_rpc(self.llm, "cispo_take_routing", args=(wanted,))[0]
+            for t, record in zip(trajectories, records):
+                t.routed_experts = record
         return trajectories
 
     def _finish_reason(self, reason: str, ids: list[int], lps: list[float], tag: str, rep: RolloutConfig | None) -> str:

@@ -10,7 +10,12 @@ per sequence. With `use_cache=False`, transformers (5.x) reads the restarts from
 `position_ids` and keeps attention inside each sequence (block-diagonal causal mask
 for sdpa/eager, varlen for flash-attention). With the cache on (the config default)
 it silently attends across sequences — tests/trainer/test_packing.py proves the
-packed row equals each sequence run alone.
+packed row equals each sequence run alone. MiniMax's lightning-attention layers carry a
+state along the row; `trainer.minimax.attach` makes them restart it at each sequence.
+
+MoE models (MiniMax): `self.moe` (trainer.minimax.MoEControl) replays the rollout's
+routing when the forward is given `routed_experts`, and has the load-balancing loss of
+the last forward.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from trainer.fp32_head import install_fp32_head
+from trainer.minimax import attach as attach_moe
 
 
 def load_hf_causal_lm(path: str, attn_implementation: str | None = None) -> nn.Module:
@@ -40,6 +46,7 @@ class PolicyModel(nn.Module):
         self.chunk_tokens = int(chunk_tokens)
         self.head_mode = head_mode  # see trainer.fp32_head.head_logprobs
         install_fp32_head(hf_model)
+        self.moe = attach_moe(hf_model)  # None for dense models
 
     def forward(
         self,
@@ -49,7 +56,12 @@ class PolicyModel(nn.Module):
         targets: torch.Tensor,  # [n] the token whose log-prob is wanted at each position
         temperature: float = 1.0,
         with_entropy: bool = False,
+        routed_experts: torch.Tensor | None = None,  # [T, moe_layers, top_k]: replay this routing
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.moe is not None:
+            self.moe.set_replay(routed_experts)
+        elif routed_experts is not None:
+            raise ValueError("routed_experts given for a model without MoE routers")
         body = self.hf.get_decoder() if hasattr(self.hf, "get_decoder") else self.hf.model
         hidden = body(
             input_ids=input_ids[None], position_ids=position_ids[None], use_cache=False

@@ -80,6 +80,9 @@ class TrainerWorker:
 
         self.hf = load_hf_causal_lm(self.model_path, self.attn_implementation)
         self.policy = PolicyModel(self.hf, self.cfg.logprob_chunk_tokens, self.cfg.lm_head_mode)
+        if self.policy.moe is None and (self.cfg.routing_replay or self.cfg.moe_aux_loss_coef):
+            key = "trainer.routing_replay" if self.cfg.routing_replay else "trainer.moe_aux_loss_coef"
+            raise ValueError(f"{key} is set but {self.model_path} has no MoE routers (trainer.minimax knows MiniMax's)")
         optimizer = build_optimizer([p for p in self.policy.parameters() if p.requires_grad], self.cfg)
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.policy, optimizer=optimizer, config=deepspeed_config(self.cfg, self.world_size),
@@ -94,8 +97,14 @@ class TrainerWorker:
 
     def _logprobs(self, mb: PackedBatch, with_entropy: bool):
         positions = loss_positions(mb.loss_mask)
+        routed = None
+        if self.cfg.routing_replay:
+            if mb.routed_experts is None:
+                raise ValueError("trainer.routing_replay is on but the batch carries no routing "
+                                 "(Trajectory.routed_experts): is rollout.record_routing on?")
+            routed = mb.routed_experts
         lp, ent = self.engine(mb.input_ids, mb.position_ids, positions, mb.targets[positions],
-                              temperature=self.temperature, with_entropy=with_entropy)
+                              temperature=self.temperature, with_entropy=with_entropy, routed_experts=routed)
         return positions, lp, ent
 
     def train_micro_batches(self, micro_batches: list[PackedBatch], num_loss_tokens: int, num_loss_seqs: int,
@@ -118,7 +127,8 @@ class TrainerWorker:
             weights = token_weights(mb.loss_mask, mb.seq_index, self.algorithm.loss_agg,
                                     num_loss_tokens, num_loss_seqs)[pos]
             out = policy_loss(self.algorithm, lp, mb.old_logprobs[pos], mb.advantages[pos], weights, mask)
-            self.engine.backward(out.loss * self.world_size, scale_wrt_gas=False)
+            loss = out.loss + self._moe_terms(stats, int(mask.sum()), num_loss_tokens)
+            self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
             merge_stats(stats, out.stats)
             merge_stats(stats, {"loss": out.loss.detach(), "entropy_sum": torch.where(mask, ent, 0.0).sum()})
             if return_logprobs:
@@ -132,6 +142,20 @@ class TrainerWorker:
         if return_logprobs:
             out["train_logprobs"], out["old_logprobs"] = torch.cat(train_lp), torch.cat(old_lp)
         return out
+
+    def _moe_terms(self, stats: dict, mb_loss_tokens: int, num_loss_tokens: int):
+        """The load-balancing loss of the micro-batch just run (weighted by its share of the
+        update's loss tokens, so the update's terms sum to a token-weighted mean) and the
+        replay statistics; 0 for dense models."""
+        moe = self.policy.moe
+        if moe is None:
+            return 0.0
+        merge_stats(stats, moe.replay_stats())
+        if not self.cfg.moe_aux_loss_coef:
+            return 0.0
+        aux = moe.aux_loss() * (mb_loss_tokens / max(num_loss_tokens, 1))
+        merge_stats(stats, {"moe_aux_loss": aux.detach()})
+        return self.cfg.moe_aux_loss_coef * aux
 
     @torch.no_grad()
     def compute_logprobs(self, micro_batches: list[PackedBatch]) -> list[torch.Tensor]:
