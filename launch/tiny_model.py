@@ -92,15 +92,16 @@ def make_tiny_minimax(path: str | os.PathLike, preset: str = "minimax-tiny", see
         raise ValueError(f"unknown MiniMax preset {preset!r}; allowed: {', '.join(MINIMAX_PRESETS)}")
     path = Path(path)
     tokenizer = build_char_tokenizer()
-    config = MiniMaxConfig(
-        vocab_size=len(tokenizer),
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **{**MINIMAX_PRESETS[preset], **overrides},
-    )
+    config = MiniMaxConfig(**{
+        "vocab_size": len(tokenizer),  # an override may make it larger (ids past the tokenizer's never decode)
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": False,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        **MINIMAX_PRESETS[preset],
+        **overrides,
+    })
     torch.manual_seed(seed)
     model = MiniMaxForCausalLM(config)
     path.mkdir(parents=True, exist_ok=True)
