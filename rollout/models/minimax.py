@@ -234,6 +234,12 @@ class TorchExperts(nn.Module):
         return out
 
 
+def fused_moe_routing(hidden_states, gating_output, topk, renormalize):
+    """transformers' routing in the types vLLM's fused-MoE kernels take (fp32, int32)."""
+    weights, ids = hf_topk_routing(hidden_states, gating_output, topk, renormalize)
+    return weights.float(), ids.to(torch.int32)
+
+
 class MoE(nn.Module):
     def __init__(self, config, vllm_config: VllmConfig, layer_idx: int, prefix: str):
         super().__init__()
@@ -248,7 +254,7 @@ class MoE(nn.Module):
             self.experts = _make_fused_moe(
                 num_experts=config.num_local_experts, top_k=self.top_k, hidden_size=config.hidden_size,
                 intermediate_size=config.intermediate_size, renormalize=True, reduce_results=True,
-                quant_config=vllm_config.quant_config, custom_routing_function=hf_topk_routing,
+                quant_config=vllm_config.quant_config, custom_routing_function=fused_moe_routing,
                 prefix=f"{prefix}.experts",
             )
         # the expert ids of the last forward's tokens (rollout.routing); int32 as vLLM's kernels use
@@ -389,6 +395,11 @@ class WeightLoader:
         self.model = model
         self.params = dict(model.named_parameters())
         self.loaded: set[str] = set()
+        # "<layer>.w13" / "<layer>.w2" -> the fused-MoE parameter's name (its path differs by release)
+        self.expert_params = {
+            f"{n.split('.mlp.experts.')[0]}.{n.rsplit('_', 1)[0].rsplit('.', 1)[1]}": n
+            for n in self.params if ".mlp.experts." in n and n.endswith(("w13_weight", "w2_weight"))
+        }
 
     def _put(self, name: str, tensor: torch.Tensor, *args, **kwargs) -> None:
         if name not in self.params:
@@ -398,8 +409,7 @@ class WeightLoader:
         self.loaded.add(name)
 
     def _expert(self, layer: str, tensor: torch.Tensor, shard: str, expert: int) -> None:
-        target = f"{layer}.mlp.experts.{'w2_weight' if shard == 'w2' else 'w13_weight'}"
-        name = next(n for n in self.params if n.startswith(f"{layer}.mlp.experts.") and n.endswith(target.rsplit(".", 1)[1]))
+        name = self.expert_params[f"{layer}.{'w2' if shard == 'w2' else 'w13'}"]
         param = self.params[name]
         param.weight_loader(param, tensor, name, shard_id=shard, expert_id=expert)
         self.loaded.add(name)
