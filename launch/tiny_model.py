@@ -56,7 +56,6 @@ def build_char_tokenizer():
 
 def make_tiny_qwen2(path: str | os.PathLike, preset: str = "tiny-qwen2", seed: int = 0, **overrides: int) -> Path:
     """Write a randomly initialised Qwen2 model with the char tokenizer to `path`."""
-    import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     if preset not in PRESETS:
@@ -74,8 +73,15 @@ def make_tiny_qwen2(path: str | os.PathLike, preset: str = "tiny-qwen2", seed: i
         torch_dtype="float32",
         **shape,
     )
+    return _write(path, Qwen2ForCausalLM, config, tokenizer, seed)
+
+
+def _write(path: Path, model_cls, config, tokenizer, seed: int) -> Path:
+    """A randomly initialised `model_cls(config)` and the tokenizer, saved to `path`."""
+    import torch
+
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
+    model = model_cls(config)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
@@ -85,7 +91,6 @@ def make_tiny_qwen2(path: str | os.PathLike, preset: str = "tiny-qwen2", seed: i
 def make_tiny_minimax(path: str | os.PathLike, preset: str = "minimax-tiny", seed: int = 0, **overrides) -> Path:
     """Write a randomly initialised transformers `MiniMaxForCausalLM` (hybrid lightning /
     softmax attention, MoE) with the char tokenizer to `path`."""
-    import torch
     from transformers import MiniMaxConfig, MiniMaxForCausalLM
 
     if preset not in MINIMAX_PRESETS:
@@ -102,12 +107,7 @@ def make_tiny_minimax(path: str | os.PathLike, preset: str = "minimax-tiny", see
         **MINIMAX_PRESETS[preset],
         **overrides,
     })
-    torch.manual_seed(seed)
-    model = MiniMaxForCausalLM(config)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    return path
+    return _write(path, MiniMaxForCausalLM, config, tokenizer, seed)
 
 
 def make_builtin(path: str | os.PathLike, preset: str, seed: int = 0) -> Path:

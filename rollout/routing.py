@@ -94,21 +94,7 @@ class RoutingRecorder(compat.logits_processor_base()):
         return False  # it must run on greedy steps too
 
     def update_state(self, batch_update) -> None:
-        removed, added, moved = compat.batch_update_ops(batch_update)
-        for index in removed:
-            self.rows.pop(index, None)
-        for index, params, _ in added:
-            tag = (getattr(params, "extra_args", None) or {}).get(REQUEST_KEY) if params is not None else None
-            if tag is None:
-                self.rows.pop(index, None)
-            else:
-                self.rows[index] = tag
-        for a, b, swap in moved:
-            ra, rb = self.rows.pop(a, None), self.rows.pop(b, None)
-            if ra is not None:
-                self.rows[b] = ra
-            if swap and rb is not None:
-                self.rows[a] = rb
+        compat.track_rows(self.rows, batch_update, lambda params, out: (params.extra_args or {}).get(REQUEST_KEY))
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         layers, qsl = _STEP["layers"], _STEP["query_start_loc"]

@@ -262,8 +262,9 @@ class MoE(nn.Module):
         self.register_buffer("routed", torch.zeros(max_tokens, self.top_k, dtype=torch.int32), persistent=False)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # logits in the model dtype, as transformers' router makes them (the routing takes
+        # the softmax of their fp32 values); the fused kernels get them in the dtype they expect
         logits, _ = self.gate(hidden_states)
-        logits = logits.float()
         _, ids = hf_topk_routing(hidden_states, logits, self.top_k, True)
         self.routed[: ids.shape[0]].copy_(ids)
         return self.experts(hidden_states=hidden_states, router_logits=logits)

@@ -6,19 +6,15 @@ from __future__ import annotations
 
 import pytest
 
-from tests.launch.test_loop_e2e import cispo_train, metrics
+from tests.launch.test_loop_e2e import SMALL, cispo_train, metrics
 
-MINIMAX = [
+# the e2e tests' small run, on minimax_tiny, no warm-start, routing replay and the aux loss on
+MINIMAX = [o for o in SMALL if not o.startswith(("model.path=", "warmup."))] + [
     "model=minimax_tiny",
-    "data.rollout_batch_size=8",
-    "algorithm.group_size=4",
-    "algorithm.dynamic_sampling=false",  # all-zero rewards still train: the trainer runs every step
-    "rollout.max_new_tokens=6",
     "warmup.steps=0",
     "rollout.record_routing=true",
     "trainer.routing_replay=true",
     "trainer.moe_aux_loss_coef=0.01",
-    "logger.backends=[console,jsonl]",
 ]
 
 
