@@ -331,6 +331,8 @@ class MiniMaxForCausalLM(nn.Module, HasInnerState, IsHybrid):
         config = vllm_config.model_config.hf_config
         if "linear_attention" not in list(config.layer_types):
             raise ValueError("MiniMaxForCausalLM (rollout.models.minimax): layer_types has no linear_attention layer")
+        if getattr(config, "head_dim", None) is None:  # vLLM's linear-attention layer reads it
+            config.head_dim = config.hidden_size // config.num_attention_heads
         self.config = config
         self.model = MiniMaxModel(vllm_config=vllm_config, prefix=_join(prefix, "model"))
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, prefix=_join(prefix, "lm_head"))
