@@ -26,6 +26,7 @@ def test_minimax_tiny_trains_with_routing_replay(tmp_path):
     rows = metrics(out)
     assert [r["step"] for r in rows] == [0, 1]
     for r in rows:
+        print({k: v for k, v in r.items() if k.startswith(("mismatch/", "train/moe", "train/routing", "train/loss"))})
         for key in ("train/loss", "train/moe_aux_loss", "train/routing_replay_mismatch_frac",
                     "mismatch/pearson", "mismatch/abs_logp_diff", "mismatch/kl_k3"):
             assert key in r, f"{key} missing at step {r['step']}"
