@@ -185,6 +185,8 @@ def main() -> None:
 
     hf = load_hf_causal_lm(str(model_path))
     policy = PolicyModel(hf, chunk_tokens=1024).to(device=device, dtype=getattr(torch, args.dtype)).eval()
+    if policy.moe is None:
+        raise SystemExit("trainer.minimax found no MiniMaxTopKRouter in this transformers: no routing replay")
     prompts = random_prompts(prompts_n, model_info["vocab_size"], args.seed, *args.prompt_len)
 
     results = []
