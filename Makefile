@@ -1,11 +1,12 @@
 # Two commands on a fresh machine (each installs what it needs into .venv first):
 #   make train   - the embedded default CISPO run (extra Hydra overrides: make train ARGS="steps=5")
 #   make test    - the whole test suite
+# (both as root also install bubblewrap, the code reward's sandbox, when it is missing)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-cpu
 
-.PHONY: install train test
+.PHONY: install train test bubblewrap
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -17,10 +18,24 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $(STAMP)
 
-install: $(STAMP)
+# The code reward runs solutions in a bubblewrap sandbox (rewards/sandbox.py) and refuses to
+# start without it: install the Debian package when `bwrap` is missing (as root), else say how.
+bubblewrap:
+	@command -v bwrap >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing bubblewrap (the code reward's sandbox)"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -qq bubblewrap >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq bubblewrap; }; \
+	  else \
+	    echo "make: bubblewrap (bwrap) is missing: the code reward and its tests need it;" \
+	         "install it as root: apt-get install -y bubblewrap (Fedora: dnf install bubblewrap)" >&2; \
+	    exit 1; \
+	  fi; }
+
+install: $(STAMP) bubblewrap
 
 train: $(STAMP)
 	RAY_AUTH_MODE=disabled $(VENV)/bin/cispo-train $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) bubblewrap
 	RAY_AUTH_MODE=disabled $(PY) -m pytest -q $(ARGS)

@@ -42,7 +42,7 @@ def main() -> None:
         out = Path(args.runs_dir) / f"seed{seed}"
         cmd = [sys.executable, "-m", "launch.main", f"seed={seed}", f"output_dir={out}", "resume=false", *args.overrides]
         t0 = time.time()
-        subprocess.run(cmd, cwd=REPO, check=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+        code = subprocess.run(cmd, cwd=REPO, env={**os.environ, "RAY_AUTH_MODE": "disabled"}).returncode
         wall = time.time() - t0
         rows = read_metrics(out / "metrics.jsonl")
         results.append({
@@ -54,6 +54,7 @@ def main() -> None:
             "entropy_start": window(rows, "train/entropy", True),
             "entropy_end": window(rows, "train/entropy", False),
             "wall_s": wall,
+            "exit_code": code,
             "curve": [(r["step"], r["reward/mean"]) for r in rows],
         })
 

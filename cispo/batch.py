@@ -74,6 +74,11 @@ class Trajectory:
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.response_ids)
 
+    @property
+    def num_trained_tokens(self) -> int:
+        """Response tokens the loss sees (all of them unless `response_mask` says otherwise)."""
+        return len(self.response_ids) if self.response_mask is None else sum(self.response_mask)
+
 
 @dataclass
 class PackedBatch:

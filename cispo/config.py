@@ -23,6 +23,29 @@ WEIGHT_SYNC_PATHS = ("collective", "object_store")
 RUN_MODES = ("sync", "async")
 LOGGER_BACKENDS = ("console", "jsonl", "wandb", "tensorboard")
 CLUSTER_KINDS = ("local", "slurm")
+GUARD_ACTIONS = ("stop", "rollback", "warn")
+WARMUP_MODES = ("format", "solve")
+
+
+@dataclass
+class LoraConfig:
+    # LoRA through peft (trainer/lora.py): only the adapters train and only they go to the
+    # engines (vLLM's LoRA support); the LM head stays a full FP32 weight. rank 0 = off.
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                               "gate_proj", "up_proj", "down_proj"])
+
+    def peft_kwargs(self) -> dict[str, Any]:
+        """Arguments of `peft.LoraConfig` (the trainer's model and the engines' adapter folders)."""
+        return {"r": int(self.rank), "lora_alpha": float(self.alpha), "lora_dropout": float(self.dropout),
+                "target_modules": list(self.target_modules), "bias": "none"}
+
+    @property
+    def scaling(self) -> float:
+        """peft's factor on B A (without rslora): alpha / rank."""
+        return float(self.alpha) / int(self.rank)
 
 
 @dataclass
@@ -31,6 +54,7 @@ class ModelConfig:
     path: str = "builtin:tiny-qwen2"
     dtype: str = "float32"
     trust_remote_code: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -46,8 +70,23 @@ class AlgorithmConfig:
     dynamic_sampling: bool = True  # drop groups whose rewards have zero spread, then refill
     max_refills: int = 3
     overlong: str = "mask"  # what happens to responses that hit the length limit
-    overlong_buffer: int = 0  # soft penalty ramp length (tokens) for overlong="penalty"
+    # soft penalty ramp length (tokens) for overlong="penalty"; None = a fifth of rollout.max_new_tokens
+    overlong_buffer: Optional[int] = None
     overlong_penalty: float = 1.0
+
+
+@dataclass
+class LengthScheduleConfig:
+    # M1's staged generation budget (launch/length_schedule.py): generate with stages[0]
+    # tokens, move to the next stage once the 99th-percentile response length has stayed
+    # >= p99_frac x the limit for `patience` steps and the policy has settled (|slope| of
+    # reward and of entropy per step, over the last `window` steps, below max_slope).
+    # Empty = a fixed budget of rollout.max_new_tokens (which bounds every stage).
+    stages: list[int] = field(default_factory=list)
+    p99_frac: float = 0.9
+    patience: int = 3
+    window: int = 10
+    max_slope: float = 0.01
 
 
 @dataclass
@@ -67,7 +106,14 @@ class RolloutConfig:
     stop: list[str] = field(default_factory=list)
     weight_sync: str = "collective"
     sync_bucket_mb: int = 64
-    seed: int = 0
+    seed: int = 0  # the run's `seed` (conf/config.yaml interpolates it)
+    # One generator per request, seeded by (seed, group, sample): samples do not depend on
+    # batching, so runs and resumed runs repeat exactly (a per-request cost in vLLM's sampler).
+    seeded_requests: bool = True
+    # Any other `vllm.LLM` argument, passed as is: e.g. {max_num_seqs: 1024, enforce_eager: true,
+    # kv_cache_memory_bytes: 4e9 (a fixed KV cache, no memory profiling: engines sharing a GPU)}.
+    engine_args: dict[str, Any] = field(default_factory=dict)
+    length_schedule: LengthScheduleConfig = field(default_factory=LengthScheduleConfig)
     # MoE models: record the experts each token was routed to and return them with the
     # trajectory (for trainer.routing_replay); runs the engine eagerly, without prefix caching.
     record_routing: bool = False
@@ -93,6 +139,9 @@ class TrainerConfig:
     # Precision of the FP32 LM head's products (kernels.lm_head_logprobs): "auto" = fp16x2 on
     # GPUs (fp32-accurate, tensor cores), exact fp32 on CPU.
     lm_head_mode: str = "auto"
+    # torch threads of each rank on a CPU machine; 0 = the host's cores shared by the ranks
+    # (sync mode: the engines idle while the trainer steps; async mode uses 1, leaving them theirs)
+    cpu_threads: int = 0
     save_every: int = 0  # steps; 0 = only at the end
     keep_checkpoints: int = 2
     # MoE models: route each token to the experts the rollout engine used (needs
@@ -117,12 +166,44 @@ class DataConfig:
 
 @dataclass
 class WarmupConfig:
-    # Supervised warm-start on the answer *format* (answers shuffled across prompts, so
-    # the model learns to answer, not the answers); built-in tasks only. 0 = off.
+    """Supervised warm-start on a built-in task before RL (launch/warmup.py). 0 steps = off.
+
+    mode "format": answers shuffled across prompts, so the model learns to answer, not the
+    answers. mode "solve": correct (worked) solutions, stopped once the sampled pass rate on
+    held-out prompts reaches target_pass_rate (checked every check_every steps).
+    """
+
     steps: int = 0
     lr: float = 1e-3
     batch_size: int = 32
     examples: int = 2000
+    mode: str = "format"
+    target_pass_rate: Optional[float] = None
+    check_every: int = 25
+    check_prompts: int = 64
+    cache: bool = False  # share the warmed model between runs with the same settings (and seed)
+
+
+@dataclass
+class EvalConfig:
+    # Held-out prompts (launch/evaluation.py): a .jsonl/.parquet file, a datasets folder or
+    # builtin:<task> (its "eval" split, disjoint from training's); null = the built-in
+    # training task's eval split (with file data: no evaluation unless a path is given).
+    # Fields, chat template and prompt length follow data.*.
+    path: Optional[str] = None
+    num_prompts: int = 64  # the first n held-out prompts
+    every: int = 0  # steps between evaluations; 0 = only at the end
+    at_end: bool = True
+    samples: int = 4  # samples per prompt at rollout.temperature, for pass@k (k = 1..samples)
+    max_new_tokens: Optional[int] = None  # null = the rollout's current budget
+
+
+@dataclass
+class ExportConfig:
+    # A Hugging Face folder (safetensors, config, tokenizer, generation config) of the final
+    # policy in <output_dir>/<dir> (launch/export.py; `cispo-export` for any checkpoint).
+    at_end: bool = True
+    dir: str = "hf_model"
 
 
 @dataclass
@@ -142,6 +223,9 @@ class LoggerConfig:
     project: str = "cispo"
     run_name: Optional[str] = None
     samples_every: int = 10  # steps between tables of sample generations
+    # false: vLLM, Ray and DeepSpeed output goes to <output_dir>/logs/, the console shows the
+    # progress bar, the summary and warnings (launch/console.py); true: everything on the console
+    verbose: bool = False
 
 
 @dataclass
@@ -163,6 +247,19 @@ class ClusterConfig:
 
 
 @dataclass
+class GuardConfig:
+    """The collapse guard (launch/guard.py): when a run stops learning, say so and act."""
+
+    enabled: bool = True
+    window: int = 10  # K: consecutive steps a symptom must last
+    flat_group_frac: float = 0.95  # a step is flat when at least this fraction of groups has zero reward spread
+    max_nonfinite_steps: int = 3  # consecutive steps with a non-finite loss/gradient (each one is alerted)
+    action: str = "stop"  # stop (non-zero exit) | rollback (to the last good checkpoint, lower lr) | warn
+    rollback_lr_factor: float = 0.5
+    max_rollbacks: int = 2  # then stop
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
@@ -170,9 +267,12 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     steps: int = 20
     seed: int = 0
     mode: str = "sync"
@@ -209,12 +309,18 @@ def validate(cfg: Any) -> None:
         _at_least("algorithm.eps_low", a.eps_low, 0.0)
     if a.eps_high is not None:
         _at_least("algorithm.eps_high", a.eps_high, 0.0)
-    _at_least("algorithm.group_size", a.group_size, 1)
+    # group-relative advantages need two samples of a prompt: a group of one has advantage 0
+    _at_least("algorithm.group_size", a.group_size, 2)
     _at_least("algorithm.max_refills", a.max_refills, 0)
     _one_of("algorithm.overlong", a.overlong, OVERLONG_MODES)
-    _at_least("algorithm.overlong_buffer", a.overlong_buffer, 0)
-    if a.overlong_buffer > r.max_new_tokens:
-        raise ConfigError("algorithm.overlong_buffer", f"{a.overlong_buffer} exceeds rollout.max_new_tokens={r.max_new_tokens}")
+    if a.overlong_buffer is not None:
+        _at_least("algorithm.overlong_buffer", a.overlong_buffer, 0)
+        if a.overlong == "penalty" and a.overlong_buffer >= r.max_new_tokens:
+            raise ConfigError("algorithm.overlong_buffer",
+                              f"{a.overlong_buffer} >= rollout.max_new_tokens={r.max_new_tokens}: every response would "
+                              "be penalised; keep the ramp inside the generation budget (null = a fifth of it)")
+    if a.token_mask and a.name != "cispo":
+        raise ConfigError("algorithm.token_mask", f"is CISPO's trust-region mask; {a.name} clips with its own min()")
 
     _one_of("model.dtype", cfg.model.dtype, DTYPES)
     if not cfg.model.path:
@@ -241,8 +347,10 @@ def validate(cfg: Any) -> None:
         raise ConfigError(
             "rollout.max_model_len",
             f"{r.max_model_len} is smaller than data.max_prompt_tokens + rollout.max_new_tokens = "
-            f"{d.max_prompt_tokens + r.max_new_tokens}",
+            f"{d.max_prompt_tokens + r.max_new_tokens}; raise rollout.max_model_len (rollout=gpu sizes it "
+            f"for long responses) or lower data.max_prompt_tokens",
         )
+    _validate_length_schedule(r)
 
     _at_least("trainer.num_ranks", t.num_ranks, 1)
     _one_of("trainer.zero_stage", str(t.zero_stage), ("0", "1", "2", "3"))
@@ -255,6 +363,7 @@ def validate(cfg: Any) -> None:
     if t.adam_eps <= 0:
         raise ConfigError("trainer.adam_eps", f"{t.adam_eps!r} must be > 0")
     _at_least("trainer.micro_batch_tokens", t.micro_batch_tokens, 1)
+    _at_least("trainer.cpu_threads", t.cpu_threads, 0)
     _at_least("trainer.mini_batch_size", t.mini_batch_size, 0)
     _at_least("trainer.epochs", t.epochs, 1)
     _one_of("trainer.old_logprobs", t.old_logprobs, OLD_LOGPROB_SOURCES)
@@ -292,9 +401,24 @@ def validate(cfg: Any) -> None:
             f"{t.mini_batch_size} does not divide data.rollout_batch_size={d.rollout_batch_size}",
         )
     _at_least("data.max_prompt_tokens", d.max_prompt_tokens, 1)
-    _at_least("warmup.steps", cfg.warmup.steps, 0)
-    if cfg.warmup.steps and not d.path.startswith("builtin:"):
-        raise ConfigError("warmup.steps", f"the format warm-start needs a built-in task; data.path={d.path!r}")
+    w = cfg.warmup
+    _at_least("warmup.steps", w.steps, 0)
+    _one_of("warmup.mode", w.mode, WARMUP_MODES)
+    if w.steps and not d.path.startswith("builtin:"):
+        raise ConfigError("warmup.steps", f"the warm-start needs a built-in task; data.path={d.path!r}: "
+                                          "set warmup.steps=0 for your own model and data")
+    if w.steps and not str(cfg.model.path).startswith("builtin:"):
+        raise ConfigError("warmup.steps", f"the warm-start runs in the driver, for the built-in small models; "
+                                          f"model.path={cfg.model.path!r}: set warmup.steps=0")
+    if w.target_pass_rate is not None:
+        if w.mode != "solve":
+            raise ConfigError("warmup.target_pass_rate", "applies to warmup.mode=solve only")
+        if not 0 < w.target_pass_rate < 1:
+            raise ConfigError("warmup.target_pass_rate", f"{w.target_pass_rate!r} must be in (0, 1)")
+    _at_least("warmup.check_every", w.check_every, 1)
+    _at_least("warmup.check_prompts", w.check_prompts, 1)
+    _validate_lora(cfg.model.lora)
+    _validate_eval(cfg)
 
     if not cfg.reward.functions:
         raise ConfigError("reward.functions", "is empty; name at least one reward function")
@@ -305,6 +429,9 @@ def validate(cfg: Any) -> None:
         )
     if cfg.reward.timeout_s <= 0:
         raise ConfigError("reward.timeout_s", f"{cfg.reward.timeout_s!r} must be > 0")
+
+    if not getattr(cfg, "export", None) or not str(cfg.export.dir).strip():
+        raise ConfigError("export.dir", "is empty; name a folder under output_dir")
 
     for i, backend in enumerate(cfg.logger.backends):
         _one_of(f"logger.backends[{i}]", backend, LOGGER_BACKENDS)
@@ -317,8 +444,71 @@ def validate(cfg: Any) -> None:
     if cfg.cluster.signal_seconds is not None:
         _at_least("cluster.signal_seconds", cfg.cluster.signal_seconds, 1)
 
+    g = cfg.guard
+    _at_least("guard.window", g.window, 1)
+    if not 0 < g.flat_group_frac <= 1:
+        raise ConfigError("guard.flat_group_frac", f"{g.flat_group_frac!r} must be in (0, 1]")
+    _at_least("guard.max_nonfinite_steps", g.max_nonfinite_steps, 1)
+    _one_of("guard.action", g.action, GUARD_ACTIONS)
+    if not 0 < g.rollback_lr_factor <= 1:
+        raise ConfigError("guard.rollback_lr_factor", f"{g.rollback_lr_factor!r} must be in (0, 1]")
+    _at_least("guard.max_rollbacks", g.max_rollbacks, 0)
+    if g.enabled and g.action == "rollback":
+        if not t.save_every:
+            raise ConfigError("guard.action", "'rollback' needs checkpoints to roll back to: set trainer.save_every > 0")
+        # the newest checkpoint from before a window of bad steps must still be kept
+        need = -(-g.window // t.save_every) + 1
+        if t.keep_checkpoints < need:
+            raise ConfigError("trainer.keep_checkpoints", f"{t.keep_checkpoints} is too few for guard.action=rollback "
+                              f"with guard.window={g.window} and trainer.save_every={t.save_every}: keep >= {need}")
+
     _at_least("steps", cfg.steps, 1)
     _one_of("mode", cfg.mode, RUN_MODES)
     _at_least("max_staleness", cfg.max_staleness, 0)
     if cfg.mode == "async" and cfg.max_staleness != 1:
         raise ConfigError("max_staleness", f"{cfg.max_staleness} with mode=async; allowed: 1 (rollouts one step ahead)")
+
+
+def _validate_length_schedule(r: Any) -> None:
+    ls = r.length_schedule
+    stages = list(ls.stages)
+    for i, n in enumerate(stages):
+        _at_least(f"rollout.length_schedule.stages[{i}]", n, 1)
+    if any(b <= a for a, b in zip(stages, stages[1:])):
+        raise ConfigError("rollout.length_schedule.stages", f"{stages} must increase strictly")
+    if stages and stages[-1] > r.max_new_tokens:
+        raise ConfigError("rollout.length_schedule.stages",
+                          f"the last stage {stages[-1]} exceeds rollout.max_new_tokens={r.max_new_tokens}, which "
+                          f"sizes the engines and the trainer's micro-batches for the longest budget")
+    if not 0 < ls.p99_frac <= 1:
+        raise ConfigError("rollout.length_schedule.p99_frac", f"{ls.p99_frac!r} must be in (0, 1]")
+    _at_least("rollout.length_schedule.patience", ls.patience, 1)
+    _at_least("rollout.length_schedule.window", ls.window, 2)
+    _at_least("rollout.length_schedule.max_slope", ls.max_slope, 0.0)
+
+
+def _validate_lora(lora: Any) -> None:
+    _at_least("model.lora.rank", lora.rank, 0)
+    if lora.rank:
+        if lora.alpha <= 0:
+            raise ConfigError("model.lora.alpha", f"{lora.alpha!r} must be > 0")
+        if not 0 <= lora.dropout < 1:
+            raise ConfigError("model.lora.dropout", f"{lora.dropout!r} must be in [0, 1)")
+        if not lora.target_modules:
+            raise ConfigError("model.lora.target_modules", "is empty; name the linear layers to adapt")
+        if any("lm_head" in m for m in lora.target_modules):
+            raise ConfigError("model.lora.target_modules", "lm_head stays a full FP32 weight; adapt body layers only")
+
+
+def _validate_eval(cfg: Any) -> None:
+    e = cfg.eval
+    _at_least("eval.num_prompts", e.num_prompts, 1)
+    _at_least("eval.every", e.every, 0)
+    _at_least("eval.samples", e.samples, 1)
+    if e.max_new_tokens is not None:
+        _at_least("eval.max_new_tokens", e.max_new_tokens, 1)
+        if e.max_new_tokens > cfg.rollout.max_new_tokens:
+            raise ConfigError("eval.max_new_tokens", f"{e.max_new_tokens} exceeds rollout.max_new_tokens="
+                                                     f"{cfg.rollout.max_new_tokens} (the engines' budget)")
+    if e.path is not None and not str(e.path).strip():
+        raise ConfigError("eval.path", "is empty; give a file, a datasets folder, builtin:<task> or null")

@@ -30,6 +30,7 @@ def finalize_stats(stats: dict[str, float]) -> dict[str, float]:
         "is_weight_max": stats.get("is_weight_max", 0.0),
         "clip_frac_high": stats.get("clip_high_count", 0.0) / n,
         "clip_frac_low": stats.get("clip_low_count", 0.0) / n,
+        "grad_dropped_frac": stats.get("grad_dropped_count", 0.0) / n,
     }
     if "entropy_sum" in stats:
         out["entropy"] = stats["entropy_sum"] / n

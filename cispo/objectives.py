@@ -53,7 +53,15 @@ def importance_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor) -> torc
     return torch.exp(log_ratio)
 
 
-def _clip_stats(ratio: torch.Tensor, mask: torch.Tensor, clip: ClipRange) -> dict[str, torch.Tensor]:
+def outside_trust_region(ratio: torch.Tensor, advantages: torch.Tensor, clip: ClipRange) -> torch.Tensor:
+    """Tokens PPO-clip gives no gradient: pushed further in the advantage's direction than the
+    clip range allows (A > 0 and r > 1+eps_high, or A < 0 and r < 1-eps_low)."""
+    return ((advantages > 0) & (ratio > 1.0 + clip.eps_high)) | ((advantages < 0) & (ratio < 1.0 - clip.eps_low))
+
+
+def _clip_stats(ratio: torch.Tensor, mask: torch.Tensor, clip: ClipRange, dropped: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`dropped`: tokens whose gradient the objective zeroes (PPO-clip's trust region;
+    CISPO only with its token mask) — the gradient signal CISPO keeps and PPO loses."""
     r = ratio.detach()
     m = mask.to(r.dtype)
     return {
@@ -62,6 +70,7 @@ def _clip_stats(ratio: torch.Tensor, mask: torch.Tensor, clip: ClipRange) -> dic
         "is_weight_max": torch.where(mask, r, torch.zeros_like(r)).max() if r.numel() else r.new_zeros(()),
         "clip_high_count": ((r > 1.0 + clip.eps_high) & mask).to(r.dtype).sum(),
         "clip_low_count": ((r < 1.0 - clip.eps_low) & mask).to(r.dtype).sum(),
+        "grad_dropped_count": (dropped & mask).to(r.dtype).sum(),
     }
 
 
@@ -76,13 +85,11 @@ def cispo_loss(
     ratio = importance_ratio(logprobs, old_logprobs)
     is_weight = ratio.clamp(1.0 - clip.eps_low, 1.0 + clip.eps_high).detach()
     per_token = -is_weight * advantages * _at_least_fp32(logprobs)
+    dropped = outside_trust_region(ratio.detach(), advantages, clip) if clip.token_mask else torch.zeros_like(mask)
     if clip.token_mask:
-        outside = ((advantages > 0) & (ratio > 1.0 + clip.eps_high)) | (
-            (advantages < 0) & (ratio < 1.0 - clip.eps_low)
-        )
-        per_token = per_token * (~outside).to(per_token.dtype)
+        per_token = per_token * (~dropped).to(per_token.dtype)
     loss = _masked_sum(per_token * weights, mask)
-    return LossOutput(loss=loss, stats=_clip_stats(ratio, mask, clip))
+    return LossOutput(loss=loss, stats=_clip_stats(ratio, mask, clip, dropped))
 
 
 def ppo_clip_loss(
@@ -99,7 +106,7 @@ def ppo_clip_loss(
     surr_clipped = ratio.clamp(1.0 - clip.eps_low, 1.0 + clip.eps_high) * advantages
     per_token = -torch.minimum(surr, surr_clipped)
     loss = _masked_sum(per_token * weights, mask)
-    return LossOutput(loss=loss, stats=_clip_stats(ratio, mask, clip))
+    return LossOutput(loss=loss, stats=_clip_stats(ratio, mask, clip, outside_trust_region(ratio.detach(), advantages, clip)))
 
 
 @dataclass(frozen=True)

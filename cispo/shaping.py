@@ -5,6 +5,12 @@ from __future__ import annotations
 import torch
 
 
+def overlong_ramp(buffer: int | None, max_new_tokens: int) -> int:
+    """The penalty's ramp length: `buffer`, or by default a fifth of the generation budget
+    (DAPO's 4096 of 20480), so the ramp always sits inside the budget."""
+    return buffer if buffer is not None else max_new_tokens // 5
+
+
 def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, penalty: float = 1.0) -> torch.Tensor:
     """0 up to max_len - buffer, then falling linearly to -penalty at max_len (DAPO eq. 13).
 

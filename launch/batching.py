@@ -11,7 +11,7 @@ import torch
 from cispo.advantages import group_advantages, zero_variance_groups
 from cispo.batch import Trajectory
 from cispo.config import AlgorithmConfig
-from cispo.shaping import overlong_penalty
+from cispo.shaping import overlong_penalty, overlong_ramp
 
 
 def shape_rewards(trajs: list[Trajectory], algo: AlgorithmConfig, max_new_tokens: int) -> None:
@@ -23,7 +23,7 @@ def shape_rewards(trajs: list[Trajectory], algo: AlgorithmConfig, max_new_tokens
                 t.response_mask = [False] * len(t.response_ids)
     elif algo.overlong == "penalty":
         lengths = torch.tensor([len(t.response_ids) for t in trajs])
-        pen = overlong_penalty(lengths, max_new_tokens, algo.overlong_buffer, algo.overlong_penalty)
+        pen = overlong_penalty(lengths, max_new_tokens, overlong_ramp(algo.overlong_buffer, max_new_tokens), algo.overlong_penalty)
         for t, p in zip(trajs, pen.tolist()):
             t.reward += p
 
@@ -38,7 +38,9 @@ def assign_advantages(trajs: list[Trajectory], algo: AlgorithmConfig) -> None:
 @dataclass
 class GroupFilter:
     kept: list[list[Trajectory]]
-    dropped: int  # groups without reward spread
+    dropped: int  # groups removed for having no reward spread
+    flat: int  # groups without reward spread (dropped or not)
+    total: int  # groups seen
 
 
 def split_groups(trajs: list[Trajectory], drop_flat: bool) -> GroupFilter:
@@ -46,10 +48,12 @@ def split_groups(trajs: list[Trajectory], drop_flat: bool) -> GroupFilter:
     by_group: dict[int, list[Trajectory]] = defaultdict(list)
     for t in trajs:
         by_group[t.group_id].append(t)
-    if not drop_flat:
-        return GroupFilter(list(by_group.values()), 0)
+    if not trajs:
+        return GroupFilter([], 0, 0, 0)
     rewards = torch.tensor([t.reward for t in trajs], dtype=torch.float64)
     flat = zero_variance_groups(rewards, torch.tensor([t.group_id for t in trajs]))
     flat_ids = {t.group_id for t, f in zip(trajs, flat.tolist()) if f}
+    if not drop_flat:
+        return GroupFilter(list(by_group.values()), 0, len(flat_ids), len(by_group))
     kept = [g for gid, g in by_group.items() if gid not in flat_ids]
-    return GroupFilter(kept, len(flat_ids))
+    return GroupFilter(kept, len(flat_ids), len(flat_ids), len(by_group))

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
+
+from launch.console import NOTICE, worker_runtime_env
 
 log = logging.getLogger("cispo")
+_REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+def init_ray(address: str | None = None, num_cpus: int | None = None, log_dir: Path | None = None,
+             verbose: bool = True) -> None:
+    """verbose=False (with a log_dir): workers' output goes to files there (launch/console.py)
+    instead of being forwarded to this console, and Ray's driver-side INFO lines are off."""
     import ray
 
     if ray.is_initialized():
@@ -16,10 +23,17 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     # Local runs need no token auth; a cluster's own setting wins where one is set.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    runtime_env = {"env_vars": {"RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"], "TOKENIZERS_PARALLELISM": "false"}}
+    quiet = worker_runtime_env(log_dir, verbose)
+    env_vars = {"RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"], "TOKENIZERS_PARALLELISM": "false",
+                **quiet.get("env_vars", {})}
+    if quiet:  # the setup hook imports launch.console in every worker process
+        env_vars["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p)
+    runtime_env = {**quiet, "env_vars": env_vars}
+    common = dict(runtime_env=runtime_env, log_to_driver=not quiet,
+                  logging_level=logging.WARNING if quiet else logging.INFO)
     if address:
-        log.info("attaching to the Ray cluster at %s", address)
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        log.info("attaching to the Ray cluster at %s", address, extra=NOTICE)
+        ray.init(address=address, **common)
     else:
-        ray.init(num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **common)
     log.info("Ray resources: %s", ray.cluster_resources())

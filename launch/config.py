@@ -13,10 +13,20 @@ from cispo.config import Config, validate
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
+def _builtin_only(value: int, *, _root_: DictConfig) -> int:
+    """`value` when the model and the data are both built-in, else 0: the format warm-start
+    is for the built-in tiny model on a built-in task (see cispo.config.WarmupConfig)."""
+    paths = [OmegaConf.select(_root_, key, default=None, throw_on_missing=False) for key in ("model.path", "data.path")]
+    return value if all(str(p).startswith("builtin:") for p in paths) else 0
+
+
 def register_schema() -> None:
     # conf/config.yaml lists `base_config` first in its defaults, so every group file
     # is merged into (and type-checked against) these dataclasses.
     ConfigStore.instance().store(name="base_config", node=Config)
+    # settings that follow from others, so `model=hf data=jsonl` needs no extra keys
+    OmegaConf.register_new_resolver("cispo.add", lambda *xs: sum(int(x) for x in xs), replace=True)
+    OmegaConf.register_new_resolver("cispo.builtin_only", _builtin_only, replace=True)
 
 
 def compose_config(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:

@@ -59,8 +59,9 @@ def _data_path(cfg: Any) -> str:
 
 
 def load_rows(path: str, difficulty: int = 1, seed: int = 0, builtin_size: int = BUILTIN_POOL_SIZE,
-              cache_dir: Optional[str] = None):
-    """The raw rows of `path` as a `datasets.Dataset`."""
+              cache_dir: Optional[str] = None, split: str = "train"):
+    """The raw rows of `path` as a `datasets.Dataset` (`split` picks a built-in task's
+    independent stream of rows, e.g. "eval" for held-out prompts; files have one)."""
     import datasets
 
     if path.startswith("builtin:"):
@@ -70,7 +71,7 @@ def load_rows(path: str, difficulty: int = 1, seed: int = 0, builtin_size: int =
             task = get_task(path)
         except ValueError as e:
             raise DataError(f"data.path={path!r}: {e}") from None
-        rows = task.generate(builtin_size, difficulty, seed=seed)
+        rows = task.generate(builtin_size, difficulty, seed=seed, split=split)
         flat = [{"prompt": r["prompt"], "answer": r["answer"], **r["metadata"]} for r in rows]
         return datasets.Dataset.from_list(flat)
 
@@ -136,7 +137,7 @@ class PromptDataset:
     """
 
     def __init__(self, cfg: Any, tokenizer: Any, seed: int = 0, *, builtin_size: int = BUILTIN_POOL_SIZE,
-                 cache_dir: Optional[str] = None):
+                 cache_dir: Optional[str] = None, split: str = "train"):
         if isinstance(tokenizer, (str, os.PathLike)):
             from transformers import AutoTokenizer
 
@@ -152,7 +153,8 @@ class PromptDataset:
         if self.apply_chat_template and not getattr(tokenizer, "chat_template", None):
             raise DataError("data.apply_chat_template is true but the tokenizer has no chat template")
 
-        self._rows = load_rows(self.source, int(getattr(cfg, "difficulty", 1)), self.seed, builtin_size, cache_dir)
+        self._rows = load_rows(self.source, int(getattr(cfg, "difficulty", 1)), self.seed, builtin_size, cache_dir,
+                               split)
         columns = list(self._rows.column_names)
         for name, role in ((self.prompt_field, "prompt_field"), (self.answer_field, "answer_field")):
             if name is not None and name not in columns:

@@ -26,13 +26,18 @@ from launch.batching import assign_advantages, shape_rewards, split_groups
 from launch.checkpoints import CheckpointDir
 from launch.cluster import init_ray
 from launch.config import to_dataclass
+from launch.console import NOTICE, setup_console
 from launch.data import PromptDataset
+from launch.evaluation import Evaluator
+from launch.export import export_run
+from launch.guard import CollapseGuard, GuardStop, Trip
+from launch.length_schedule import LengthSchedule
 from launch.loggers import MetricLogger
 from launch.report import Progress, plot_curves, print_summary, read_metrics
 from launch.rollout_metrics import rollout_metrics, sample_rows
 from launch.system import RLSystem
 from launch.tiny_model import resolve_model_path
-from launch.warmup import warm_start
+from launch.warmup import CacheLock, cache_key, sampled_pass_rate, warm_start
 
 log = logging.getLogger("cispo")
 
@@ -56,27 +61,32 @@ class StopFlag:
         self.requested = True
 
 
-def collect_step_batch(system: RLSystem, dataset: PromptDataset, conf: Config, group_counter: list[int]):
-    """Generate, score and filter until the step has its batch (or refills run out)."""
+def collect_step_batch(system: RLSystem, dataset: PromptDataset, conf: Config, group_counter: list[int],
+                       max_new_tokens: int):
+    """Generate, score and filter until the step has its batch (or refills run out);
+    `max_new_tokens` is the generation budget of this step (launch/length_schedule.py)."""
     a = conf.algorithm
     need = conf.data.rollout_batch_size // a.group_size
     kept: list[list[Trajectory]] = []
-    stats = {"data_state": dataset.state_dict(), "dropped_groups": 0, "refills": 0, "reward_failures": 0, "generated": [], "gen_s": 0.0, "reward_s": 0.0}
+    stats = {"data_state": dataset.state_dict(), "dropped_groups": 0, "flat_groups": 0, "groups": 0, "refills": 0,
+             "reward_failures": 0, "generated": [], "gen_s": 0.0, "reward_s": 0.0}
     while True:
         items = dataset.next_batch(need - len(kept))
         gids = list(range(group_counter[0], group_counter[0] + len(items)))
         group_counter[0] += len(items)
         t0 = time.perf_counter()
-        trajs = system.generate(items, gids, a.group_size)
+        trajs = system.generate(items, gids, a.group_size, max_new_tokens=max_new_tokens)
         t1 = time.perf_counter()
         stats["reward_failures"] += system.score(trajs, items)
         stats["gen_s"] += t1 - t0
         stats["reward_s"] += time.perf_counter() - t1
-        shape_rewards(trajs, a, conf.rollout.max_new_tokens)
+        shape_rewards(trajs, a, max_new_tokens)
         stats["generated"].extend(trajs)
         groups = split_groups(trajs, drop_flat=a.dynamic_sampling)
         kept.extend(groups.kept)
         stats["dropped_groups"] += groups.dropped
+        stats["flat_groups"] += groups.flat
+        stats["groups"] += groups.total
         if len(kept) >= need or not a.dynamic_sampling or stats["refills"] >= a.max_refills:
             break
         stats["refills"] += 1
@@ -86,10 +96,10 @@ def collect_step_batch(system: RLSystem, dataset: PromptDataset, conf: Config, g
 
 
 def run(cfg: DictConfig) -> Path:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     conf = to_dataclass(cfg)
     out = Path(conf.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    log_dir = setup_console(out, conf.logger.verbose)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     random.seed(conf.seed)
     torch.manual_seed(conf.seed)
@@ -106,51 +116,101 @@ def run(cfg: DictConfig) -> Path:
         model_path = str(out / "warmup_model")
 
     dataset = PromptDataset(conf.data, model_path, seed=conf.seed)
-    init_ray(conf.cluster.address)
+    init_ray(conf.cluster.address, log_dir=log_dir, verbose=conf.logger.verbose)
     stop.install()
     system = RLSystem(conf, model_path)
-    start = 0
+    schedule = LengthSchedule(conf.rollout)
+    evaluator = Evaluator(conf, system, out)
+    start, rollbacks = 0, 0
     try:
         if latest is not None:
             start = system.restore(latest)
-            dataset.load_state_dict(json.loads((latest / "driver_state.json").read_text())["data"])
-            log.info("resumed from checkpoint step %d (%s)", start, latest)
-        loop(system, dataset, conf, logger, ckpt, stop, start)
+            state = json.loads((latest / "driver_state.json").read_text())
+            dataset.load_state_dict(state["data"])
+            schedule.load_state_dict(state.get("length_schedule", {}))
+            rollbacks = state.get("guard_rollbacks", 0)
+            log.info("resumed from checkpoint step %d (%s)", start, latest, extra=NOTICE)
+        loop(system, dataset, conf, logger, ckpt, stop, start, schedule, evaluator, rollbacks)
     except Preempted:
         logger.finish()
         system.shutdown()
         raise SystemExit(143)  # 128 + SIGTERM: Slurm's requeue path restarts the job
+    except GuardStop as guard_stop:
+        log.error("the collapse guard stopped the run at its %s check: %s", guard_stop.trip.kind, guard_stop)
+        # a solved task is worth exporting; a collapsed policy is not
+        finish(conf, out, logger, system, schedule, export=not guard_stop.exit_code)
+        if guard_stop.exit_code:
+            raise SystemExit(guard_stop.exit_code)
+        return out
+    finish(conf, out, logger, system, schedule, export=True)
+    return out
+
+
+def finish(conf: Config, out: Path, logger: MetricLogger, system: RLSystem, schedule: LengthSchedule,
+           export: bool) -> None:
+    if export and conf.export.at_end:
+        log.info("Hugging Face export: %s", export_run(system.trainer, out, conf, schedule.limit), extra=NOTICE)
     rows = read_metrics(out / "metrics.jsonl")
     print_summary(rows)
     plot = plot_curves(rows, out / "curves.png")
     log.info("plot written to %s", plot)
     logger.finish()
     system.shutdown()
-    return out
 
 
 def run_warmup(conf: Config, model_path: str, out: Path, logger: MetricLogger) -> str:
-    from launch.tasks import format_warmup_examples
+    from launch.tasks import format_warmup_examples, get_task, solution_examples
+    from launch.tiny_model import default_cache_dir
 
-    examples = format_warmup_examples(conf.data.path, conf.warmup.examples, seed=conf.seed,
-                                      difficulty=conf.data.difficulty, shuffle_answers=True)
-    log.info("warm-start: %d steps on %d format examples (answers shuffled)", conf.warmup.steps, len(examples))
+    w, d = conf.warmup, conf.data
+    if w.mode == "solve":
+        examples = solution_examples(d.path, w.examples, seed=conf.seed, difficulty=d.difficulty)
+    else:
+        examples = format_warmup_examples(d.path, w.examples, seed=conf.seed, difficulty=d.difficulty,
+                                          shuffle_answers=True)
+    log.info("warm-start (%s): up to %d steps on %d examples%s", w.mode, w.steps, len(examples),
+             " (answers shuffled)" if w.mode == "format" else "")
 
     def on_step(step: int, loss: float) -> None:
-        if step % 20 == 0 or step == conf.warmup.steps - 1:
+        if step % 20 == 0 or step == w.steps - 1:
             logger.log_warmup(step, {"warmup/loss": loss})
 
-    return warm_start(model_path, examples, out, conf.warmup.steps, conf.warmup.lr, conf.warmup.batch_size,
-                      conf.seed, on_step)
+    should_stop = None
+    if w.target_pass_rate is not None:
+        task = get_task(d.path)
+        rows = task.generate(w.check_prompts, d.difficulty, seed=conf.seed, split="eval")
+
+        def should_stop(model, tok, step: int) -> bool:
+            rate = sampled_pass_rate(model, tok, task, rows, conf.rollout.temperature, conf.rollout.max_new_tokens)
+            logger.log_warmup(step, {"warmup/pass_rate": rate})
+            return rate >= w.target_pass_rate
+
+    def train(target: Path) -> str:
+        return warm_start(model_path, examples, target, w.steps, w.lr, w.batch_size, conf.seed, on_step,
+                          should_stop, w.check_every)
+
+    if not w.cache:
+        return train(out / "warmup_model")
+    key = cache_key(model=model_path, data=d.path, difficulty=d.difficulty, seed=conf.seed, warmup=vars(w),
+                    temperature=conf.rollout.temperature, max_new_tokens=conf.rollout.max_new_tokens)
+    cached = default_cache_dir().parent / "warm" / key
+    with CacheLock(cached.with_suffix(".lock")):
+        path = train(cached)
+    link = out / "warmup_model"  # a resumed run finds its model here, as without the cache
+    if not link.exists():
+        link.symlink_to(cached, target_is_directory=True)
+    return path
 
 
 def loop(system: RLSystem, dataset: PromptDataset, conf: Config, logger: MetricLogger,
-         ckpt: CheckpointDir, stop: StopFlag, start: int) -> None:
+         ckpt: CheckpointDir, stop: StopFlag, start: int, schedule: LengthSchedule, evaluator: Evaluator,
+         rollbacks: int = 0) -> None:
     asynchronous = conf.mode == "async"
+    guard = CollapseGuard(conf.guard, rollbacks) if conf.guard.enabled else None
     counter = [start * conf.data.rollout_batch_size]
     progress = Progress(total=conf.steps, initial=start)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout")
-    pending = pool.submit(collect_step_batch, system, dataset, conf, counter)
+    pending = pool.submit(collect_step_batch, system, dataset, conf, counter, schedule.limit)
     try:
         for step in range(start, conf.steps):
             t_step = time.perf_counter()
@@ -159,10 +219,13 @@ def loop(system: RLSystem, dataset: PromptDataset, conf: Config, logger: MetricL
             last = step == conf.steps - 1
             if asynchronous and not last:
                 # rollouts for step+1 run on the current weights while we train
-                pending = pool.submit(collect_step_batch, system, dataset, conf, counter)
+                pending = pool.submit(collect_step_batch, system, dataset, conf, counter, schedule.limit)
             t0 = time.perf_counter()
             train = system.train(batch) if batch else {}
             t_train = time.perf_counter() - t0
+            metrics = {**rollout_metrics(stats, batch, trainer_version=step), **namespaced_train_metrics(train)}
+            # before the sync: a rollback replaces the weights this step would send
+            guard_metrics, trip, action = check_guard(guard, step, metrics, logger, system, ckpt, conf)
             t_wait = 0.0
             if asynchronous and not last:
                 t0 = time.perf_counter()
@@ -171,11 +234,11 @@ def loop(system: RLSystem, dataset: PromptDataset, conf: Config, logger: MetricL
             t0 = time.perf_counter()
             engine_version = system.sync_weights(version=step + 1)
             t_sync = time.perf_counter() - t0
+            evals = evaluator.maybe_run(step, last, schedule.limit)  # engines idle, just synced
 
             step_time = time.perf_counter() - t_step
-            metrics = {
-                **rollout_metrics(stats, batch, trainer_version=step),
-                **namespaced_train_metrics(train),
+            metrics.update({
+                **guard_metrics,
                 "perf/generate_s": stats["gen_s"],
                 "perf/reward_s": stats["reward_s"],
                 "perf/train_s": t_train,
@@ -185,23 +248,31 @@ def loop(system: RLSystem, dataset: PromptDataset, conf: Config, logger: MetricL
                 "perf/tokens_per_s": sum(t.num_tokens for t in stats["generated"]) / max(step_time, 1e-9),
                 "policy/version": step + 1,
                 "rollout/engine_version": engine_version,
-            }
+                **system.size_metrics,
+                **evals,
+            })
+            metrics.update(schedule.observe(step, metrics))  # may raise the next step's budget
             logger.log(step, metrics)
             if conf.logger.samples_every and step % conf.logger.samples_every == 0:
                 logger.log_samples(step, sample_rows(batch, system.tokenizer, limit=8))
             progress.update(metrics)
             due = conf.trainer.save_every and (step + 1) % conf.trainer.save_every == 0
-            if due or last or stop.requested:
+            stopping = action == "stop"
+            worth_keeping = not stopping or trip.kind == "saturated"  # a collapsed policy is no place to resume from
+            if worth_keeping and (due or last or stop.requested or stopping):
                 # in async mode the next step's prompts are already drawn (and generated
                 # by the old policy): a resumed run draws them again from this state
-                drawn_ahead = asynchronous and not last
+                drawn_ahead = asynchronous and not last and not stopping
                 data_state = pending.result()[1]["data_state"] if drawn_ahead else dataset.state_dict()
-                save(system, data_state, ckpt, step + 1)
+                save(system, {"data": data_state, "length_schedule": schedule.state_dict(),
+                              "guard_rollbacks": guard.rollbacks if guard else 0}, ckpt, step + 1)
+            if stopping:
+                raise GuardStop(trip, exit_code=0 if trip.kind == "saturated" else 3)
             if stop.requested and not last:
                 raise Preempted()
             if not asynchronous and not last:
                 # only now: the checkpoint above must not see the next step's prompts drawn
-                pending = pool.submit(collect_step_batch, system, dataset, conf, counter)
+                pending = pool.submit(collect_step_batch, system, dataset, conf, counter, schedule.limit)
     finally:
         progress.close()
         pool.shutdown(wait=True, cancel_futures=True)
@@ -216,8 +287,46 @@ def namespaced_train_metrics(train: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def save(system: RLSystem, data_state: dict, ckpt: CheckpointDir, step: int) -> None:
+def save(system: RLSystem, driver_state: dict, ckpt: CheckpointDir, step: int) -> None:
     folder = ckpt.begin(step)
     system.save(folder, step)
-    (folder / "driver_state.json").write_text(json.dumps({"step": step, "data": data_state}))
+    (folder / "driver_state.json").write_text(json.dumps({"step": step, **driver_state}))
     ckpt.commit(folder)
+
+
+def check_guard(guard: CollapseGuard | None, step: int, metrics: dict[str, float], logger: MetricLogger,
+                system: RLSystem, ckpt: CheckpointDir, conf: Config) -> tuple[dict[str, float], Trip | None, str]:
+    """Fold the step into the collapse guard, alert, and carry out a rollback when it says
+    so. Returns the `guard/` metrics, the trip (if any) and the action left to the loop:
+    "stop" (after this step is logged), or "" to go on."""
+    if guard is None:
+        return {}, None, ""
+    guard_metrics, warnings, trip = guard.observe(step, metrics)
+    for text in warnings:
+        logger.alert("cispo: non-finite training values", text, level="WARN")
+    if trip is None:
+        return guard_metrics, None, ""
+    action = guard.decide(trip)
+    target = rollback_target(ckpt, trip.since_step) if action == "rollback" else None
+    if action == "rollback" and target is None:
+        action = "stop"
+        trip.message += f"; no checkpoint from before step {trip.since_step} to roll back to"
+    what = {"warn": "going on (guard.action=warn)", "stop": "stopping the run",
+            "rollback": f"rolling back to {target} with the learning rate x{conf.guard.rollback_lr_factor}"}[action]
+    logger.alert(f"cispo: {trip.kind} at step {step}", f"{trip.message}; {what}",
+                 level="INFO" if trip.kind == "saturated" else "ERROR")
+    if action == "rollback":
+        system.load_trainer(target)
+        system.trainer.scale_lr(conf.guard.rollback_lr_factor)
+        guard.rollbacks += 1
+        guard.reset()
+        guard_metrics["guard/rollbacks"] = float(guard.rollbacks)
+        return guard_metrics, trip, ""
+    return guard_metrics, trip, "stop" if action == "stop" else ""
+
+
+def rollback_target(ckpt: CheckpointDir, since_step: int) -> Path | None:
+    """The newest checkpoint taken before step `since_step` ran (its state is that of the
+    first `step` steps, so step <= since_step)."""
+    before = [path for step, path in ckpt.completed() if step <= since_step]
+    return before[-1] if before else None

@@ -40,6 +40,10 @@ class JsonlSink:
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
 
+    def alert(self, title: str, text: str, level: str) -> None:
+        with (self.path.parent / "alerts.jsonl").open("a") as f:
+            f.write(json.dumps({"title": title, "text": text, "level": level}) + "\n")
+
     def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
         with self.samples_path.open("a") as f:
             for row in rows:
@@ -93,6 +97,10 @@ class WandbSink:
         table = self._wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
         self.run.log({"samples": table}, step=step)
 
+    def alert(self, title: str, text: str, level: str) -> None:
+        # shows on the run page and, where configured, by e-mail / Slack (offline runs keep it in the log)
+        self.run.alert(title=title, text=text, level=getattr(self._wandb.AlertLevel, level, self._wandb.AlertLevel.WARN))
+
     def finish(self) -> None:
         self.run.finish()
 
@@ -123,7 +131,8 @@ class ConsoleSink:
     """Step lines go to the log (the progress bar shows the live view)."""
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        keys = ("reward/mean", "rollout/response_len_mean", "train/entropy", "mismatch/pearson", "perf/step_time_s")
+        keys = ("reward/mean", "rollout/response_len_mean", "train/entropy", "mismatch/pearson", "perf/step_time_s",
+                "eval/greedy_accuracy", *sorted(k for k in metrics if k.startswith("eval/pass@")))
         shown = ", ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
         log.info("step %d: %s", step, shown)
 
@@ -167,6 +176,14 @@ class MetricLogger:
     def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
         for sink in self.sinks:
             sink.log_samples(step, rows)
+
+    def alert(self, title: str, text: str, level: str = "WARN") -> None:
+        """Something a person must see (level INFO, WARN or ERROR): always on the console
+        (the log), as a wandb alert and in `alerts.jsonl` where those sinks are on."""
+        log.log({"INFO": logging.INFO, "WARN": logging.WARNING}.get(level, logging.ERROR), "%s: %s", title, text)
+        for sink in self.sinks:
+            if hasattr(sink, "alert"):
+                sink.alert(title, text, level)
 
     def finish(self) -> None:
         for sink in self.sinks:

@@ -59,6 +59,11 @@ def summary_table(rows: list[dict[str, float]]) -> Table:
     for key in keys:
         if any(key in r for r in rows):
             table.add_row(key, f"{_window_mean(rows, key, True):.4g}", f"{_window_mean(rows, key, False):.4g}")
+    # evaluations run every eval.every steps: their first and last results, not 5-step means
+    evals = sorted({k for r in rows for k in r if k.startswith("eval/") and k not in ("eval/prompts", "eval/time_s")})
+    for key in evals:
+        table.add_row(f"{key} (first, last eval)", f"{_window_mean(rows, key, True, 1):.4g}",
+                      f"{_window_mean(rows, key, False, 1):.4g}")
     return table
 
 

@@ -26,6 +26,11 @@ def rollout_metrics(stats: dict[str, Any], batch: list[Trajectory], trainer_vers
         "reward/pass_rate": sum(r >= 1.0 for r in rewards) / n,
         "reward/failures": float(stats["reward_failures"]),
         "reward/dropped_groups": float(stats["dropped_groups"]),
+        # zero-spread groups among all generated (dropped or not): the collapse guard's signal
+        "rollout/flat_group_frac": stats["flat_groups"] / max(stats["groups"], 1),
+        # trained samples that carry a learning signal (a non-zero advantage and a trained token)
+        "rollout/signal_samples": float(sum(t.advantage != 0 and t.num_trained_tokens > 0 for t in batch)),
+        "rollout/advantage_abs_mean": statistics.fmean(abs(t.advantage) for t in batch) if batch else 0.0,
         "reward/refills": float(stats["refills"]),
         "rollout/samples": float(len(gen)),
         "rollout/trained_samples": float(len(batch)),

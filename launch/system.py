@@ -3,6 +3,7 @@ trainer ranks and the weight-sync channel between them."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -26,19 +27,35 @@ class RLSystem:
         self.scorer = RewardScorer(conf.reward)
         on_gpu = torch.cuda.is_available()
         log.info("starting %d trainer rank(s) and %d rollout engine(s)", conf.trainer.num_ranks, conf.rollout.num_engines)
+        # asynchronous: the engines generate while the trainer steps, so each keeps its own core
+        trainer_cfg = dataclasses.replace(conf.trainer, cpu_threads=1) if conf.mode == "async" else conf.trainer
         self.trainer = TrainerGroup(
-            model_path, conf.trainer, conf.algorithm, num_ranks=conf.trainer.num_ranks,
+            model_path, trainer_cfg, conf.algorithm, num_ranks=conf.trainer.num_ranks,
             temperature=conf.rollout.temperature, seed=conf.seed, num_gpus_per_rank=1 if on_gpu else 0,
+            lora=conf.model.lora,
         )
-        self.rollout = RolloutGroup(model_path, conf.rollout, dtype=conf.model.dtype)
+        lora = dataclasses.asdict(conf.model.lora) if conf.model.lora.rank else None
+        self.rollout = RolloutGroup(model_path, conf.rollout, dtype=conf.model.dtype, lora=lora)
         self.backend = "nccl" if on_gpu else "gloo"
         self.plan = None
-        if conf.rollout.weight_sync == "collective":
+        # LoRA adapters (a few MB) always travel through the object store: the engines
+        # write them as adapter folders (rollout/lora.py), not into the base weights
+        if conf.rollout.weight_sync == "collective" and lora is None:
             host, port = self.trainer.sync_address()
             world = self.rollout.sync_world_size
             self._together(self.trainer.init_weight_sync(host, port, world, self.backend),
                            self.rollout.init_weight_sync(host, port, world, self.backend), "weight-sync set-up")
             self.plan = self.trainer.weight_sync_plan(conf.rollout.sync_bucket_mb)
+        plan = self.plan or self.trainer.weight_sync_plan(conf.rollout.sync_bucket_mb)
+        # what one sync sends, and the trainable share: the numbers LoRA changes
+        self.size_metrics = {
+            "model/sync_mb": sum(m.nbytes for bucket in plan for m in bucket) / 2**20,
+            "model/trainable_params": float(self.trainer.trainable_params),
+            "model/total_params": float(self.trainer.total_params),
+            # AdamW keeps two fp32 moments per trainable parameter (plus an fp32 master copy in bf16/fp16)
+            "model/optimizer_state_mb": self.trainer.trainable_params * (8 if conf.trainer.dtype == "float32" else 12)
+            / 2**20,
+        }
 
     def _together(self, trainer_refs, rollout_refs, what: str) -> list:
         """Wait for both sides of a collective; the rollout side's wait is bounded and names
@@ -52,8 +69,9 @@ class RLSystem:
 
     # ---- one step's parts ----------------------------------------------------------------
 
-    def generate(self, items: list[PromptItem], group_ids: list[int], n: int) -> list[Trajectory]:
-        trajs = self.rollout.generate([it.prompt_ids for it in items], group_ids, n)
+    def generate(self, items: list[PromptItem], group_ids: list[int], n: int, **overrides) -> list[Trajectory]:
+        """n samples per prompt; overrides: sampling settings for this call (RolloutEngine.generate)."""
+        trajs = self.rollout.generate([it.prompt_ids for it in items], group_ids, n, **overrides)
         by_group = dict(zip(group_ids, items))
         for t in trajs:
             item = by_group[t.group_id]
@@ -96,10 +114,15 @@ class RLSystem:
         self.trainer.step = step
         self.trainer.save_checkpoint(str(folder / "trainer"))
 
-    def restore(self, folder: Path) -> int:
+    def load_trainer(self, folder: Path) -> int:
+        """The trainer's state from a checkpoint folder (the engines keep theirs)."""
         step = self.trainer.load_checkpoint(str(folder / "trainer"))
         if step is None:
             raise RuntimeError(f"checkpoint {folder} holds no trainer state")
+        return step
+
+    def restore(self, folder: Path) -> int:
+        step = self.load_trainer(folder)
         self.sync_weights(version=step)
         return step
 

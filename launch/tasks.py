@@ -12,10 +12,16 @@ difficulty 1 from scratch with RL after a short format warm-up:
 |             |                       | d>=4: three operands of d-1 digits with + and -              |
 | counting    | "a in abbab=" -> "2"  | string of 3+2d letters over the first d+1 letters            |
 | sorting     | "sort 312=" -> "123"  | sort d+2 digits ascending                                    |
+| long_addition | "47+85=" -> "132"   | add two d-digit numbers; the worked solution writes each    |
+|             |                       | column and its carry: "7+5+0=12;4+8+1=13;\\boxed{132}"    |
 
 The answer is read from a response by `rewards.verifiers.builtin_answer`: the last
 ``\\boxed{}`` if any, else the first whitespace-delimited token (cut at "<eos>"), so
 "7", " 7<eos>", "7 because ..." and "\\boxed{7}" all answer 7.
+
+Tasks with a `worked` solution (long_addition) are reasoning tasks: the answer takes tens
+to hundreds of tokens of worked steps (about 9 per digit), exactly verifiable. A model the
+project pretrains on worked solutions (`warmup.mode=solve`) starts RL part-way there.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ class Task:
     name: str
     description: str
     make: Callable[[random.Random, int], tuple[str, str]]  # (rng, difficulty) -> (prompt, answer)
+    # (prompt, answer) -> a complete worked solution ending in \boxed{answer}; None: the answer alone
+    worked: Callable[[str, str], str] | None = None
 
     def generate(self, n: int, difficulty: int = 1, seed: int = 0, *, split: str = "train") -> list[dict]:
         """`n` rows ``{"prompt", "answer", "metadata": {"task", "difficulty"}}``, the same for the same seed.
@@ -48,6 +56,10 @@ class Task:
             prompt, answer = self.make(rng, difficulty)
             rows.append({"prompt": prompt, "answer": answer, "metadata": {"task": self.name, "difficulty": difficulty}})
         return rows
+
+    def solution(self, prompt: str, answer: str) -> str:
+        """What a correct response looks like (the supervised target of `warmup.mode=solve`)."""
+        return self.worked(prompt, answer) if self.worked else answer
 
     def verify(self, response: str, answer: str) -> float:
         """1.0 if the answer parsed from `response` equals `answer` exactly, else 0.0."""
@@ -95,12 +107,31 @@ def _sorting(rng: random.Random, d: int) -> tuple[str, str]:
     return f"sort {digits}=", "".join(sorted(digits))
 
 
+def _long_addition(rng: random.Random, d: int) -> tuple[str, str]:
+    # operands written with d digits (zero-padded), so every column of the worked solution exists
+    a, b = _digits(rng, d), _digits(rng, d)
+    return f"{a:0{d}d}+{b:0{d}d}=", str(a + b)
+
+
+def _long_addition_worked(prompt: str, answer: str) -> str:
+    """Right to left, one column per step: "a+b+carry=two-digit sum", then the boxed answer."""
+    x, y = prompt.rstrip("=").split("+")
+    steps, carry = [], 0
+    for dx, dy in zip(reversed(x), reversed(y)):
+        total = int(dx) + int(dy) + carry
+        steps.append(f"{dx}+{dy}+{carry}={total:02d}")
+        carry = total // 10
+    return ";".join(steps) + f";\\boxed{{{answer}}}"
+
+
 TASKS: dict[str, Task] = {
     t.name: t
     for t in (
         Task("arithmetic", "add (and subtract) integers; difficulty = digits / operands", _arithmetic),
         Task("counting", "count a letter in a string; difficulty = string length and alphabet", _counting),
         Task("sorting", "sort digits ascending; difficulty = number of digits", _sorting),
+        Task("long_addition", "add two numbers column by column with carries; difficulty = digits",
+             _long_addition, _long_addition_worked),
     )
 }
 
@@ -134,3 +165,13 @@ def format_warmup_examples(
     if shuffle_answers:
         random.Random(seed).shuffle(answers)
     return [(r["prompt"], f"{a}{eos}") for r, a in zip(rows, answers)]
+
+
+def solution_examples(task: Union[str, Task], n: int, seed: int = 0, difficulty: int = 1,
+                      eos: str = EOS) -> list[tuple[str, str]]:
+    """(prompt, completion) pairs whose completion is the task's full correct solution (worked
+    steps where the task has them) + eos, from the "warmup" stream: supervised pretraining
+    on the task itself (`warmup.mode=solve`)."""
+    t = task if isinstance(task, Task) else get_task(task)
+    return [(r["prompt"], t.solution(r["prompt"], r["answer"]) + eos)
+            for r in t.generate(n, difficulty, seed=seed, split="warmup")]

@@ -18,6 +18,8 @@ SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 PRESETS: dict[str, dict[str, int]] = {
     "tiny-qwen2": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, intermediate_size=256),
     "small-qwen2": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=768),
+    # ~25M parameters: the GPU size of the reasoning recipe (conf/experiment/long_addition_gpu.yaml)
+    "base-qwen2": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, intermediate_size=1536),
 }
 # MiniMax-M1's layout at toy size: 7 lightning-attention layers per softmax layer, a
 # mixture of experts in every layer (top-2 of 4). block_size 16 (transformers' lightning

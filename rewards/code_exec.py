@@ -1,85 +1,77 @@
-"""Code reward: run the response's Python code and test asserts in a limited subprocess.
+"""Code reward: run the response's Python code against a row's tests in a bubblewrap sandbox.
 
 Reward names: "code" (fraction of tests passed) and "code_strict" (1 if all pass, else 0).
 
 Tests come from ``metadata["tests"]`` or, without it, from the gold ``answer``: a list of
-snippets, or a string (when every non-empty line starts with ``assert`` each line is
-one test, otherwise the whole string is one test). Each test runs in the namespace
-left by the solution code; a test passes when it runs without raising.
+snippets, or a string (one test per line when every non-empty line starts with ``assert``,
+otherwise the whole string is one test). A test passes when its setup statements run and
+each of its asserts holds.
 
-The child is ``python -I`` in a fresh temporary working directory, in its own process
-session, with a minimal environment and resource limits set in ``preexec_fn``:
-RLIMIT_AS (``memory_mb``, default 512), RLIMIT_CPU (``time_limit_s`` + 1), RLIMIT_FSIZE
-(16 MiB), RLIMIT_CORE (0), and on Linux PR_SET_PDEATHSIG so it dies with the reward
-worker that started it (e.g. when the scorer kills a worker at its timeout); a wall-clock limit of ``time_limit_s`` (default 5 s) kills the
-whole process group. Each test that passes is reported as it finishes, so tests passed
-before a later one hangs still count. Both limits can be set per row in metadata (``time_limit_s``,
-``memory_mb``); keep ``time_limit_s`` below ``reward.timeout_s``. This bounds accidents
-(infinite loops, memory bombs, runaway output), it is not a security sandbox against
-hostile code: the child can still use the network and read the file system.
+Security model (hostile code, as a policy under RL pressure writes it):
+
+- The solution runs in a sandbox (rewards/sandbox.py): no network, the system read-only and
+  most of it absent (no repo, no datasets, no host /tmp), one private writable work dir, a
+  PID namespace that is killed after every call so no process outlives it, a non-root uid,
+  and CPU, memory, file-size, file-count, process-count and output limits.
+- The verdict is computed here, never inside: each assert is split (rewards/code_tests.py)
+  into the values the solution must produce, which the sandbox evaluates and sends back as
+  plain data, and the check around them, which this process evaluates. The expected values
+  never enter the sandbox; an object with its own ``__eq__`` cannot be sent back; printed
+  "passed" lines, patched builtins or frames, exit tricks change nothing here. A test that
+  cannot be split so (a comparison inside a loop, a helper that compares) is refused with
+  `TestFormatError` naming it.
+- A run that does not end cleanly scores 0 through the scorer's failure path: the reward
+  function raises `CodeRunFailed` with a reason string ("timeout: ...", "memory: ...",
+  "output limit: ...", "disk: ...", "network: ...", "escape attempt: ...",
+  "syntax error: ...", "solution error: ...", "exit: ...", "crash: ...", "bad report: ...")
+  that the scorer records in ``reward/failures`` and logs. This includes runs where some
+  tests passed before the limit was hit, any attempt at a forbidden action (network,
+  writing outside the work dir, reading outside the system folders, killing processes it
+  did not start, running external programs, ctypes, gc / frame-table introspection,
+  replacing builtins), which is also blocked, and processes left running after the tests.
+  A wrong value or an exception in a test is no failure: that test just does not pass.
+- Without a usable ``bwrap`` the reward refuses to start (`SandboxUnavailable`, saying what
+  to install); it never runs code unsandboxed.
+
+Limits per row from metadata: ``time_limit_s`` (default 5, wall clock for the whole run)
+and ``memory_mb`` (default 512); keep ``time_limit_s`` below ``reward.timeout_s``. Solutions
+get the standard library of the trainer's Python version, no third-party packages.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
 import re
-import secrets
 import signal
-import subprocess
-import sys
-import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence, Union
 
+from rewards.code_tests import TestFormatError, check_tests, judge, plan_tests, read_report, split_tests
 from rewards.registry import register
+from rewards.sandbox import Limits, RunOutput, SandboxUnavailable, require_sandbox, run_python
 from rewards.verifiers import strip_eos
+
+__all__ = ["CodeResult", "CodeRunFailed", "SandboxUnavailable", "TestFormatError", "check_tests", "extract_code",
+           "run_code_tests", "split_tests"]
 
 DEFAULT_TIME_LIMIT_S = 5.0
 DEFAULT_MEMORY_MB = 512
-MAX_FILE_BYTES = 16 << 20
-MAX_OUTPUT_BYTES = 1 << 20
+HARNESS = (Path(__file__).parent / "sandbox_harness.py").read_text()
+DONE_LINE = json.dumps({"k": "done"}).encode()  # the harness's last line
 
-_HARNESS = r'''
-import json, os, sys, traceback
-_nonce = os.environ.pop("CISPO_NONCE")
-_out = sys.stdout
-def _emit(kind, i, info=""):
-    _out.write("%s %s %d %s\n" % (_nonce, kind, i, json.dumps(info)))
-    _out.flush()
-with open("tests.json") as f:
-    _tests = json.load(f)
-with open("solution.py") as f:
-    _code = f.read()
-sys.path.insert(0, os.getcwd())
-_ns = {"__name__": "solution"}
-try:
-    exec(compile(_code, "solution.py", "exec"), _ns)
-except MemoryError:
-    _emit("memory", -1, "MemoryError in solution code")
-    sys.exit(0)
-except BaseException as e:
-    _emit("error", -1, "%s: %s" % (type(e).__name__, str(e)[:300]))
-    sys.exit(0)
-for _i, _t in enumerate(_tests):
-    try:
-        exec(compile(_t, "test_%d" % _i, "exec"), _ns)
-        _emit("pass", _i)
-    except MemoryError:
-        _emit("memory", _i, "MemoryError in test %d" % _i)
-    except BaseException as e:
-        _emit("fail", _i, "%s: %s" % (type(e).__name__, str(e)[:300]))
-_emit("done", len(_tests))
-'''
+
+class CodeRunFailed(RuntimeError):
+    """The solution's run did not end cleanly; the message starts with the reason ("timeout: ...")."""
 
 
 @dataclass
 class CodeResult:
     passed: int
     total: int
-    # "ok" (ran to the end), "error" (the solution raised), "timeout" (wall or CPU limit),
-    # "memory" (memory limit), "crash" (died otherwise), "no_tests"
+    # "ok" (every test was checked), "no_tests", or why the run failed: "timeout", "memory",
+    # "output limit", "disk", "network", "escape attempt", "syntax error", "solution error",
+    # "exit", "crash", "bad report"
     status: str
     detail: str = ""
 
@@ -98,52 +90,6 @@ def extract_code(response: str) -> str:
     return text
 
 
-def split_tests(tests: Union[str, Sequence[str], None]) -> list[str]:
-    if tests is None:
-        return []
-    if isinstance(tests, str):
-        s = tests.strip()
-        if s.startswith("["):
-            try:
-                loaded = json.loads(s)
-                if isinstance(loaded, list):
-                    return [str(t) for t in loaded]
-            except json.JSONDecodeError:
-                pass
-        lines = [ln for ln in s.splitlines() if ln.strip()]
-        if lines and all(ln.lstrip().startswith("assert") for ln in lines):
-            return [ln.strip() for ln in lines]
-        return [s] if s else []
-    return [str(t) for t in tests]
-
-
-def _libc_prctl():
-    try:
-        import ctypes
-
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):  # not Linux
-        return None
-
-
-def _limits(time_limit_s: float, memory_mb: int):
-    import resource
-
-    prctl = _libc_prctl()
-
-    def apply() -> None:
-        if prctl is not None:
-            prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the reward worker if it is killed
-        cpu = int(math.ceil(time_limit_s)) + 1
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-        mem = int(memory_mb) << 20
-        resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (MAX_FILE_BYTES, MAX_FILE_BYTES))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-    return apply
-
-
 def run_code_tests(
     code: str,
     tests: Union[str, Sequence[str], None],
@@ -151,109 +97,88 @@ def run_code_tests(
     time_limit_s: float = DEFAULT_TIME_LIMIT_S,
     memory_mb: int = DEFAULT_MEMORY_MB,
 ) -> CodeResult:
-    """Run `code` then each test in a limited child process; count the tests that pass."""
+    """Run `code` and `tests` in the sandbox; count the tests that pass (judged here, not inside).
+
+    Raises `TestFormatError` for a test that cannot be checked safely and `SandboxUnavailable`
+    without bubblewrap.
+    """
     test_list = split_tests(tests)
     if not test_list:
         return CodeResult(0, 0, "no_tests", "no tests given")
-    nonce = secrets.token_hex(8)
-    with tempfile.TemporaryDirectory(prefix="cispo_code_") as tmp:
-        with open(os.path.join(tmp, "solution.py"), "w") as f:
-            f.write(code)
-        with open(os.path.join(tmp, "tests.json"), "w") as f:
-            json.dump(test_list, f)
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8",
-               "PYTHONHASHSEED": "0", "CISPO_NONCE": nonce, "OMP_NUM_THREADS": "1"}
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-c", _HARNESS],
-            cwd=tmp,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            preexec_fn=_limits(time_limit_s, memory_mb),
-            start_new_session=True,
-        )
-        timed_out = False
-        try:
-            out, err = proc.communicate(timeout=time_limit_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            _kill_group(proc)
-            out, err = proc.communicate()
-    return _parse(out[-MAX_OUTPUT_BYTES:], err[-4000:], nonce, len(test_list), proc.returncode, timed_out, time_limit_s)
+    plans = plan_tests(tuple(test_list))
+    payload = json.dumps({"code": code, "tests": [list(p.steps) for p in plans]}).encode()
+    limits = Limits(time_s=float(time_limit_s), memory_mb=int(memory_mb))
+    run = run_python(HARNESS, payload, limits, end_line=DONE_LINE)
+    report = read_report(run.results, plans)
+    verdicts = [judge(p, t, report) for t, p in enumerate(plans)]
+    passed = sum(v is None for v in verdicts)
+    status, detail = _status(run, report)
+    if status == "ok":
+        detail = next((v for v in verdicts if v is not None), "")
+    return CodeResult(passed, len(plans), status, detail)
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        proc.kill()
-
-
-def _parse(out: bytes, err: bytes, nonce: str, total: int, rc: Optional[int], timed_out: bool, limit: float) -> CodeResult:
-    passed, status, detail = set(), None, ""
-    for line in out.decode("utf-8", "replace").splitlines():
-        parts = line.split(" ", 3)
-        if len(parts) < 3 or parts[0] != nonce:
-            continue
-        kind, i = parts[1], int(parts[2])
-        info = json.loads(parts[3]) if len(parts) > 3 else ""
-        if kind == "pass":
-            passed.add(i)
-        elif kind == "done":
-            status = status or "ok"
-        elif kind == "memory":
-            status, detail = "memory", info
-        elif kind == "error":
-            status, detail = "error", info
-        elif kind == "fail" and not detail:
-            detail = f"test {i}: {info}"
-    if timed_out:
-        status, detail = "timeout", f"killed after the {limit:g}s wall-clock limit"
-    elif rc is not None and rc < 0 and status != "ok":
-        sig = -rc
+def _status(run: RunOutput, report) -> tuple[str, str]:
+    """Why the run failed, most telling first: a forbidden action, a limit the parent enforced,
+    what the harness reported, a report that cannot be trusted, an early end."""
+    if report.flags:
+        return report.flags[0]
+    if run.fault:
+        return run.fault, run.detail
+    if report.fault:
+        return report.fault
+    if report.bad:
+        return "bad report", report.bad
+    if report.done:
+        return "ok", ""
+    tail = run.output.decode("utf-8", "replace").strip().splitlines()
+    last = tail[-1][:200] if tail else ""
+    code = run.exit_code
+    if code is not None and code > 128:
+        sig = code - 128
         if sig == signal.SIGXCPU:
-            status, detail = "timeout", "killed by the CPU-time limit (SIGXCPU)"
-        elif sig in (signal.SIGSEGV, signal.SIGKILL, signal.SIGABRT) and b"MemoryError" in err:
-            status, detail = "memory", f"killed by signal {sig} under the memory limit"
-        else:
-            status, detail = "crash", f"killed by signal {sig}"
-    elif status is None:
-        tail = err.decode("utf-8", "replace").strip().splitlines()
+            return "timeout", "killed by the CPU-time limit (SIGXCPU)"
         if any("MemoryError" in ln or "Cannot allocate memory" in ln for ln in tail):
-            status = "memory"
-        else:
-            status = "crash"
-        detail = f"exit code {rc}: {tail[-1] if tail else ''}"
-    return CodeResult(len(passed), total, status, detail)
+            return "memory", f"killed by signal {sig} under the memory limit"
+        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+        return "crash", f"killed by {name}" + (f": {last}" if last else "")
+    return "exit", f"the program ended before the tests finished (exit code {code})" + (f": {last}" if last else "")
 
 
 def _run_from_sample(response: str, answer: Optional[str], metadata: dict) -> CodeResult:
     tests = metadata.get("tests", answer)
-    return run_code_tests(
+    result = run_code_tests(
         extract_code(response),
         tests,
         time_limit_s=float(metadata.get("time_limit_s", DEFAULT_TIME_LIMIT_S)),
         memory_mb=int(metadata.get("memory_mb", DEFAULT_MEMORY_MB)),
     )
-
-
-@register("code")
-def code_reward(prompt: str, response: str, answer: Optional[str], metadata: dict) -> float:
-    """Fraction of the tests the response's code passes.
-
-    Tests that passed before a limit was hit (time, memory) or the child crashed still count.
-    """
-    result = _run_from_sample(response, answer, metadata)
     if result.status == "no_tests":
         raise ValueError("code reward: the sample has no tests (metadata['tests'] or answer)")
-    return result.fraction
+    if result.status != "ok":
+        raise CodeRunFailed(f"{result.status}: {result.detail}")
+    return result
 
 
-@register("code_strict")
+def code_reward(prompt: str, response: str, answer: Optional[str], metadata: dict) -> float:
+    """Fraction of the tests the response's code passes (a failed run raises `CodeRunFailed`: reward 0)."""
+    return _run_from_sample(response, answer, metadata).fraction
+
+
 def code_strict_reward(prompt: str, response: str, answer: Optional[str], metadata: dict) -> float:
     """1 if the response's code passes every test, else 0."""
     result = _run_from_sample(response, answer, metadata)
-    if result.status == "no_tests":
-        raise ValueError("code reward: the sample has no tests (metadata['tests'] or answer)")
     return float(result.total > 0 and result.passed == result.total)
+
+
+# Factories, so that resolving the reward (the scorer does it at start-up) checks the sandbox.
+@register("code", factory=True)
+def make_code_reward(cfg=None):
+    require_sandbox()
+    return code_reward
+
+
+@register("code_strict", factory=True)
+def make_code_strict_reward(cfg=None):
+    require_sandbox()
+    return code_strict_reward

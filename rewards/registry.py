@@ -13,9 +13,9 @@ and a recorded failure.
 Built-ins register themselves with ``@register("name")``. A user function is named in
 ``reward.functions`` by import path, ``"pkg.module:func"``, and needs no registration.
 
-Some functions need the reward config (the remote server's url, retries...): they are
-registered with ``factory=True`` and are then *factories*, ``make(cfg) -> fn``;
-`get_reward_fn` calls them. Functions that mostly wait on the network are registered
+Some functions need the reward config (the remote server's url, retries...) or a check
+before they may run (the code reward's sandbox): they are registered with ``factory=True``
+and are then *factories*, ``make(cfg) -> fn``; `get_reward_fn` calls them. Functions that mostly wait on the network are registered
 with ``io_bound=True``: the scorer runs them on threads in the caller's process
 (bounded by ``reward.max_concurrency``) instead of in the worker processes.
 """

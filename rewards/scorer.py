@@ -9,11 +9,11 @@
     scorer.close()
 
 Each (sample, function) pair is one task. CPU-bound functions (everything except
-``io_bound`` ones such as "remote") run in ``reward.num_workers`` worker processes that
-the scorer owns; a task running longer than ``reward.timeout_s`` is abandoned by killing
-its worker (SIGKILL) and starting a fresh one, so a hanging function never blocks
-scoring of other samples, nor shutdown. io-bound functions run on up to
-``reward.max_concurrency`` threads of this process; they bound their own waits (the
+``io_bound`` ones such as "remote") run in a `pebble.ProcessPool` of ``reward.num_workers``
+worker processes; a task running longer than ``reward.timeout_s`` is stopped by pebble,
+which kills its worker (SIGTERM, SIGKILL 3 s later) and starts a fresh one, so a hanging
+function never blocks scoring of other samples, nor shutdown. io-bound functions run on up
+to ``reward.max_concurrency`` threads of this process; they bound their own waits (the
 remote client has per-attempt timeouts) and the scorer abandons one that overruns
 ``timeout_s * (max_retries + 1)`` plus backoff.
 
@@ -22,10 +22,12 @@ A task that raises, times out, returns a non-number or loses its worker gives re
 metric ``reward/failures``) and a ``logging.warning`` naming the function, the sample
 index and the reason. Scoring goes on.
 
-Workers are fresh interpreters (``python -m rewards._worker``), not forks of
-the caller: safe when the caller has threads (Ray, torch), and the caller's main
-module is never re-imported. Functions named by import path must be importable there
-(the caller's ``sys.path`` is passed on). A worker exits when the caller dies.
+Every function is resolved here at start-up, so a bad name (or the code reward without
+its sandbox) fails in the caller. Workers are fresh interpreters (multiprocessing's "spawn"),
+not forks of the caller: safe when the caller has threads (Ray, torch). As always with
+spawn, the caller's main script is imported again in each worker as ``__mp_main__`` (keep
+its work under ``if __name__ == "__main__":``), and functions named by import path must be
+importable there (the caller's ``sys.path`` is passed on). A worker exits when the caller dies.
 """
 
 from __future__ import annotations
@@ -35,20 +37,17 @@ import collections
 import logging
 import math
 import multiprocessing as mp
-import socket
-import subprocess
 import os
-import queue
-import signal
-import sys
 import threading
 import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field, is_dataclass
-from multiprocessing.connection import Connection
-from multiprocessing.connection import wait as mp_wait
 from typing import Any, Mapping, Optional, Sequence
+
+import pebble
 
 from rewards.registry import RewardFunctionError, get_entry, get_reward_fn
 from rewards.remote import BACKOFF_BASE_S
@@ -103,103 +102,79 @@ def _as_reward(value: Any) -> float:
     return x
 
 
-def _call(fn, sample: dict) -> float:
-    return _as_reward(fn(sample["prompt"], sample["response"], sample["answer"], sample["metadata"]))
+def _call(fn, sample: dict) -> tuple[bool, Any]:
+    """(True, reward) or (False, reason): exceptions travel as text (they may not pickle)."""
+    try:
+        return True, _as_reward(fn(sample["prompt"], sample["response"], sample["answer"], sample["metadata"]))
+    except BaseException as e:  # noqa: BLE001 - a reward function may raise anything
+        return False, f"{type(e).__name__}: {str(e)[:500]}"
 
 
-def _worker_main(fd: int) -> None:
-    """Worker process: resolve functions lazily, answer (task_id, fn_spec, sample) with (task_id, ok, value)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver handles Ctrl-C and kills us
-    conn = Connection(fd)
+# ---------------------------------------------------------------- worker side
+
+_worker_cfg: Any = None
+_worker_fns: dict[str, Any] = {}
+
+
+def _worker_init(cfg_dict: dict[str, Any], names: list[str]) -> None:
+    global _worker_cfg
+    _worker_cfg = _to_config(cfg_dict)
+    for spec in names:  # imports (sympy for math-verify...) here, not inside a task's timeout
+        try:
+            _worker_fns[spec] = get_reward_fn(spec, _worker_cfg)
+        except Exception:  # noqa: BLE001 - the task reports it
+            pass
     parent = os.getppid()
 
-    def watchdog() -> None:  # exit if the driver dies, even while a reward function hangs
+    def watchdog() -> None:  # exit if the caller dies, even while a reward function hangs
         while True:
             time.sleep(1.0)
             if os.getppid() != parent:
                 os._exit(1)
 
     threading.Thread(target=watchdog, daemon=True).start()
-    sys_path, cfg_dict = conn.recv()
-    for p in reversed(sys_path):
-        if p not in sys.path:
-            sys.path.insert(0, p)
-    cfg = _to_config(cfg_dict)
-    fns: dict[str, Any] = {}
-    while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):
-            return
-        if msg is None:
-            return
-        task_id, spec, sample = msg
-        try:
-            if spec not in fns:
-                fns[spec] = get_reward_fn(spec, cfg)
-            reply = (task_id, True, _call(fns[spec], sample))
-        except BaseException as e:  # noqa: BLE001 - a reward function may raise anything
-            reply = (task_id, False, f"{type(e).__name__}: {str(e)[:500]}")
-        try:
-            conn.send(reply)
-        except (EOFError, OSError):
-            return
 
 
-@dataclass
+def _worker_task(spec: str, sample: dict) -> tuple[bool, Any]:
+    try:
+        if spec not in _worker_fns:
+            _worker_fns[spec] = get_reward_fn(spec, _worker_cfg)
+    except BaseException as e:  # noqa: BLE001
+        return False, f"{type(e).__name__}: {str(e)[:500]}"
+    return _call(_worker_fns[spec], sample)
+
+
+# ---------------------------------------------------------------- caller side
+
+
+@dataclass(eq=False)
 class _Job:
     samples: list[dict]
     future: Future
     remaining: int
     values: list[list[float]]  # [fn][sample]
     failures: list[tuple[int, str, str]] = field(default_factory=list)
+    finished: set = field(default_factory=set)  # (sample, fn) pairs with a result
+    settled: bool = False  # the future got (or is getting) its result or error
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Task:
     job: _Job
     sample: int
     fn: int
-    started: float = 0.0
-    done: bool = False
+    attempts: int = 0  # times it was sent to a pool
 
 
-class _Worker:
-    """One worker: ``python -m rewards._worker FD``, talking over a socket pair.
-
-    A fresh interpreter (fork + exec) rather than multiprocessing: nothing of the
-    caller's main module or threads is inherited, and killing it is always safe.
-    """
-
-    def __init__(self, cfg_dict: dict[str, Any]):
-        ours, theirs = socket.socketpair()
-        env = dict(os.environ)
-        paths = [p for p in sys.path if isinstance(p, str) and p]
-        env["PYTHONPATH"] = os.pathsep.join(paths)
-        try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "rewards._worker", str(theirs.fileno())],
-                pass_fds=[theirs.fileno()],
-                stdin=subprocess.DEVNULL,
-                env=env,
-            )
-        finally:
-            theirs.close()
-        self.conn = Connection(ours.detach())
-        self.conn.send((paths, cfg_dict))
-        self.task: Optional[_Task] = None
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-        self.conn.close()
+def _stop(pools: list, threads: Optional[ThreadPoolExecutor], stopped: Optional[threading.Event] = None) -> None:
+    if stopped is not None:
+        stopped.set()
+    for pool in pools:
+        pool.stop()  # kills the workers, hung ones included
+        pool.join(timeout=10)
+    if threads is not None:
+        threads.shutdown(wait=False, cancel_futures=True)
 
 
 class RewardScorer:
@@ -220,26 +195,24 @@ class RewardScorer:
         self.num_workers = max(1, int(self._cfg.get("num_workers", 2)))
         retries = int(self._cfg.get("max_retries", 2))
         self.io_timeout_s = self.timeout_s * (retries + 1) + BACKOFF_BASE_S * (2**retries) * 1.1 + 1.0
-        # Resolve every function here so a bad name fails at start-up, in the caller.
+        # Resolve every function here so a bad name (or a missing sandbox) fails at start-up, in the caller.
         cfg_obj = _to_config(self._cfg)
-        entries = [get_entry(n) for n in self.names]
-        self._io_fns = {i: get_reward_fn(n, cfg_obj) for i, (n, e) in enumerate(zip(self.names, entries)) if e.io_bound}
-        self._needs_procs = len(self._io_fns) < len(self.names)
+        fns = [get_reward_fn(n, cfg_obj) for n in self.names]
+        self._io_fns = {j: fn for j, (n, fn) in enumerate(zip(self.names, fns)) if get_entry(n).io_bound}
         self._threads = ThreadPoolExecutor(max(1, int(self._cfg.get("max_concurrency", 16))),
                                            thread_name_prefix="cispo-reward-io") if self._io_fns else None
-        self._jobs: "queue.SimpleQueue[_Job]" = queue.SimpleQueue()
-        self._io_done: "queue.SimpleQueue[tuple[_Task, bool, Any]]" = queue.SimpleQueue()
-        self._wake_r, self._wake_w = mp.Pipe(duplex=False)
-        self._wake_lock = threading.Lock()
+        self._pools: list[pebble.ProcessPool] = []  # the current one last; one list shared with the finalizer
+        self._pool_lock = threading.Lock()
+        self._inflight: dict[Future, tuple[pebble.ProcessPool, _Task]] = {}  # pebble's futures not yet handled
+        self._jobs: set[_Job] = set()
+        self._jobs_lock = threading.Lock()
         self._closed = False
-        self._stop = threading.Event()
-        self._workers: list[_Worker] = []
-        self.restarts = 0  # workers killed and replaced (timeouts, crashes)
-        self._loop = threading.Thread(target=self._run, name="cispo-reward-scorer", daemon=True)
-        self._loop.start()
-        # Runs on close() or at interpreter exit: stop the loop, which kills the workers.
-        self._finalizer = weakref.finalize(self, RewardScorer._shutdown, self._loop, self._stop, self._wake_w,
-                                           self._wake_lock)
+        self._stopped = threading.Event()
+        self.restarts = 0  # workers killed and replaced (timeouts, deaths)
+        if len(self._io_fns) < len(self.names):
+            self._pools.append(self._new_pool())
+            threading.Thread(target=self._watch_pool, name="cispo-reward-pool-watch", daemon=True).start()
+        self._finalizer = weakref.finalize(self, _stop, self._pools, self._threads, self._stopped)
 
     # ---------------------------------------------------------------- public API
 
@@ -258,8 +231,14 @@ class RewardScorer:
         if job.remaining == 0:
             fut.set_result(self._result(job))
             return fut
-        self._jobs.put(job)
-        self._wake()
+        with self._jobs_lock:
+            self._jobs.add(job)
+        for i, sample in enumerate(clean):
+            for j, name in enumerate(self.names):
+                if j in self._io_fns:
+                    self._threads.submit(self._run_io, job, i, j)
+                else:
+                    self._schedule(_Task(job, i, j))
         return fut
 
     async def ascore(self, samples: Sequence[Mapping[str, Any]]) -> ScoreResult:
@@ -271,6 +250,13 @@ class RewardScorer:
         if self._closed:
             return
         self._closed = True
+        with self._jobs_lock:
+            jobs, self._jobs = list(self._jobs), set()
+        for job in jobs:  # before stopping the pool, whose aborted tasks would otherwise finish the jobs
+            with job.lock:
+                settle, job.settled = not job.settled, True
+            if settle:
+                job.future.set_exception(RuntimeError("RewardScorer was closed before scoring finished"))
         self._finalizer()
 
     def __enter__(self) -> "RewardScorer":
@@ -305,41 +291,108 @@ class RewardScorer:
             "metadata": dict(s.get("metadata") or {}),
         }
 
-    def _wake(self) -> None:
-        with self._wake_lock:
+    def _new_pool(self) -> pebble.ProcessPool:
+        cpu = [n for j, n in enumerate(self.names) if j not in self._io_fns]
+        pool = pebble.ProcessPool(self.num_workers, initializer=_worker_init, initargs=(self._cfg, cpu),
+                                  context=mp.get_context("spawn"))
+        pool.active  # noqa: B018 - starts the workers now rather than at the first task
+        return pool
+
+    def _schedule(self, task: _Task) -> None:
+        task.attempts += 1
+        args = (self.names[task.fn], task.job.samples[task.sample])
+        stranded: list[_Task] = []
+        with self._pool_lock:
             try:
-                self._wake_w.send_bytes(b"w")
-            except (OSError, ValueError):
-                pass
+                fut = self._pools[-1].schedule(_worker_task, args=args, timeout=self.timeout_s)
+            except RuntimeError:  # pebble marked the pool broken
+                stranded = self._replace_pool()
+                fut = self._pools[-1].schedule(_worker_task, args=args, timeout=self.timeout_s)
+            self._inflight[fut] = (self._pools[-1], task)
+        fut.add_done_callback(self._task_done)  # outside the lock: it may run right here
+        for other in stranded:
+            self._retry_or_fail(other, "BrokenProcessPool: the worker pool broke")
 
-    @staticmethod
-    def _shutdown(loop: threading.Thread, stop: threading.Event, wake_w, lock: threading.Lock) -> None:
-        stop.set()
-        with lock:
-            try:
-                wake_w.send_bytes(b"s")
-            except (OSError, ValueError):
-                pass
-        loop.join(timeout=10)
+    def _replace_pool(self) -> list[_Task]:
+        """A new pool for a broken one (caller holds the lock); returns the tasks stranded on the old one."""
+        logger.warning("reward worker pool broke (a worker died while idle?); starting a new one")
+        old = self._pools.pop()
+        # stopped from another thread: this may be one of the old pool's own threads
+        threading.Thread(target=_stop, args=([old], None), daemon=True).start()
+        self._pools.append(self._new_pool())
+        stranded = [f for f, (pool, _) in self._inflight.items() if pool is old]
+        return [self._inflight.pop(f)[1] for f in stranded]
 
-    def _spawn(self) -> _Worker:
-        return _Worker(self._cfg)
+    def _watch_pool(self) -> None:
+        """pebble can break a pool and drop its queued tasks when an idle worker dies from
+        outside (e.g. the OOM killer): then start a new pool and send those tasks again."""
+        while not self._stopped.wait(0.5):
+            with self._pool_lock:
+                if self._stopped.is_set() or self._pools[-1].active:
+                    continue
+                stranded = self._replace_pool()
+            for task in stranded:
+                self._retry_or_fail(task, "BrokenProcessPool: the worker pool broke")
 
-    def _finish(self, task: _Task, ok: bool, value: Any) -> None:
-        if task.done:
-            return
-        task.done = True
-        job = task.job
-        if ok:
-            job.values[task.fn][task.sample] = value
+    def _retry_or_fail(self, task: _Task, reason: str) -> None:
+        if task.attempts < 2 and not self._closed:
+            self._schedule(task)
         else:
-            job.failures.append((task.sample, self.keys[task.fn], str(value)))
-        job.remaining -= 1
-        if job.remaining == 0:
-            result = self._result(job)
-            self._log_failures(result)
-            if not job.future.done():
-                job.future.set_result(result)
+            self._finish(task.job, task.sample, task.fn, False, reason)
+
+    def _task_done(self, fut: Future) -> None:
+        with self._pool_lock:
+            entry = self._inflight.pop(fut, None)
+        if entry is None:  # stranded on a broken pool and sent again
+            return
+        task = entry[1]
+        job, i, j = task.job, task.sample, task.fn
+        if fut.cancelled():
+            return self._finish(job, i, j, False, "cancelled: the scorer was closed")
+        e = fut.exception()
+        if e is None:
+            return self._finish(job, i, j, *fut.result())
+        if isinstance(e, FutureTimeout):
+            self.restarts += 1
+            reason = f"timeout after {self.timeout_s:g}s (worker killed)"
+        elif isinstance(e, pebble.ProcessExpired):
+            self.restarts += 1
+            reason = f"worker process died (exit code {e.exitcode})"
+        elif isinstance(e, BrokenProcessPool):  # the task never ran: once more, on a new pool
+            return self._retry_or_fail(task, f"BrokenProcessPool: {str(e)[:500]}")
+        else:  # a sample that does not pickle...
+            reason = f"{type(e).__name__}: {str(e)[:500]}"
+        self._finish(job, i, j, False, reason)
+
+    def _run_io(self, job: _Job, i: int, j: int) -> None:
+        timer = threading.Timer(self.io_timeout_s, self._finish,
+                                (job, i, j, False, f"timeout after {self.io_timeout_s:g}s (abandoned)"))
+        timer.daemon = True
+        timer.start()
+        try:
+            result = _call(self._io_fns[j], job.samples[i])
+        finally:
+            timer.cancel()
+        self._finish(job, i, j, *result)
+
+    def _finish(self, job: _Job, i: int, j: int, ok: bool, value: Any) -> None:
+        with job.lock:
+            if (i, j) in job.finished or job.settled:
+                return
+            job.finished.add((i, j))
+            if ok:
+                job.values[j][i] = value
+            else:
+                job.failures.append((i, self.keys[j], str(value)))
+            job.remaining -= 1
+            if job.remaining:
+                return
+            job.settled = True
+        result = self._result(job)
+        self._log_failures(result)
+        with self._jobs_lock:
+            self._jobs.discard(job)
+        job.future.set_result(result)
 
     def _result(self, job: _Job) -> ScoreResult:
         n = len(job.samples)
@@ -353,140 +406,3 @@ class RewardScorer:
             logger.warning("reward function %r failed on sample %d: %s (reward 0)", name, idx, reason)
         if len(result.failures) > MAX_LOGGED_FAILURES:
             logger.warning("... and %d more reward failures in this batch", len(result.failures) - MAX_LOGGED_FAILURES)
-
-    def _run_io(self, task: _Task, fn) -> None:
-        task.started = time.monotonic()
-        try:
-            res = (task, True, _call(fn, task.job.samples[task.sample]))
-        except BaseException as e:  # noqa: BLE001
-            res = (task, False, f"{type(e).__name__}: {str(e)[:500]}")
-        self._io_done.put(res)
-        self._wake()
-
-    def _run(self) -> None:
-        """The scorer's own thread: hands tasks to workers, collects results, enforces timeouts."""
-        self._pending: collections.deque[_Task] = collections.deque()
-        self._io_running: list[_Task] = []
-        err: BaseException = RuntimeError("RewardScorer was closed before scoring finished")
-        try:
-            if self._needs_procs:
-                self._workers = [self._spawn() for _ in range(self.num_workers)]
-            while not self._stop.is_set():
-                self._take_jobs()
-                self._dispatch()
-                self._wait_and_collect()
-                self._enforce_timeouts()
-        except BaseException as e:  # noqa: BLE001 - never leave futures hanging
-            logger.exception("reward scorer loop crashed")
-            err = e
-        finally:
-            self._stop_workers()
-            for job in self._unfinished_jobs():
-                if not job.future.done():
-                    job.future.set_exception(err)
-
-    def _take_jobs(self) -> None:
-        while True:
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                return
-            for i in range(len(job.samples)):
-                for j in range(len(self.names)):
-                    task = _Task(job, i, j)
-                    if j in self._io_fns:
-                        self._io_running.append(task)
-                        self._threads.submit(self._run_io, task, self._io_fns[j])
-                    else:
-                        self._pending.append(task)
-
-    def _replace(self, k: int) -> _Worker:
-        self._workers[k].kill()
-        self._workers[k] = self._spawn()
-        self.restarts += 1
-        return self._workers[k]
-
-    def _dispatch(self) -> None:
-        """Give each idle worker a task (replacing workers that died while idle)."""
-        for k, w in enumerate(self._workers):
-            if w.task is None and not w.alive():
-                w = self._replace(k)
-            while w.task is None and self._pending:
-                task = self._pending.popleft()
-                try:
-                    w.conn.send((id(task), self.names[task.fn], task.job.samples[task.sample]))
-                except Exception as e:  # noqa: BLE001 - unpicklable sample, broken pipe
-                    self._finish(task, False, f"cannot send sample to worker: {type(e).__name__}: {e}")
-                    if isinstance(e, OSError):
-                        w = self._replace(k)
-                    continue
-                task.started = time.monotonic()
-                w.task = task
-
-    def _wait_and_collect(self) -> None:
-        """Block until a worker answers, an io task ends, a job arrives, or the next deadline."""
-        deadlines = [w.task.started + self.timeout_s for w in self._workers if w.task is not None]
-        deadlines += [t.started + self.io_timeout_s for t in self._io_running if t.started and not t.done]
-        timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
-        busy = {w.conn: w for w in self._workers if w.task is not None}
-        for conn in mp_wait(list(busy) + [self._wake_r], timeout):
-            if conn is self._wake_r:
-                while self._wake_r.poll():
-                    self._wake_r.recv_bytes()
-                continue
-            w = busy[conn]
-            task, w.task = w.task, None
-            try:
-                _, ok, value = conn.recv()
-                self._finish(task, ok, value)
-            except (EOFError, OSError):
-                try:
-                    w.proc.wait(timeout=1)
-                except subprocess.TimeoutExpired:
-                    pass
-                self._finish(task, False, f"worker process died (exit code {w.proc.returncode})")
-        while True:
-            try:
-                task, ok, value = self._io_done.get_nowait()
-            except queue.Empty:
-                break
-            self._finish(task, ok, value)
-        self._io_running = [t for t in self._io_running if not t.done]
-
-    def _enforce_timeouts(self) -> None:
-        now = time.monotonic()
-        for k, w in enumerate(self._workers):
-            if w.task is not None and now - w.task.started > self.timeout_s:
-                task, w.task = w.task, None
-                self._replace(k)  # SIGKILL: the only way to stop a hung function
-                self._finish(task, False, f"timeout after {self.timeout_s:g}s (worker killed)")
-        for t in self._io_running:
-            if t.started and not t.done and now - t.started > self.io_timeout_s:
-                self._finish(t, False, f"timeout after {self.io_timeout_s:g}s (abandoned)")
-
-    def _stop_workers(self) -> None:
-        for w in self._workers:
-            if w.task is None:
-                try:
-                    w.conn.send(None)  # ask idle workers to exit
-                except Exception:  # noqa: BLE001
-                    pass
-        deadline = time.monotonic() + 1.0
-        for w in self._workers:
-            if w.task is None:
-                try:
-                    w.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    pass
-            w.kill()
-        if self._threads is not None:
-            self._threads.shutdown(wait=False, cancel_futures=True)
-
-    def _unfinished_jobs(self) -> list[_Job]:
-        jobs = [t.job for t in self._pending] + [t.job for t in self._io_running]
-        jobs += [w.task.job for w in self._workers if w.task is not None]
-        while True:
-            try:
-                jobs.append(self._jobs.get_nowait())
-            except queue.Empty:
-                return jobs

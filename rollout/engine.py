@@ -17,6 +17,7 @@ and a trainer comparing with full-vocab log-probs should recompute pi_old instea
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import time
 import uuid
@@ -25,6 +26,12 @@ from typing import Any, Sequence
 from cispo.batch import Trajectory
 from cispo.config import RolloutConfig
 
+
+
+def request_seed(seed: int, group_id: int, sample_index: int) -> int:
+    """A 63-bit sampling seed for sample `sample_index` of group `group_id` in a run seeded `seed`."""
+    digest = hashlib.blake2b(f"{seed}/{group_id}/{sample_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 class RolloutEngine:
@@ -45,10 +52,12 @@ class RolloutEngine:
         enforce_eager: bool | None = None,
         engine_kwargs: dict[str, Any] | None = None,
         fp32_head_impl: str = "auto",
+        lora: dict | None = None,
     ):
         from rollout import vllm_compat as compat
 
         compat.use_inprocess_engine()
+        compat.silence_rotary_reload_warning()
         from rollout.models import register_for
         from rollout.repetition import RepetitionStopProcessor
 
@@ -58,14 +67,20 @@ class RolloutEngine:
         self.dtype = dtype
         self.engine_index = engine_index
         self.version = 0
+        self.adapters = None  # rollout.lora.AdapterSlot when the trainer trains LoRA adapters only
+        if lora and int(lora.get("rank", 0)):
+            from cispo.config import LoraConfig
+            from rollout.lora import AdapterSlot, engine_kwargs as lora_kwargs
+
+            self.adapters = AdapterSlot(LoraConfig(**lora))
+            engine_kwargs = {**lora_kwargs(self.adapters.cfg), **(engine_kwargs or {})}
         register_for(self.model_path)  # architectures vLLM lacks (rollout/models)
         processors: list[type] = [RepetitionStopProcessor]
         if self.cfg.record_routing:
             from rollout import routing
 
             processors.append(routing.RoutingRecorder)
-            engine_kwargs = routing.engine_overrides(engine_kwargs)
-            enforce_eager = engine_kwargs.pop("enforce_eager")
+            engine_kwargs = routing.engine_overrides(engine_kwargs)  # applied last: they win
         t0 = time.perf_counter()
         self.llm = compat.make_llm(
             compat.engine_kwargs(
@@ -77,7 +92,7 @@ class RolloutEngine:
                 seed=self.cfg.seed,
                 logits_processors=processors,
                 enforce_eager=enforce_eager,
-                extra=engine_kwargs,
+                extra={**self.cfg.engine_args, **(engine_kwargs or {})},
             )
         )
         self.startup_s = time.perf_counter() - t0
@@ -114,6 +129,12 @@ class RolloutEngine:
         prompt shares it. overrides: any RolloutConfig sampling field for this call
         (temperature (0 = greedy), top_p, top_k, max_new_tokens, stop, repetition_stop,
         repetition_window, repetition_prob), plus ignore_eos, detokenize, seed.
+
+        Sampling is seeded per request when `seed` is given or `config.seeded_requests`
+        is on: sample j of group g draws from its own generator seeded by
+        (seed, g, j), so what a request samples does not depend on which other requests
+        share the batch, the engine, or the engine's history — a run (and a resumed run)
+        repeats itself exactly for the same weights.
         """
         c = self._compat
         if group_ids is None:
@@ -127,13 +148,13 @@ class RolloutEngine:
         cfg = dataclasses.replace(self.cfg, **{k: v for k, v in overrides.items() if k in RolloutConfig.__dataclass_fields__})
         ignore_eos = bool(overrides.get("ignore_eos", False))
         detokenize = bool(overrides.get("detokenize", True))
-        seed = overrides.get("seed")
+        seed = overrides.get("seed", self.cfg.seed if self.cfg.seeded_requests else None)
         rep_on = cfg.repetition_stop and not ignore_eos and self.eos_token_id is not None
         truncated = cfg.top_p < 1.0 or cfg.top_k > 0
 
         encoded = [self.encode(p, chat_template) for p in prompts]
         requests, params, tags = [], [], []
-        for ids in encoded:
+        for ids, gid in zip(encoded, group_ids):
             for j in range(n):
                 tag = uuid.uuid4().hex
                 extra = {}
@@ -155,14 +176,14 @@ class RolloutEngine:
                         stop=cfg.stop,
                         ignore_eos=ignore_eos,
                         detokenize=detokenize,
-                        seed=None if seed is None else int(seed) + len(params),
+                        seed=None if seed is None else request_seed(int(seed), int(gid), j),
                         extra_args=extra or None,
                     )
                 )
                 tags.append(tag)
 
         version = self.version
-        outputs = c.generate(self.llm, requests, params)
+        outputs = c.generate(self.llm, requests, params, self.adapters.request if self.adapters else None)
         trajectories: list[Trajectory] = []
         for k, out in enumerate(outputs):
             p_idx, j = divmod(k, n)
@@ -246,6 +267,9 @@ class RolloutEngine:
         sends through Ray's object store)."""
         from rollout.worker_extension import decode_weights, encode_weights
 
+        if self.adapters is not None:  # LoRA: new adapters, the base weights stay
+            self.adapters.load(self.llm, decode_weights(weights), version if version is not None else self.version + 1)
+            return self._set_version(version)
         if not self.inprocess and not isinstance(weights, (bytes, bytearray)):
             weights = encode_weights(decode_weights(weights))  # tensors do not cross the engine-core boundary
         self._compat.collective_rpc(self.llm, "cispo_load_weights", args=(weights,))
@@ -285,6 +309,8 @@ class RolloutEngine:
         return "ok"
 
     def shutdown(self) -> None:
+        if getattr(self, "adapters", None) is not None:
+            self.adapters.close()
         llm = getattr(self, "llm", None)
         self.llm = None
         if llm is not None:

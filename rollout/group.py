@@ -30,6 +30,17 @@ class RolloutEngineError(RuntimeError):
         self.engine_indices = engine_indices
 
 
+def root_cause(message: str) -> str:
+    """The line of a Ray error that says what went wrong: the last "SomeError: ..." line of
+    the traceback it carries (e.g. vLLM refusing to start for lack of memory), else its
+    first line. The engine's own log is in the run folder, but the console must say why."""
+    import re
+
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    causes = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)\b.*:", ln) and "creation task" not in ln]
+    return causes[-1] if causes else (lines[0] if lines else "")
+
+
 def split_evenly(count: int, parts: int) -> list[tuple[int, int]]:
     """[start, end) ranges of `count` items over `parts` engines, contiguous, sizes
     differing by at most one."""
@@ -48,7 +59,8 @@ class RolloutGroup:
     num_cpus / num_gpus: Ray resources per engine (default: 1 CPU; GPUs = TP size when
     CUDA is visible, else 0). timeout_s: the default bound on every wait (start-up
     included). engine_kwargs: extra `vllm.LLM` arguments. env: extra environment
-    variables for the actors (the repo root is put on their PYTHONPATH). wait_ready=False
+    variables for the actors (the repo root is put on their PYTHONPATH). lora: a
+    `cispo.config.LoraConfig` as a dict, to serve trained adapters (rollout/lora.py). wait_ready=False
     returns at once (start several groups side by side), then call `wait_ready()`.
     """
 
@@ -65,6 +77,7 @@ class RolloutGroup:
         env: dict[str, str] | None = None,
         name: str = "rollout",
         wait_ready: bool = True,
+        lora: dict[str, Any] | None = None,
     ):
         import ray
 
@@ -91,7 +104,7 @@ class RolloutGroup:
                 num_gpus=num_gpus,
                 max_restarts=0,
                 runtime_env={"env_vars": env_vars},
-            ).remote(model_path, config, dtype, i, enforce_eager, engine_kwargs)
+            ).remote(model_path, config, dtype, i, enforce_eager, engine_kwargs, lora=lora)
             for i in range(config.num_engines)
         ]
         self.version = 0
@@ -126,7 +139,7 @@ class RolloutGroup:
             try:
                 results.append(ray.get(ref, timeout=0))
             except RayActorError as e:
-                problems.append(f"{label} died during {what}: {type(e).__name__}: {str(e).splitlines()[0]}")
+                problems.append(f"{label} died during {what}: {type(e).__name__}: {root_cause(str(e))}")
                 bad.append(i)
             except RayTaskError as e:
                 cause = e.cause if getattr(e, "cause", None) is not None else e

@@ -35,6 +35,27 @@ def vllm_version() -> str:
     return vllm.__version__
 
 
+def _not_rotary_reload_warning(record) -> bool:
+    return not (record.getMessage() == "RotaryEmbedding: Failed to load weights")
+
+
+def silence_rotary_reload_warning() -> None:
+    """Drop vLLM's "RotaryEmbedding: Failed to load weights", logged at every weight reload.
+
+    Why it appears (vllm/model_executor/model_loader/reload/layerwise.py,
+    `finalize_layerwise_processing`): the layerwise reload counts every parameter *and
+    buffer* of a layer as loadable; RotaryEmbedding holds only its `cos_sin_cache` buffer,
+    computed from the config and never in a checkpoint, so no weight arrives for it and
+    the reload warns, then puts the layer's kept tensors back (`_place_kernel_tensors`):
+    the cache is unchanged and correct. The filter drops exactly that message; the same
+    warning for any other layer (a real missing weight) still shows."""
+    import logging
+
+    logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if _not_rotary_reload_warning not in logger.filters:
+        logger.addFilter(_not_rotary_reload_warning)
+
+
 def use_inprocess_engine() -> None:
     """Run the engine core in the calling process (~10 s start on CPU instead of 25-40 s,
     tensors pass through `collective_rpc` as they are, and the repetition-stop processor
@@ -125,8 +146,8 @@ def token_prompt(ids: list[int]) -> dict[str, Any]:
     return {"prompt_token_ids": list(ids)}
 
 
-def generate(llm, prompts: list[dict[str, Any]], params: list[Any]) -> list[Any]:
-    return llm.generate(prompts, sampling_params=params, use_tqdm=False)
+def generate(llm, prompts: list[dict[str, Any]], params: list[Any], lora_request: Any = None) -> list[Any]:
+    return llm.generate(prompts, sampling_params=params, use_tqdm=False, lora_request=lora_request)
 
 
 def parse_completion(output) -> tuple[list[int], list[float], str, Any]:

@@ -24,7 +24,7 @@ import torch
 
 from cispo.aggregation import count_loss_seqs
 from cispo.batch import PackedBatch, Trajectory, pack
-from cispo.config import AlgorithmConfig, TrainerConfig
+from cispo.config import AlgorithmConfig, LoraConfig, TrainerConfig
 from cispo.metrics import finalize_stats, merge_stats, mismatch_metrics
 from cispo.weight_sync import ParamMeta, unflatten_bucket
 from trainer import checkpoint as ckpt
@@ -66,6 +66,7 @@ class TrainerGroup:
         num_gpus_per_rank: float = 0,
         attn_implementation: str | None = None,
         dist_backend: str | None = None,
+        lora: LoraConfig | None = None,
     ):
         import os
 
@@ -75,6 +76,7 @@ class TrainerGroup:
 
         self.cfg = _as_dataclass(TrainerConfig, trainer_cfg)
         self.algorithm_cfg = _as_dataclass(AlgorithmConfig, algorithm_cfg)
+        self.lora = _as_dataclass(LoraConfig, lora)  # rank 0: full weights (trainer/lora.py)
         self.num_ranks = int(num_ranks or self.cfg.num_ranks)
         self.model_path = model_path
         self.step = 0  # RL steps done (train_step calls)
@@ -92,7 +94,8 @@ class TrainerGroup:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=r),
                 runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
             ).remote(r, self.num_ranks, model_path, dataclasses.asdict(self.cfg),
-                     dataclasses.asdict(self.algorithm_cfg), temperature, seed, attn_implementation)
+                     dataclasses.asdict(self.algorithm_cfg), temperature, seed, attn_implementation,
+                     dataclasses.asdict(self.lora))
             for r in range(self.num_ranks)
         ]
         try:
@@ -105,7 +108,9 @@ class TrainerGroup:
             remove_placement_group(self._pg)
             self.workers = []
             raise
-        self.num_params = infos[0]["num_params"]
+        self.num_params = infos[0]["num_params"]  # what a weight sync sends (LoRA: the adapters)
+        self.trainable_params = int(infos[0]["trainable_params"])
+        self.total_params = int(infos[0]["total_params"])
 
     def _all(self, method: str, *per_rank_args, same=()):
         """Call `method` on every rank at once and wait; per_rank_args are lists indexed by rank."""
@@ -157,6 +162,8 @@ class TrainerGroup:
         self.step += 1
         metrics.update({f"train/{k}": v for k, v in finalize_stats(stats).items()})
         metrics.update(moe_metrics(stats, updates))
+        # changes with every update: a run whose weights stand still shows it here
+        metrics["train/param_norm"] = self._all("param_norm")[0]
         metrics.update({
             "train/loss": losses / max(updates, 1),
             "train/grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
@@ -218,6 +225,11 @@ class TrainerGroup:
         states = self._all("load_checkpoint", same=(str(root), tag))
         self.step = int(states[0]["step"])
         return self.step
+
+    def scale_lr(self, factor: float) -> float:
+        """Scale the learning rate from now on (the schedule's base and the current rate);
+        checkpoints taken afterwards keep the scaled rate. Returns the new base rate."""
+        return self._all("scale_lr", same=(float(factor),))[0]
 
     def export_hf(self, out_dir: str, bucket_mb: float = 512) -> str:
         """A Hugging Face folder (safetensors, config, tokenizer) of the current policy."""

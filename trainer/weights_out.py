@@ -14,7 +14,7 @@ at one bucket instead of a full model copy.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -26,12 +26,14 @@ def _full_shape(p: torch.Tensor) -> tuple[int, ...]:
     return tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)  # ZeRO-3 keeps the full shape here
 
 
-def param_metas(model: nn.Module) -> list[ParamMeta]:
-    return [ParamMeta(name, _full_shape(p), str(p.dtype)) for name, p in model.named_parameters()]
+def param_metas(model: nn.Module, only: Callable[[str], bool] | None = None) -> list[ParamMeta]:
+    return [ParamMeta(name, _full_shape(p), str(p.dtype)) for name, p in model.named_parameters()
+            if only is None or only(name)]
 
 
-def sync_plan(model: nn.Module, bucket_mb: float) -> list[list[ParamMeta]]:
-    return plan_buckets(param_metas(model), int(bucket_mb * 2**20))
+def sync_plan(model: nn.Module, bucket_mb: float, only: Callable[[str], bool] | None = None) -> list[list[ParamMeta]]:
+    """Buckets of the parameters named `only` accepts (all by default; LoRA: the adapters)."""
+    return plan_buckets(param_metas(model, only), int(bucket_mb * 2**20))
 
 
 def _gathered(params: list[torch.Tensor]):

@@ -16,11 +16,12 @@ import torch
 
 from cispo.aggregation import token_weights
 from cispo.batch import PackedBatch
-from cispo.config import AlgorithmConfig, TrainerConfig
+from cispo.config import AlgorithmConfig, LoraConfig, TrainerConfig
 from cispo.metrics import merge_stats
 from cispo.objectives import policy_loss, resolve_algorithm
 from cispo.weight_sync import ParamMeta, broadcast_bucket, create_sync_group, unflatten_bucket
 from trainer import checkpoint as ckpt
+from trainer.lora import apply_lora, is_adapter, merge_lora_state, trainable_summary
 from trainer.ds_setup import build_optimizer, build_scheduler, deepspeed_config
 from trainer.policy import PolicyModel, load_hf_causal_lm, loss_positions
 from trainer.weights_out import cpu_buckets, iter_flat_buckets, sync_plan
@@ -36,7 +37,7 @@ def _as_cfg(cls, value):
 
 class TrainerWorker:
     def __init__(self, rank: int, world_size: int, model_path: str, trainer_cfg, algorithm_cfg,
-                 temperature: float = 1.0, seed: int = 0, attn_implementation: str | None = None):
+                 temperature: float = 1.0, seed: int = 0, attn_implementation: str | None = None, lora=None):
         # Cheap on purpose: the group creates every actor before any of them blocks
         # in init_distributed (which waits until all ranks have joined).
         self.rank, self.world_size = rank, world_size
@@ -47,6 +48,7 @@ class TrainerWorker:
         self.temperature = float(temperature)
         self.seed = seed
         self.attn_implementation = attn_implementation
+        self.lora = _as_cfg(LoraConfig, lora)  # rank 0 = full-weight training
         self.engine = None
         self._sync_group = None
         self._sync_backend = "gloo"
@@ -77,8 +79,13 @@ class TrainerWorker:
             torch.cuda.set_device(0)
         deepspeed.init_distributed(dist_backend=dist_backend or ("nccl" if use_cuda else "gloo"))
         torch.manual_seed(self.seed + self.rank)
+        if not use_cuda:  # Ray's OMP_NUM_THREADS is the actor's CPU count, 1 by default
+            torch.set_num_threads(self.cfg.cpu_threads or max(1, (os.cpu_count() or 1) // self.world_size))
 
         self.hf = load_hf_causal_lm(self.model_path, self.attn_implementation)
+        if self.lora.rank:
+            apply_lora(self.hf, self.lora)  # in place: only the adapters keep requires_grad
+        sizes = trainable_summary(self.hf)
         self.policy = PolicyModel(self.hf, self.cfg.logprob_chunk_tokens, self.cfg.lm_head_mode)
         if self.policy.moe is None and (self.cfg.routing_replay or self.cfg.moe_aux_loss_coef):
             key = "trainer.routing_replay" if self.cfg.routing_replay else "trainer.moe_aux_loss_coef"
@@ -90,7 +97,7 @@ class TrainerWorker:
         )
         self.device = self.engine.device
         self.updates = 0  # optimizer updates taken
-        return {"rank": self.rank, "device": str(self.device),
+        return {"rank": self.rank, "device": str(self.device), **sizes,
                 "num_params": sum(int(m.numel) for bucket in self.weight_sync_plan(1e9) for m in bucket)}
 
     # ---- forward / train ------------------------------------------------------------
@@ -170,6 +177,26 @@ class TrainerWorker:
             out.append(full.cpu())
         return out
 
+    @torch.no_grad()
+    def param_norm(self) -> float:
+        """L2 norm of all weights (under ZeRO-3 each rank sums its own shard)."""
+        import torch.distributed as dist
+
+        sq = torch.zeros((), dtype=torch.float64, device=self.device)
+        for p in self.hf.parameters():
+            shard = getattr(p, "ds_tensor", None)  # ZeRO-3 partition; the full tensor otherwise
+            sq += (p.data if shard is None else shard).double().pow(2).sum()
+        if self.cfg.zero_stage == 3 and dist.is_initialized():
+            dist.all_reduce(sq)
+        return float(sq.sqrt())
+
+    def scale_lr(self, factor: float) -> float:
+        sched = self.engine.lr_scheduler
+        sched.base_lrs = [lr * factor for lr in sched.base_lrs]
+        for group in self.engine.optimizer.param_groups:  # the rate the next update uses
+            group["lr"] *= factor
+        return sched.base_lrs[0]
+
     # ---- checkpoints ------------------------------------------------------------------
 
     def save_checkpoint(self, root: str, tag: str, client_state: dict) -> str:
@@ -201,6 +228,8 @@ class TrainerWorker:
         buckets = cpu_buckets(self.hf, plan, keep=self.rank == 0)
         if self.rank == 0:
             state = {name: t.clone() for bucket, flat in buckets for name, t in unflatten_bucket(flat, bucket)}
+            if self.lora.rank:
+                state = merge_lora_state(state, self.lora.scaling)
             ckpt.write_hf_folder(self.hf, state, self.model_path, out_dir)
         dist.barrier()
         return out_dir if self.rank == 0 else None
@@ -208,7 +237,8 @@ class TrainerWorker:
     # ---- weights out ------------------------------------------------------------------
 
     def weight_sync_plan(self, bucket_mb: float) -> list[list[ParamMeta]]:
-        return sync_plan(self.hf, bucket_mb)
+        """What the engines receive: every weight, or with LoRA only the adapters."""
+        return sync_plan(self.hf, bucket_mb, is_adapter if self.lora.rank else None)
 
     def init_weight_sync(self, host: str, port: int, world_size: int, backend: str = "gloo") -> None:
         """Rank 0 joins the trainer->rollout group as its rank 0 (blocks until all join)."""

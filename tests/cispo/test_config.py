@@ -4,6 +4,9 @@ import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
 from cispo.config import Config, ConfigError, validate
+from omegaconf import OmegaConf
+
+from cispo.shaping import overlong_ramp
 from launch.config import compose_config, to_dataclass
 
 
@@ -24,6 +27,35 @@ def test_minimax_model_group_and_routing_replay_compose():
     cfg = compose_config(["model=minimax_tiny", "rollout.record_routing=true", "trainer.routing_replay=true",
                           "trainer.moe_aux_loss_coef=0.01"])
     assert cfg.model.path == "builtin:minimax-tiny" and cfg.trainer.routing_replay and cfg.rollout.record_routing
+
+
+@pytest.mark.parametrize("experiment", [[], ["+experiment=long_addition"]])
+def test_presets_are_valid_and_hold_sampling_equal(experiment):
+    """Only what the algorithm is changes between presets: never the group size, the data
+    or the schedule; DAPO's overlong ramp sits inside the generation budget."""
+    cfgs = {name: compose_config([f"algorithm={name}", *experiment]) for name in ("cispo", "grpo", "dapo")}
+    for key in ("algorithm.group_size", "data.rollout_batch_size", "rollout.max_new_tokens", "trainer.lr",
+                "trainer.mini_batch_size", "steps", "seed"):
+        values = {name: OmegaConf.select(cfg, key) for name, cfg in cfgs.items()}
+        assert len(set(values.values())) == 1, (key, values)
+    dapo = cfgs["dapo"]
+    ramp = overlong_ramp(dapo.algorithm.overlong_buffer, dapo.rollout.max_new_tokens)
+    assert 0 < ramp < dapo.rollout.max_new_tokens or dapo.rollout.max_new_tokens < 5
+
+
+@pytest.mark.parametrize(
+    "overrides,key,message",
+    [
+        # the combination that made every non-empty DAPO answer penalised on the default task
+        (["algorithm=dapo", "algorithm.overlong_buffer=8"], "algorithm.overlong_buffer", ">= rollout.max_new_tokens=8"),
+        (["algorithm.group_size=1", "data.rollout_batch_size=16"], "algorithm.group_size", "must be >= 2"),
+        (["algorithm=grpo", "algorithm.token_mask=true"], "algorithm.token_mask", "CISPO's trust-region mask"),
+    ],
+)
+def test_settings_that_cannot_work_together_are_refused(overrides, key, message):
+    with pytest.raises(ConfigError) as err:
+        compose_config(overrides)
+    assert err.value.key == key and message in str(err.value)
 
 
 @pytest.mark.parametrize(

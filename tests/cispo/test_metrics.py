@@ -31,7 +31,10 @@ def test_identical_policies_have_no_mismatch():
 
 def test_merged_shard_stats_equal_whole_batch_stats():
     acc = {}
-    merge_stats(acc, {"token_count": 3, "is_weight_sum": 3.3, "is_weight_max": 1.5, "clip_high_count": 1, "clip_low_count": 0})
-    merge_stats(acc, {"token_count": 1, "is_weight_sum": 0.7, "is_weight_max": 0.7, "clip_high_count": 0, "clip_low_count": 1})
+    merge_stats(acc, {"token_count": 3, "is_weight_sum": 3.3, "is_weight_max": 1.5, "clip_high_count": 1, "clip_low_count": 0,
+                      "grad_dropped_count": 1})
+    merge_stats(acc, {"token_count": 1, "is_weight_sum": 0.7, "is_weight_max": 0.7, "clip_high_count": 0, "clip_low_count": 1,
+                      "grad_dropped_count": 0})
     out = finalize_stats(acc)
-    assert out == pytest.approx({"is_weight_mean": 1.0, "is_weight_max": 1.5, "clip_frac_high": 0.25, "clip_frac_low": 0.25})
+    assert out == pytest.approx({"is_weight_mean": 1.0, "is_weight_max": 1.5, "clip_frac_high": 0.25, "clip_frac_low": 0.25,
+                                 "grad_dropped_frac": 0.25})

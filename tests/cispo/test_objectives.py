@@ -142,6 +142,24 @@ def test_stats_count_clipped_weights_on_both_sides():
     assert out.stats["clip_high_count"].item() == 1  # 1.5 (3.0 is masked)
     assert out.stats["is_weight_max"].item() == pytest.approx(1.5)
     assert out.stats["is_weight_sum"].item() == pytest.approx(0.5 + 0.9 + 1.0 + 1.1 + 1.5)
+    # with A > 0 only r = 1.5 is past the trust region (r = 0.5 still gets a gradient)
+    assert out.stats["grad_dropped_count"].item() == 1
+
+
+def test_dropped_gradient_counts_follow_the_advantage_sign():
+    old = torch.zeros(4, dtype=torch.float64)
+    logp = torch.log(torch.tensor([0.5, 1.5, 0.5, 1.5], dtype=torch.float64))
+    adv = torch.tensor([1.0, 1.0, -1.0, -1.0], dtype=torch.float64)
+    mask = torch.ones(4, dtype=torch.bool)
+    w = torch.ones(4, dtype=torch.float64)
+
+    def dropped(name, **kw):
+        return policy_loss(resolve_algorithm(name, **kw), logp, old, adv, w, mask).stats["grad_dropped_count"].item()
+
+    assert dropped("dapo") == 2  # PPO drops (A>0, r=1.5) and (A<0, r=0.5)
+    assert dropped("cispo") == 0  # CISPO keeps every token's gradient ...
+    assert dropped("cispo", token_mask=True) == 1  # ... unless masked; no lower bound by default (eps_low=1)
+    assert dropped("cispo", token_mask=True, eps_low=0.2) == 2
 
 
 def test_masked_positions_with_nonfinite_logprobs_do_not_poison_loss_or_grad():

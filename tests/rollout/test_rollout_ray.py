@@ -185,6 +185,25 @@ def test_top_p_logprobs_are_truncated_distribution(fp32, hf, base_state):
         assert (torch.tensor(t.rollout_logprobs) >= full - 1e-4).all()
 
 
+def test_seeded_sampling_does_not_depend_on_batch_or_engine(fp32):
+    """Sample j of group g is the same whether drawn in a batch of 4 prompts split over two
+    engines or alone on the other engine; another seed draws other samples; the config's
+    seed applies when no seed is passed."""
+    batch = fp32.generate(PROMPTS, group_ids=[10, 11, 12, 13], n=3, seed=7)
+    assert [t.metadata["engine"] for t in batch[6:9]] == [1, 1, 1]
+    alone = fp32.generate([PROMPTS[2]], group_ids=[12], n=3, seed=7)
+    assert [t.metadata["engine"] for t in alone] == [0, 0, 0]
+    assert [t.response_ids for t in alone] == [t.response_ids for t in batch[6:9]]
+    for a, b in zip(alone, batch[6:9]):  # the same tokens; log-probs up to batch-shape rounding
+        assert torch.allclose(torch.tensor(a.rollout_logprobs), torch.tensor(b.rollout_logprobs), atol=1e-5)
+    assert len({tuple(t.response_ids) for t in alone}) > 1  # the samples of a group differ
+    other = fp32.generate([PROMPTS[2]], group_ids=[12], n=3, seed=8)
+    assert [t.response_ids for t in other] != [t.response_ids for t in alone]
+    # seeded_requests (on by default) takes the config's seed
+    twice = [fp32.generate(PROMPTS[:2], group_ids=[1, 2], n=2) for _ in range(2)]
+    assert [t.response_ids for t in twice[0]] == [t.response_ids for t in twice[1]]
+
+
 def test_fp32_head_reduces_bf16_mismatch(bf16, hf, base_state):
     # A peakier head than random init (probabilities spread over 0..1) so the
     # correlation of probabilities is informative; loading it also exercises the
