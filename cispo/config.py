@@ -125,6 +125,9 @@ class RolloutConfig:
     # kv_cache_memory_bytes: 4e9 (a fixed KV cache, no memory profiling: engines sharing a GPU)}.
     engine_args: dict[str, Any] = field(default_factory=dict)
     length_schedule: LengthScheduleConfig = field(default_factory=LengthScheduleConfig)
+    # MoE models: record the experts each token was routed to and return them with the
+    # trajectory (for trainer.routing_replay); runs the engine eagerly, without prefix caching.
+    record_routing: bool = False
 
 
 @dataclass
@@ -159,6 +162,11 @@ class TrainerConfig:
     cpu_threads: int = 0
     save_every: int = 0  # steps; 0 = only at the end
     keep_checkpoints: int = 2
+    # MoE models: route each token to the experts the rollout engine used (needs
+    # rollout.record_routing); the routing weights still come from the live router.
+    routing_replay: bool = False
+    # MoE models: weight of the load-balancing auxiliary loss (Switch Transformer's); 0 = off.
+    moe_aux_loss_coef: float = 0.0
 
 
 @dataclass
@@ -410,6 +418,12 @@ def validate(cfg: Any) -> None:
             "truncated distribution, not the full one the trainer computes; use trainer.old_logprobs=recompute",
         )
     _at_least("trainer.logprob_chunk_tokens", t.logprob_chunk_tokens, 1)
+    _at_least("trainer.moe_aux_loss_coef", t.moe_aux_loss_coef, 0.0)
+    if t.routing_replay and not r.record_routing:
+        raise ConfigError(
+            "trainer.routing_replay",
+            "needs the rollout engines to record the routing: set rollout.record_routing=true",
+        )
     _one_of("trainer.lm_head_mode", t.lm_head_mode, LM_HEAD_MODES)
     _one_of("trainer.attn_implementation", t.attn_implementation, ATTN_IMPLEMENTATIONS)
     if t.liger and t.compile:

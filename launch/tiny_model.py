@@ -1,4 +1,5 @@
-"""Tiny Qwen2-architecture models made locally (random init + a character tokenizer).
+"""Tiny models made locally (random init + a character tokenizer): Qwen2 presets, and a
+MiniMax-M1-shaped hybrid (lightning + softmax attention, MoE feed-forward).
 
 Hubs cannot be reached from every machine, and tests and the embedded default run
 need a real Hugging Face model folder that `transformers`, vLLM and DeepSpeed all
@@ -28,6 +29,18 @@ PRESETS: dict[str, dict[str, int]] = {
                              intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True),
     "qwen2-7b-shape": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
                            intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False),
+}
+# MiniMax-M1's layout at toy size: 7 lightning-attention layers per softmax layer, a
+# mixture of experts in every layer (top-2 of 4). block_size 16 (transformers' lightning
+# attention block) makes short prompts span several blocks. The residual factors follow
+# MiniMax-Text-01's alpha = (2 * layers) ** 0.25 on the residual branch.
+MINIMAX_PRESETS: dict[str, dict] = {
+    "minimax-tiny": dict(
+        hidden_size=256, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+        layer_types=["linear_attention"] * 7 + ["full_attention"], intermediate_size=256,
+        num_local_experts=4, num_experts_per_tok=2, block_size=16,
+        full_attn_alpha_factor=2.0, linear_attn_alpha_factor=2.0, mlp_alpha_factor=2.0,
+    ),
 }
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -61,12 +74,10 @@ def make_tiny_qwen2(path: str | os.PathLike, preset: str = "tiny-qwen2", seed: i
     """Write a randomly initialised Qwen2 model with the char tokenizer to `path`.
     weights=False writes only config and tokenizer (for vLLM's load_format="dummy");
     device="cuda" initialises there (seconds instead of a minute for 1.5B)."""
-    import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     if preset not in PRESETS:
         raise ValueError(f"unknown tiny model preset {preset!r}; allowed: {', '.join(PRESETS)}")
-    path = Path(path)
     shape = {"tie_word_embeddings": False, **PRESETS[preset], **overrides}
     big = "vocab_size" in shape  # the Qwen2 shapes: bf16, rope base and eps as published
     tokenizer = build_char_tokenizer(shape.get("vocab_size"))
@@ -80,6 +91,15 @@ def make_tiny_qwen2(path: str | os.PathLike, preset: str = "tiny-qwen2", seed: i
         **({"rope_theta": 1000000.0, "rms_norm_eps": 1e-6} if big else {}),
         **shape,
     )
+    return _write(Path(path), Qwen2ForCausalLM, config, tokenizer, seed, weights=weights, device=device,
+                  bf16=big)
+
+
+def _write(path: Path, model_cls, config, tokenizer, seed: int, weights: bool = True, device: str = "cpu",
+           bf16: bool = False) -> Path:
+    """A randomly initialised `model_cls(config)` and the tokenizer, saved to `path`."""
+    import torch
+
     path.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(path)
     if not weights:
@@ -87,8 +107,8 @@ def make_tiny_qwen2(path: str | os.PathLike, preset: str = "tiny-qwen2", seed: i
         return path
     torch.manual_seed(seed)
     with torch.device(device):
-        model = Qwen2ForCausalLM(config)
-    if big:
+        model = model_cls(config)
+    if bf16:
         model = model.to(torch.bfloat16)
     model.save_pretrained(path, safe_serialization=True)
     return path
@@ -118,6 +138,37 @@ def check_model_folder(path: str) -> None:
                           "folder that has one")
 
 
+def make_tiny_minimax(path: str | os.PathLike, preset: str = "minimax-tiny", seed: int = 0, device: str = "cpu",
+                      **overrides) -> Path:
+    """Write a randomly initialised transformers `MiniMaxForCausalLM` (hybrid lightning /
+    softmax attention, MoE) with the char tokenizer to `path`."""
+    from transformers import MiniMaxConfig, MiniMaxForCausalLM
+
+    if preset not in MINIMAX_PRESETS:
+        raise ValueError(f"unknown MiniMax preset {preset!r}; allowed: {', '.join(MINIMAX_PRESETS)}")
+    tokenizer = build_char_tokenizer()
+    config = MiniMaxConfig(**{
+        "vocab_size": len(tokenizer),  # an override may make it larger (ids past the tokenizer's never decode)
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": False,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        **MINIMAX_PRESETS[preset],
+        **overrides,
+    })
+    return _write(Path(path), MiniMaxForCausalLM, config, tokenizer, seed, device=device)
+
+
+def make_builtin(path: str | os.PathLike, preset: str, seed: int = 0, device: str = "cpu") -> Path:
+    """Any built-in preset, by name."""
+    if preset in MINIMAX_PRESETS:
+        return make_tiny_minimax(path, preset, seed, device=device)
+    if preset in PRESETS:
+        return make_tiny_qwen2(path, preset, seed, device=device)
+    raise ValueError(f"unknown built-in model {preset!r}; allowed: {', '.join([*PRESETS, *MINIMAX_PRESETS])}")
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("CISPO_CACHE", Path.home() / ".cache" / "cispo")) / "models"
 
@@ -131,7 +182,7 @@ def resolve_model_path(spec: str, cache_dir: str | os.PathLike | None = None, de
     target = folder / preset
     if not (target / "config.json").exists():
         tmp = folder / f".{preset}.tmp{os.getpid()}"
-        make_tiny_qwen2(tmp, preset=preset, device=device)
+        make_builtin(tmp, preset, device=device)
         try:
             tmp.rename(target)  # atomic: concurrent runs never see half a model
         except OSError:
@@ -149,7 +200,7 @@ def main() -> None:
     import time
 
     ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("presets", nargs="+", choices=sorted(PRESETS))
+    ap.add_argument("presets", nargs="+", choices=sorted([*PRESETS, *MINIMAX_PRESETS]))
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     for preset in args.presets:

@@ -58,6 +58,7 @@ class RolloutEngine:
 
         compat.use_inprocess_engine()
         compat.silence_rotary_reload_warning()
+        from rollout.models import register_for
         from rollout.repetition import RepetitionStopProcessor
 
         self._compat = compat
@@ -73,6 +74,13 @@ class RolloutEngine:
 
             self.adapters = AdapterSlot(LoraConfig(**lora))
             engine_kwargs = {**lora_kwargs(self.adapters.cfg), **(engine_kwargs or {})}
+        register_for(self.model_path)  # architectures vLLM lacks (rollout/models)
+        processors: list[type] = [RepetitionStopProcessor]
+        if self.cfg.record_routing:
+            from rollout import routing
+
+            processors.append(routing.RoutingRecorder)
+            engine_kwargs = routing.engine_overrides(engine_kwargs)  # applied last: they win
         t0 = time.perf_counter()
         self.llm = compat.make_llm(
             compat.engine_kwargs(
@@ -82,7 +90,7 @@ class RolloutEngine:
                 gpu_memory_utilization=self.cfg.gpu_memory_utilization,
                 max_model_len=self.cfg.max_model_len,
                 seed=self.cfg.seed,
-                logits_processors=[RepetitionStopProcessor],
+                logits_processors=processors,
                 enforce_eager=enforce_eager,
                 extra={**self.cfg.engine_args, **(engine_kwargs or {})},
             )
@@ -151,11 +159,15 @@ class RolloutEngine:
         for ids, gid in zip(encoded, group_ids):
             for j in range(n):
                 tag = uuid.uuid4().hex
-                extra = None
+                extra = {}
                 if rep_on:
                     from rollout.repetition import request_args
 
-                    extra = request_args(cfg.repetition_window, cfg.repetition_prob, self.eos_token_id, tag)
+                    extra.update(request_args(cfg.repetition_window, cfg.repetition_prob, self.eos_token_id, tag))
+                if self.cfg.record_routing:
+                    from rollout.routing import request_args as routing_args
+
+                    extra.update(routing_args(tag))
                 requests.append(c.token_prompt(ids))
                 params.append(
                     c.sampling_params(
@@ -167,14 +179,14 @@ class RolloutEngine:
                         ignore_eos=ignore_eos,
                         detokenize=detokenize,
                         seed=None if seed is None else request_seed(int(seed), int(gid), j),
-                        extra_args=extra,
+                        extra_args=extra or None,
                     )
                 )
                 tags.append(tag)
 
         version = self.version
         outputs = c.generate(self.llm, requests, params, self.adapters.request if self.adapters else None)
-        trajectories = []
+        trajectories: list[Trajectory] = []
         for k, out in enumerate(outputs):
             p_idx, j = divmod(k, n)
             comp = out.outputs[0]
@@ -202,6 +214,11 @@ class RolloutEngine:
                     metadata=meta,
                 )
             )
+        if self.cfg.record_routing:
+            wanted = [(tags[k], t.num_tokens) for k, t in enumerate(trajectories)]
+            records = c.collective_rpc(self.llm, "cispo_take_routing", args=(wanted,))[0]
+            for t, record in zip(trajectories, records):
+                t.routed_experts = record
         return trajectories
 
     def _finish_reason(self, reason: str, ids: list[int], lps: list[float], tag: str, rep: RolloutConfig | None) -> str:

@@ -328,6 +328,27 @@ def batch_update_ops(batch_update) -> tuple[list[int], list[tuple[int, Any, list
     return list(batch_update.removed), added, moved
 
 
+def track_rows(rows: dict[int, Any], batch_update, row_for: Callable[[Any, list[int]], Any]) -> None:
+    """Keep a logits processor's {batch index: state} in step with the engine's batch:
+    removed rows dropped, added rows get `row_for(SamplingParams, live output tokens)`
+    (None: the request did not opt in), moved/swapped rows follow their request."""
+    removed, added, moved = batch_update_ops(batch_update)
+    for index in removed:
+        rows.pop(index, None)
+    for index, params, out in added:
+        state = row_for(params, out) if params is not None else None
+        if state is None:
+            rows.pop(index, None)
+        else:
+            rows[index] = state
+    for a, b, swap in moved:
+        ra, rb = rows.pop(a, None), rows.pop(b, None)
+        if ra is not None:
+            rows[b] = ra
+        if swap and rb is not None:
+            rows[a] = rb
+
+
 def greedy_temperature_eps() -> float:
     # Requests with temperature below this are sampled greedily (vllm Sampler._SAMPLING_EPS).
     return 1e-5

@@ -204,6 +204,14 @@ class CispoWorkerExtension:
             stats.update(receive_s=recv["s"], load_s=stats["load_s"] - recv["s"])
         return count
 
+    # ----------------------------------------------------------------- routing replay
+    def cispo_take_routing(self, wanted: list[tuple[str, int]]) -> list[torch.Tensor | None]:
+        """The recorded expert ids of finished requests, [tokens, layers, top_k] each
+        (rollout.routing), removed from this worker's store."""
+        from rollout import routing
+
+        return [routing.take(tag, length) for tag, length in wanted]
+
     def cispo_probe(self) -> dict[str, Any]:
         """The vLLM internals this extension relies on, as seen in the live worker."""
         import inspect

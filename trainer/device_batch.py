@@ -31,6 +31,8 @@ class DeviceMicroBatch:
     mask_cpu: torch.Tensor  # [m] bool, the same on the host
     positions_cpu: torch.Tensor  # [m]
     num_tokens: int
+    num_loss_tokens: int  # trained positions (a host int)
+    routed_experts: torch.Tensor | None = None  # [T, moe_layers, top_k]: the rollout's routing (MoE replay)
 
     def model_inputs(self) -> tuple:
         return self.input_ids, self.position_ids, self.positions, self.targets
@@ -51,4 +53,6 @@ def to_device(mb: PackedBatch, device, loss_agg: str | None = None, num_loss_tok
         max_seqlen=int(mb.seq_lengths().max()), positions=pos.to(device), targets=mb.targets[pos].to(device),
         old_logprobs=mb.old_logprobs[pos].to(device), advantages=mb.advantages[pos].to(device),
         mask=mask.to(device), weights=weights, mask_cpu=mask, positions_cpu=pos, num_tokens=mb.num_tokens,
+        num_loss_tokens=int(mask.sum()),
+        routed_experts=None if mb.routed_experts is None else mb.routed_experts.to(device),
     )

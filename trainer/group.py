@@ -28,6 +28,7 @@ from cispo.config import AlgorithmConfig, LoraConfig, TrainerConfig
 from cispo.metrics import finalize_stats, merge_stats, mismatch_metrics
 from cispo.weight_sync import ParamMeta, unflatten_bucket
 from trainer import checkpoint as ckpt
+from trainer.minimax import moe_metrics
 from trainer.packing import minibatches, plan_micro_batches, token_index
 from trainer.worker import TrainerWorker
 
@@ -170,6 +171,7 @@ class TrainerGroup:
                                     mismatch_metrics(t, o, torch.ones_like(t, dtype=torch.bool)).items()})
         self.step += 1
         metrics.update({f"train/{k}": v for k, v in finalize_stats(stats).items()})
+        metrics.update(moe_metrics(stats, updates))
         # changes with every update: a run whose weights stand still shows it here
         metrics["train/param_norm"] = self._all("param_norm")[0]
         metrics.update({

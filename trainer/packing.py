@@ -42,6 +42,7 @@ def select_sequences(batch: PackedBatch, seq_ids: list[int]) -> PackedBatch:
         old_logprobs=batch.old_logprobs[idx],
         advantages=batch.advantages[idx],
         seq_index=torch.repeat_interleave(torch.arange(len(seq_ids)), lengths),
+        routed_experts=batch.routed_experts[idx] if batch.routed_experts is not None else None,
     )
 
 

@@ -12,6 +12,12 @@ for sdpa/eager, varlen for flash-attention). With the cache on (the config defau
 it silently attends across sequences — tests/trainer/test_packing.py proves the
 packed row equals each sequence run alone. Given the batch's `cu_seqlens`, the attention
 choices of trainer/attention.py skip the dense block-diagonal mask sdpa would build.
+MiniMax's lightning-attention layers carry a state along the row; `trainer.minimax.attach`
+makes them restart it at each sequence.
+
+MoE models (MiniMax): `self.moe` (trainer.minimax.MoEControl) replays the rollout's
+routing when the forward is given `routed_experts`, and has the load-balancing loss of
+the last forward.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import torch.nn as nn
 
 from trainer.attention import VARLEN, attention_kwargs, register_varlen
 from trainer.fp32_head import install_fp32_head
+from trainer.minimax import attach as attach_moe
 
 
 def load_hf_causal_lm(path: str, attn_implementation: str | None = None) -> nn.Module:
@@ -44,6 +51,7 @@ class PolicyModel(nn.Module):
         self.chunk_tokens = int(chunk_tokens)
         self.head_mode = head_mode  # see trainer.fp32_head.head_logprobs
         install_fp32_head(hf_model)
+        self.moe = attach_moe(hf_model)  # None for dense models
 
     def forward(
         self,
@@ -55,7 +63,12 @@ class PolicyModel(nn.Module):
         with_entropy: bool = False,
         cu_seqlens: torch.Tensor | None = None,  # [n+1] int32 on the device: the sequences' bounds
         max_seqlen: int | None = None,  # the longest sequence (a host int: no sync to find it)
+        routed_experts: torch.Tensor | None = None,  # [T, moe_layers, top_k]: replay this routing
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.moe is not None:
+            self.moe.set_replay(routed_experts)
+        elif routed_experts is not None:
+            raise ValueError("routed_experts given for a model without MoE routers")
         body = self.hf.get_decoder() if hasattr(self.hf, "get_decoder") else self.hf.model
         extra = attention_kwargs(self.hf.config, self.hf.config._attn_implementation, cu_seqlens, max_seqlen)
         hidden = body(

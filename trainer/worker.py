@@ -96,6 +96,9 @@ class TrainerWorker:
         sizes = trainable_summary(self.hf)
         self.speed_options = apply_speed_options(self.hf, self.cfg)
         self.policy = PolicyModel(self.hf, self.cfg.logprob_chunk_tokens, self.cfg.lm_head_mode)
+        if self.policy.moe is None and (self.cfg.routing_replay or self.cfg.moe_aux_loss_coef):
+            key = "trainer.routing_replay" if self.cfg.routing_replay else "trainer.moe_aux_loss_coef"
+            raise ValueError(f"{key} is set but {self.model_path} has no MoE routers (trainer.minimax knows MiniMax's)")
         optimizer = build_optimizer([p for p in self.policy.parameters() if p.requires_grad], self.cfg)
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.policy, optimizer=optimizer, config=deepspeed_config(self.cfg, self.world_size),
@@ -109,8 +112,14 @@ class TrainerWorker:
     # ---- forward / train ------------------------------------------------------------
 
     def _logprobs(self, mb: DeviceMicroBatch, with_entropy: bool):
+        routed = None
+        if self.cfg.routing_replay:
+            if mb.routed_experts is None:
+                raise ValueError("trainer.routing_replay is on but the batch carries no routing "
+                                 "(Trajectory.routed_experts): is rollout.record_routing on?")
+            routed = mb.routed_experts
         return self.engine(*mb.model_inputs(), temperature=self.temperature, with_entropy=with_entropy,
-                           cu_seqlens=mb.cu_seqlens, max_seqlen=mb.max_seqlen)
+                           cu_seqlens=mb.cu_seqlens, max_seqlen=mb.max_seqlen, routed_experts=routed)
 
     def train_micro_batches(self, micro_batches: list[PackedBatch], num_loss_tokens: int, num_loss_seqs: int,
                             return_logprobs: bool = False) -> dict:
@@ -132,7 +141,8 @@ class TrainerWorker:
             self.engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
             lp, ent = self._logprobs(mb, with_entropy=True)
             out = policy_loss(self.algorithm, lp, mb.old_logprobs, mb.advantages, mb.weights, mb.mask)
-            self.engine.backward(out.loss * self.world_size, scale_wrt_gas=False)
+            loss = out.loss + self._moe_terms(stats, mb.num_loss_tokens, num_loss_tokens)
+            self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
             accumulate_stats(stats, out.stats)
             accumulate_stats(stats, {"loss": out.loss, "entropy_sum": torch.where(mb.mask, ent, 0.0).sum()})
             if return_logprobs:
@@ -149,6 +159,20 @@ class TrainerWorker:
             out["old_logprobs"] = torch.cat([mb.old_logprobs for mb in batches]).cpu()[
                 torch.cat([mb.mask_cpu for mb in batches])]
         return out
+
+    def _moe_terms(self, stats: dict, mb_loss_tokens: int, num_loss_tokens: int):
+        """The load-balancing loss of the micro-batch just run (weighted by its share of the
+        update's loss tokens, so the update's terms sum to a token-weighted mean) and the
+        replay statistics; 0 for dense models."""
+        moe = self.policy.moe
+        if moe is None:
+            return 0.0
+        accumulate_stats(stats, {k: torch.tensor(v, device=self.device) for k, v in moe.replay_stats().items()})
+        if not self.cfg.moe_aux_loss_coef:
+            return 0.0
+        aux = moe.aux_loss() * (mb_loss_tokens / max(num_loss_tokens, 1))
+        accumulate_stats(stats, {"moe_aux_loss": aux})
+        return self.cfg.moe_aux_loss_coef * aux
 
     @torch.no_grad()
     def compute_logprobs(self, micro_batches: list[PackedBatch]) -> list[torch.Tensor]:

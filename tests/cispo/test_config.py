@@ -23,6 +23,12 @@ def test_each_algorithm_group_loads(group):
     assert compose_config([f"algorithm={group}"]).algorithm.name == group
 
 
+def test_minimax_model_group_and_routing_replay_compose():
+    cfg = compose_config(["model=minimax_tiny", "rollout.record_routing=true", "trainer.routing_replay=true",
+                          "trainer.moe_aux_loss_coef=0.01"])
+    assert cfg.model.path == "builtin:minimax-tiny" and cfg.trainer.routing_replay and cfg.rollout.record_routing
+
+
 @pytest.mark.parametrize("experiment", [[], ["+experiment=long_addition"]])
 def test_presets_are_valid_and_hold_sampling_equal(experiment):
     """Only what the algorithm is changes between presets: never the group size, the data
@@ -75,6 +81,8 @@ def test_settings_that_cannot_work_together_are_refused(overrides, key, message)
         ("rollout.top_p=0.9", "trainer.old_logprobs", "use trainer.old_logprobs=recompute"),
         ("max_staleness=-1", "max_staleness", "must be >= 0"),
         ("reward.weights=[1.0,2.0]", "reward.weights", "has 2 entries for 1 reward.functions"),
+        ("trainer.moe_aux_loss_coef=-0.1", "trainer.moe_aux_loss_coef", "must be >= 0.0"),
+        ("trainer.routing_replay=true", "trainer.routing_replay", "set rollout.record_routing=true"),
     ],
 )
 def test_invalid_values_name_the_key(override, key, message):

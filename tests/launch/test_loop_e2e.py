@@ -31,9 +31,10 @@ SMALL = [
 ]
 
 
-def cispo_train(out: Path, *overrides: str, cache: Path, expect_exit: int = 0) -> subprocess.CompletedProcess:
+def cispo_train(out: Path, *overrides: str, cache: Path, expect_exit: int = 0,
+                base: list[str] = SMALL) -> subprocess.CompletedProcess:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "CISPO_CACHE": str(cache), "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "launch.main", f"output_dir={out}", *SMALL, *overrides]
+    cmd = [sys.executable, "-m", "launch.main", f"output_dir={out}", *base, *overrides]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != expect_exit:
         print(proc.stdout[-5000:], proc.stderr[-15000:])
