@@ -271,6 +271,7 @@ class GuardConfig:
     enabled: bool = True
     window: int = 10  # K: consecutive steps a symptom must last
     flat_group_frac: float = 0.95  # a step is flat when at least this fraction of groups has zero reward spread
+    converged_margin: float = 0.1  # flat within this of the run's best (5-step mean) reward: converged, not collapsed
     max_nonfinite_steps: int = 3  # consecutive steps with a non-finite loss/gradient (each one is alerted)
     action: str = "stop"  # stop (non-zero exit) | rollback (to the last good checkpoint, lower lr) | warn
     rollback_lr_factor: float = 0.5
@@ -497,6 +498,7 @@ def validate(cfg: Any) -> None:
     if not 0 < g.flat_group_frac <= 1:
         raise ConfigError("guard.flat_group_frac", f"{g.flat_group_frac!r} must be in (0, 1]")
     _at_least("guard.max_nonfinite_steps", g.max_nonfinite_steps, 1)
+    _at_least("guard.converged_margin", g.converged_margin, 0.0)
     _one_of("guard.action", g.action, GUARD_ACTIONS)
     if not 0 < g.rollback_lr_factor <= 1:
         raise ConfigError("guard.rollback_lr_factor", f"{g.rollback_lr_factor!r} must be in (0, 1]")

@@ -261,7 +261,7 @@ def loop(system: RLSystem, dataset: PromptDataset, conf: Config, logger: MetricL
             progress.update(metrics)
             due = conf.trainer.save_every and (step + 1) % conf.trainer.save_every == 0
             stopping = action == "stop"
-            worth_keeping = not stopping or trip.kind == "saturated"  # a collapsed policy is no place to resume from
+            worth_keeping = not stopping or trip.kind == "converged"  # a collapsed policy is no place to resume from
             if worth_keeping and (due or last or stop.requested or stopping):
                 # in async mode the next step's prompts are already drawn (and generated
                 # by the old policy): a resumed run draws them again from this state
@@ -270,7 +270,7 @@ def loop(system: RLSystem, dataset: PromptDataset, conf: Config, logger: MetricL
                 save(system, {"data": data_state, "length_schedule": schedule.state_dict(),
                               "guard_rollbacks": guard.rollbacks if guard else 0}, ckpt, step + 1)
             if stopping:
-                raise GuardStop(trip, exit_code=0 if trip.kind == "saturated" else 3)
+                raise GuardStop(trip, exit_code=0 if trip.kind == "converged" else 3)
             if stop.requested and not last:
                 raise Preempted()
             if not asynchronous and not last:
@@ -317,7 +317,7 @@ def check_guard(guard: CollapseGuard | None, step: int, metrics: dict[str, float
     what = {"warn": "going on (guard.action=warn)", "stop": "stopping the run",
             "rollback": f"rolling back to {target} with the learning rate x{conf.guard.rollback_lr_factor}"}[action]
     logger.alert(f"cispo: {trip.kind} at step {step}", f"{trip.message}; {what}",
-                 level="INFO" if trip.kind == "saturated" else "ERROR")
+                 level="INFO" if trip.kind == "converged" else "ERROR")
     if action == "rollback":
         system.load_trainer(target)
         system.trainer.scale_lr(conf.guard.rollback_lr_factor)
