@@ -16,6 +16,8 @@
 #   compare     bench/compare_algorithms.py, +experiment=long_addition_gpu: CISPO / DAPO / GRPO and CISPO
 #               with a bf16 head, 3 seeds each, 12 runs side by side (each engine GPU 0, trainer GPU 1);
 #               compare.{md,json,png} also land in $OUT                              [2 GPUs] (~570 s)
+#   minimax     bench/minimax_mismatch.py --make gpu: bf16 hybrid MoE, FP32 head / routing replay on and off   (~150 s)
+#   minimax_loop cispo-train model=minimax_tiny, split 1+1, 5 steps, routing recorded and replayed [2 GPUs] (~120 s)
 # Two calls cover them all on a 2-GPU host: `tests sync colocate`, then `split colocate15 sync_ipc`.
 #
 # Everything lands in $OUT (3 files, rewritten after every stage, so a run cut short still returns
@@ -179,7 +181,16 @@ for s in "${STAGES[@]}"; do
         --row cispo:algorithm=cispo --row dapo:algorithm=dapo --row grpo:algorithm=grpo \
         --row "cispo_bf16_head:algorithm=cispo rollout.lm_head_fp32=false trainer.lm_head_mode=bf16"
       cp "$WORK"/compare.md "$WORK"/compare.json "$WORK"/compare.png "$OUT"/ 2>/dev/null ;;
-    *) say "unknown stage $s (tests sync sync_ipc colocate split colocate15 colocate2 compare)" ;;
+    minimax)  # issue 15: M1's Fig. 3 at small scale (bf16 hybrid MoE, FP32 head on/off, routing replay on/off)
+      stage minimax 1 240 90 "$PY" bench/minimax_mismatch.py --make gpu --prompts 32 --samples 4 --new-tokens 256 \
+        --work "$WORK/mm" --out "$WORK/minimax.json"
+      cp "$WORK"/minimax.json "$OUT"/ 2>/dev/null ;;
+    minimax_loop)  # issue 15: the real loop on minimax_tiny (engine GPU 0, trainer GPU 1), routing replayed
+      stage minimax_loop 2 200 90 "$PY" -m launch.main model=minimax_tiny rollout=gpu trainer=gpu placement=split_1_1 \
+        steps=5 rollout.record_routing=true trainer.routing_replay=true rollout.gpu_memory_utilization=0.2 \
+        rollout.max_new_tokens=16 rollout.max_model_len=64 \
+        "logger.backends=[console,jsonl]" output_dir="$WORK/minimax_loop" ;;
+    *) say "unknown stage $s (tests sync sync_ipc colocate split colocate15 colocate2 compare minimax minimax_loop)" ;;
   esac
 done
 say "done"
