@@ -54,11 +54,15 @@ def naive(dtype):
     return f
 
 
-def fused(mode, vocab_chunk=None):
+def fused(mode, vocab_chunk=None, bwd_chunks=None):
+    """bwd_chunks: (token-chunk multiple of chunk_tokens, backward vocabulary chunk) for fp16x2."""
+    import kernels.lm_head_triton_fp16x2 as fp16x2
+    defaults = (fp16x2.VOCAB_CHUNK, fp16x2.BWD_TOKEN_CHUNKS_PER_CHUNK_TOKENS, fp16x2.BWD_VOCAB_CHUNK)
+
     def f(h, w, t):
-        if vocab_chunk is not None:  # left set: backward reads it after this returns
-            import kernels.lm_head_triton_fp16x2 as fp16x2
-            fp16x2.VOCAB_CHUNK = vocab_chunk
+        # left set: backward reads them after this returns; every method sets all three
+        fp16x2.VOCAB_CHUNK = vocab_chunk or defaults[0]
+        fp16x2.BWD_TOKEN_CHUNKS_PER_CHUNK_TOKENS, fp16x2.BWD_VOCAB_CHUNK = bwd_chunks or defaults[1:]
         return lm_head_logprobs(h, w, t, mode=mode, impl="triton")[0]
     return f
 
@@ -140,7 +144,8 @@ def gpu_correctness(modes):
         for hdt, wdt in dts:
             hm = h.to(hdt).detach().clone().requires_grad_()
             wm = w.to(wdt).detach().clone().requires_grad_()
-            lp, ent = lm_head_logprobs(hm, wm, t, temp, True, mode, impl="triton", chunk_tokens=128)
+            # chunk_tokens=32: several token chunks in every mode's backward (fp16x2: 4 x 32)
+            lp, ent = lm_head_logprobs(hm, wm, t, temp, True, mode, impl="triton", chunk_tokens=32)
             (lp * gl + ent * ge).sum().backward()
             rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()  # noqa: E731
             key = f"{mode}/h:{str(hdt)[6:]}/w:{str(wdt)[6:]}"
@@ -174,6 +179,9 @@ def main():
                     help="also time fp16x2 on a bf16 weight (one weight part)")
     ap.add_argument("--vocab-chunk", type=int, nargs="+", default=[],
                     help="fp16x2: weight rows split per chunk; several values add methods")
+    ap.add_argument("--bwd-chunks", nargs="+", default=[], metavar="MULT:VOCAB",
+                    help="fp16x2 backward: token chunk = MULT x chunk_tokens, vocabulary chunk VOCAB; "
+                         "each value adds a method (the defaults are always measured)")
     ap.add_argument("--profile", nargs="*", default=[],
                     help="modes whose fwd+bwd is also profiled per kernel (torch.profiler)")
     args = ap.parse_args()
@@ -219,6 +227,10 @@ def main():
                                 for i, vc in enumerate(args.vocab_chunk)]
                     continue
                 methods.append((f"fused_{mode}", fused(mode), hh, ww))
+                if mode == "fp16x2":
+                    for bc in args.bwd_chunks:
+                        mult, vocab = (int(x) for x in bc.split(":"))
+                        methods.append((f"fused_fp16x2@bwd{mult}:{vocab}", fused(mode, bwd_chunks=(mult, vocab)), hh, ww))
                 if mode == "fp16x2" and args.bf16_weight_too:  # a bf16 model's (tied) head
                     methods.append(("fused_fp16x2_w16", fused(mode), h16, w16))
             if liger is not None:
@@ -241,7 +253,32 @@ def main():
                     json.dump(report, f, indent=1)
             del w32, w16, h32, h16, t, g, ref
             torch.cuda.empty_cache()
+    report["targets"] = target_summary(report)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
     print_table(report)
+    for row in report["targets"]:
+        print("TARGETS " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+
+
+def target_summary(report):
+    """Issue 13's head targets for every fused fp16x2 method, against naive fp32 of the same
+    shape: fwd+bwd ms (<= 237 at T=16k, H=4096), speed-up (>= 5), max |d log p| (<= 1e-5),
+    peak extra / naive's (<= 0.10), and the floor of 7 half-precision products (7 x the
+    forward's bf16 matmul h @ W^T)."""
+    rows = report["results"]
+    naive = {(r["T"], r["H"]): r for r in rows if r["name"] == "naive_fp32"}
+    out = []
+    for r in rows:
+        n = naive.get((r["T"], r["H"]))
+        if not r["name"].startswith("fused_fp16x2") or n is None or r.get("fwd_bwd_ms") is None:
+            continue
+        out.append(dict(T=r["T"], H=r["H"], method=r["name"], fwd_bwd_ms=r["fwd_bwd_ms"],
+                        speedup_vs_naive=(n.get("fwd_bwd_ms") or float("nan")) / r["fwd_bwd_ms"],
+                        max_abs_dlogp=r.get("max_abs_dlogp"),
+                        peak_vs_naive=(r.get("peak_extra_gb") or float("nan")) / (n.get("peak_extra_gb") or float("nan")),
+                        floor_7_products_ms=7 * r["bf16_matmul_ms"] if r.get("bf16_matmul_ms") else None))
+    return out
 
 
 def profile_kernels(method, h, w, t, g, what):
@@ -280,8 +317,9 @@ def markdown_table(paths):
 
     for r in rows:
         n = naive.get((r["T"], r["H"]), {})
-        grads = (r["T"] * r["H"] * (2 if r["name"] in _BF16_HIDDEN else 4)
-                 + V * r["H"] * (2 if r["name"] in _BF16_BOTH else 4)) / 2**30
+        base = r["name"].split("@")[0]  # fused_fp16x2@... variants take the same inputs
+        grads = (r["T"] * r["H"] * (2 if base in _BF16_HIDDEN else 4)
+                 + V * r["H"] * (2 if base in _BF16_BOTH else 4)) / 2**30
         work = f"{r['peak_extra_gb'] - grads:.2f}" if r.get("peak_extra_gb") is not None else num(r, "peak_extra_gb", ".2f")
         name = f"**{r['name']}**" if r["name"].startswith("fused") else r["name"]
         mm = r.get("bf16_matmul_ms")

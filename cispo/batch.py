@@ -36,6 +36,10 @@ class Trajectory:
     # None means every response token is trained on.
     response_mask: list[bool] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    # MoE models with routing recorded (rollout.record_routing): the experts each token of
+    # prompt + response was routed to, [num_tokens, moe_layers, top_k] int16, -1 where the
+    # engine ran no forward for the token (the last sampled one). For routing replay.
+    routed_experts: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if len(self.prompt_ids) == 0:
@@ -49,6 +53,13 @@ class Trajectory:
             raise ValueError(
                 f"Trajectory.response_mask has {len(self.response_mask)} entries but response_ids "
                 f"has {len(self.response_ids)}"
+            )
+        if self.routed_experts is not None and (
+            self.routed_experts.dim() != 3 or self.routed_experts.shape[0] != self.num_tokens
+        ):
+            raise ValueError(
+                f"Trajectory.routed_experts has shape {tuple(self.routed_experts.shape)}; expected "
+                f"[{self.num_tokens} (prompt + response tokens), moe_layers, top_k]"
             )
         if self.finish_reason not in FINISH_REASONS:
             raise ValueError(
@@ -88,6 +99,7 @@ class PackedBatch:
     seq_index: torch.Tensor  # [T] int64, which sequence of the batch each token belongs to
     # [T] float32 behaviour-policy correction (cispo.offpolicy) scaling each token's loss; None = 1
     behaviour_weights: Optional[torch.Tensor] = None
+    routed_experts: torch.Tensor | None = None  # [T, moe_layers, top_k] int16 (-1: not recorded), or None
 
     @property
     def num_tokens(self) -> int:
@@ -145,4 +157,21 @@ def pack(trajectories: Sequence[Trajectory]) -> PackedBatch:
         old_logprobs=torch.tensor(old, dtype=torch.float32),
         advantages=torch.tensor(adv, dtype=torch.float32),
         seq_index=torch.tensor(seq, dtype=torch.long),
+        routed_experts=_pack_routing(trajectories),
     )
+
+
+def _pack_routing(trajectories: Sequence[Trajectory]) -> torch.Tensor | None:
+    """The trajectories' routing records end to end; None when none has one. A trajectory
+    without a record (an aborted request, say) gets -1 rows: the trainer routes it live."""
+    shapes = {tuple(t.routed_experts.shape[1:]) for t in trajectories if t.routed_experts is not None}
+    if not shapes:
+        return None
+    if len(shapes) > 1:
+        raise ValueError(f"pack(): trajectories' routed_experts disagree in [moe_layers, top_k]: {sorted(shapes)}")
+    shape = shapes.pop()
+    return torch.cat([
+        t.routed_experts.to(torch.int16) if t.routed_experts is not None
+        else torch.full((t.num_tokens, *shape), -1, dtype=torch.int16)
+        for t in trajectories
+    ])

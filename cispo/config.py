@@ -21,12 +21,17 @@ BEHAVIOUR_IS_MODES = ("off", "tis", "mis")  # cispo.offpolicy.MODES (tests/cispo
 BEHAVIOUR_IS_LEVELS = ("token", "sequence")
 # kernels.lm_head_logprobs modes (tests/cispo checks this list against kernels.MODES).
 LM_HEAD_MODES = ("auto", "fp16x2", "bf16x3", "tf32x3", "fp32", "bf16")
+# Attention of the trainer's body on packed micro-batches (trainer/attention.py says which
+# build a dense [T, T] mask and which do not).
+ATTN_IMPLEMENTATIONS = ("sdpa", "varlen", "flex_attention", "eager", "flash_attention_2")
 WEIGHT_SYNC_PATHS = ("collective", "object_store")
+WEIGHT_LOAD_MODES = ("auto", "direct", "reload")
 RUN_MODES = ("sync", "async")
 LOGGER_BACKENDS = ("console", "jsonl", "wandb", "tensorboard")
 CLUSTER_KINDS = ("local", "slurm")
 GUARD_ACTIONS = ("stop", "rollback", "warn")
 WARMUP_MODES = ("format", "solve")
+PLACEMENT_MODES = ("split", "colocate")
 
 
 @dataclass
@@ -115,6 +120,12 @@ class RolloutConfig:
     stop: list[str] = field(default_factory=list)
     weight_sync: str = "collective"
     sync_bucket_mb: int = 64
+    sync_port: int = 0  # the weight-sync group's TCP port on trainer rank 0's node; 0 = a free one
+    enforce_eager: Optional[bool] = None  # vLLM: True skips torch.compile / CUDA graphs (faster start)
+    # How received weights enter vLLM: "direct" (each parameter's loader copies in place: CUDA,
+    # unquantized), "reload" (vLLM's layerwise reload: re-processes every layer; CPU, quantized),
+    # "auto" = direct where it is valid.
+    weight_load: str = "auto"
     seed: int = 0  # the run's `seed` (conf/config.yaml interpolates it)
     # One generator per request, seeded by (seed, group, sample): samples do not depend on
     # batching, so runs and resumed runs repeat exactly (a per-request cost in vLLM's sampler).
@@ -126,6 +137,9 @@ class RolloutConfig:
     # kv_cache_memory_bytes: 4e9 (a fixed KV cache, no memory profiling: engines sharing a GPU)}.
     engine_args: dict[str, Any] = field(default_factory=dict)
     length_schedule: LengthScheduleConfig = field(default_factory=LengthScheduleConfig)
+    # MoE models: record the experts each token was routed to and return them with the
+    # trajectory (for trainer.routing_replay); runs the engine eagerly, without prefix caching.
+    record_routing: bool = False
 
 
 @dataclass
@@ -148,11 +162,23 @@ class TrainerConfig:
     # Precision of the FP32 LM head's products (kernels.lm_head_logprobs): "auto" = fp16x2 on
     # GPUs (fp32-accurate, tensor cores), exact fp32 on CPU.
     lm_head_mode: str = "auto"
+    # Speed options (trainer/speed.py, bench/trainer_profile.py). "varlen" = flash attention over
+    # the packed sequences' boundaries, no [T, T] mask (sdpa builds one when a micro-batch holds
+    # several sequences); "flex_attention" = torch FlexAttention with a document block mask.
+    attn_implementation: str = "sdpa"
+    liger: bool = False  # Liger-Kernel's fused RMSNorm, SwiGLU and rotary (not its cross entropy)
+    activation_checkpointing: bool = False  # recompute each decoder layer in backward (non-reentrant)
+    compile: bool = False  # torch.compile each decoder layer
     # torch threads of each rank on a CPU machine; 0 = the host's cores shared by the ranks
     # (sync mode: the engines idle while the trainer steps; async mode uses 1, leaving them theirs)
     cpu_threads: int = 0
     save_every: int = 0  # steps; 0 = only at the end
     keep_checkpoints: int = 2
+    # MoE models: route each token to the experts the rollout engine used (needs
+    # rollout.record_routing); the routing weights still come from the live router.
+    routing_replay: bool = False
+    # MoE models: weight of the load-balancing auxiliary loss (Switch Transformer's); 0 = off.
+    moe_aux_loss_coef: float = 0.0
 
 
 @dataclass
@@ -257,10 +283,32 @@ class GuardConfig:
     enabled: bool = True
     window: int = 10  # K: consecutive steps a symptom must last
     flat_group_frac: float = 0.95  # a step is flat when at least this fraction of groups has zero reward spread
+    converged_margin: float = 0.1  # flat within this of the run's best (5-step mean) reward: converged, not collapsed
     max_nonfinite_steps: int = 3  # consecutive steps with a non-finite loss/gradient (each one is alerted)
     action: str = "stop"  # stop (non-zero exit) | rollback (to the last good checkpoint, lower lr) | warn
     rollback_lr_factor: float = 0.5
     max_rollbacks: int = 2  # then stop
+
+
+@dataclass
+class PlacementConfig:
+    """Where rollout engines and trainer ranks run (launch/placement.py). The counts are
+    GPUs; 0 and 0 = everything on CPU (the default: CI, laptops)."""
+
+    # split: engines and ranks on GPUs of their own, weights over NCCL.
+    # colocate: each GPU holds one trainer rank and one engine; vLLM sleeps while the
+    # trainer steps, weights go to the engine by CUDA IPC.
+    mode: str = "split"
+    rollout_gpus: int = 0  # = rollout.num_engines x rollout.tensor_parallel_size
+    trainer_gpus: int = 0  # = trainer.num_ranks (one rank per GPU)
+    offload_optimizer: bool = True  # colocate: the trainer's optimizer state on CPU while engines generate
+    cpus_per_actor: float = 1.0
+    ready_timeout_s: float = 120.0  # bound on Ray reserving the resources once the fit check passed
+
+
+def placement_gpus(p: Any) -> int:
+    """GPUs a placement (PlacementConfig or its OmegaConf node) asks for in all."""
+    return p.trainer_gpus if p.mode == "colocate" else p.rollout_gpus + p.trainer_gpus
 
 
 @dataclass
@@ -277,6 +325,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
     steps: int = 20
     seed: int = 0
     mode: str = "sync"
@@ -347,6 +396,7 @@ def validate(cfg: Any) -> None:
     if not cfg.model.path:
         raise ConfigError("model.path", "is empty; give a Hugging Face model folder or builtin:<name>")
 
+    _validate_placement(cfg)  # first: the engine and rank counts may come from it
     _at_least("rollout.num_engines", r.num_engines, 1)
     _at_least("rollout.tensor_parallel_size", r.tensor_parallel_size, 1)
     if r.temperature <= 0:
@@ -363,6 +413,9 @@ def validate(cfg: Any) -> None:
         raise ConfigError("rollout.repetition_prob", f"{r.repetition_prob!r} must be in [0.5, 1)")
     _at_least("rollout.repetition_window", r.repetition_window, 1)
     _one_of("rollout.weight_sync", r.weight_sync, WEIGHT_SYNC_PATHS)
+    _one_of("rollout.weight_load", r.weight_load, WEIGHT_LOAD_MODES)
+    if not 0 <= r.sync_port <= 65535:
+        raise ConfigError("rollout.sync_port", f"{r.sync_port!r} must be a TCP port (1-65535) or 0 (a free one)")
     _at_least("rollout.sync_bucket_mb", r.sync_bucket_mb, 1)
     _at_least("rollout.max_restarts", r.max_restarts, 0)
     if d.max_prompt_tokens + r.max_new_tokens > r.max_model_len:
@@ -397,7 +450,17 @@ def validate(cfg: Any) -> None:
             "truncated distribution, not the full one the trainer computes; use trainer.old_logprobs=recompute",
         )
     _at_least("trainer.logprob_chunk_tokens", t.logprob_chunk_tokens, 1)
+    _at_least("trainer.moe_aux_loss_coef", t.moe_aux_loss_coef, 0.0)
+    if t.routing_replay and not r.record_routing:
+        raise ConfigError(
+            "trainer.routing_replay",
+            "needs the rollout engines to record the routing: set rollout.record_routing=true",
+        )
     _one_of("trainer.lm_head_mode", t.lm_head_mode, LM_HEAD_MODES)
+    _one_of("trainer.attn_implementation", t.attn_implementation, ATTN_IMPLEMENTATIONS)
+    if t.liger and t.compile:
+        raise ConfigError("trainer.liger/trainer.compile", "choose one: torch.compile fuses the same norms and "
+                          "activations that Liger replaces, and Liger's kernels are not tested under compile")
     if t.micro_batch_tokens < d.max_prompt_tokens + r.max_new_tokens:
         raise ConfigError(
             "trainer.micro_batch_tokens",
@@ -466,6 +529,7 @@ def validate(cfg: Any) -> None:
     if not 0 < g.flat_group_frac <= 1:
         raise ConfigError("guard.flat_group_frac", f"{g.flat_group_frac!r} must be in (0, 1]")
     _at_least("guard.max_nonfinite_steps", g.max_nonfinite_steps, 1)
+    _at_least("guard.converged_margin", g.converged_margin, 0.0)
     _one_of("guard.action", g.action, GUARD_ACTIONS)
     if not 0 < g.rollback_lr_factor <= 1:
         raise ConfigError("guard.rollback_lr_factor", f"{g.rollback_lr_factor!r} must be in (0, 1]")
@@ -529,3 +593,60 @@ def _validate_eval(cfg: Any) -> None:
                                                      f"{cfg.rollout.max_new_tokens} (the engines' budget)")
     if e.path is not None and not str(e.path).strip():
         raise ConfigError("eval.path", "is empty; give a file, a datasets folder, builtin:<task> or null")
+
+
+PLACEMENT_PRESETS = "placement=colocate_1 (1 GPU), split_1_1 (2 GPUs), colocate_8 or split_4_4 (8 GPUs)"
+
+
+def _validate_placement(cfg: Any) -> None:
+    """The placement against the counts it implies: trainer.num_ranks = trainer GPUs,
+    rollout.num_engines x tensor_parallel_size = rollout GPUs (checked, not guessed)."""
+    p, r, t = cfg.placement, cfg.rollout, cfg.trainer
+    _one_of("placement.mode", p.mode, PLACEMENT_MODES)
+    _at_least("placement.rollout_gpus", p.rollout_gpus, 0)
+    _at_least("placement.trainer_gpus", p.trainer_gpus, 0)
+    if p.cpus_per_actor <= 0:
+        raise ConfigError("placement.cpus_per_actor", f"{p.cpus_per_actor!r} must be > 0")
+    if p.ready_timeout_s <= 0:
+        raise ConfigError("placement.ready_timeout_s", f"{p.ready_timeout_s!r} must be > 0")
+    on_gpu = p.rollout_gpus > 0 or p.trainer_gpus > 0
+    if not on_gpu:
+        if p.mode == "colocate":
+            raise ConfigError("placement.mode", "colocate needs GPUs (vLLM sleep mode, CUDA IPC); set "
+                              f"placement.trainer_gpus/rollout_gpus or choose a preset: {PLACEMENT_PRESETS}")
+        if t.num_ranks < 1 or r.num_engines < 1:
+            raise ConfigError("placement", "trainer.num_ranks / rollout.num_engines come from the placement's GPU "
+                              f"counts, which are 0 (the CPU placement); choose a GPU placement: {PLACEMENT_PRESETS}")
+        return
+    if p.rollout_gpus == 0 or p.trainer_gpus == 0:
+        raise ConfigError("placement.rollout_gpus", f"rollout_gpus={p.rollout_gpus}, trainer_gpus={p.trainer_gpus}: "
+                          "both 0 (everything on CPU) or both > 0")
+    if p.mode == "colocate":
+        if p.rollout_gpus != p.trainer_gpus:
+            raise ConfigError("placement.rollout_gpus", f"colocate shares the same GPUs: rollout_gpus={p.rollout_gpus} "
+                              f"must equal trainer_gpus={p.trainer_gpus}")
+        if r.tensor_parallel_size != 1:
+            raise ConfigError("rollout.tensor_parallel_size", f"{r.tensor_parallel_size} with placement.mode=colocate; "
+                              "colocated engines run one per GPU (tensor_parallel_size=1), use placement.mode=split")
+        if p.offload_optimizer and str(t.zero_stage) not in ("1", "2"):
+            raise ConfigError("trainer.zero_stage", f"{t.zero_stage} with placement.offload_optimizer: DeepSpeed moves "
+                              "the state of the trainer's torch AdamW only under ZeRO-1/2 (ZeRO-3 needs its FusedAdam); "
+                              "use trainer.zero_stage=2 (the colocate presets do) or placement.offload_optimizer=false")
+        if cfg.model.lora.rank:
+            raise ConfigError("model.lora.rank", "LoRA adapters travel through the object store, not the colocated "
+                              "CUDA IPC path; use placement.mode=split with LoRA")
+        if cfg.mode == "async":
+            raise ConfigError("mode", "async with placement.mode=colocate: colocated engines sleep while the trainer "
+                              "steps, so generation cannot overlap training; use mode=sync or placement.mode=split")
+    if t.num_ranks != p.trainer_gpus:
+        raise ConfigError("trainer.num_ranks", f"{t.num_ranks} ranks but placement.trainer_gpus={p.trainer_gpus} "
+                          "(one rank per GPU): make them equal")
+    if r.num_engines * r.tensor_parallel_size != p.rollout_gpus:
+        raise ConfigError("rollout.num_engines", f"{r.num_engines} engines x rollout.tensor_parallel_size="
+                          f"{r.tensor_parallel_size} = {r.num_engines * r.tensor_parallel_size} GPUs but "
+                          f"placement.rollout_gpus={p.rollout_gpus}: set rollout.num_engines="
+                          f"{max(p.rollout_gpus // r.tensor_parallel_size, 1)}")
+    c = cfg.cluster
+    if c.kind == "slurm" and placement_gpus(p) > c.nodes * c.gpus_per_node:
+        raise ConfigError("cluster.gpus_per_node", f"the placement needs {placement_gpus(p)} GPUs but cluster.nodes="
+                          f"{c.nodes} x cluster.gpus_per_node={c.gpus_per_node} = {c.nodes * c.gpus_per_node}")

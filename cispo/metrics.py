@@ -22,6 +22,27 @@ def merge_stats(into: dict[str, float], stats: dict[str, torch.Tensor | float]) 
     return into
 
 
+def accumulate_stats(into: dict[str, torch.Tensor], stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`merge_stats` without leaving the device (no host sync per micro-batch): float64
+    tensors, so the sums are the very float64 additions merge_stats makes in Python."""
+    for key, value in stats.items():
+        v = torch.as_tensor(value).detach().to(torch.float64)
+        if key not in into:
+            into[key] = v
+        elif key.endswith("_max"):
+            into[key] = torch.maximum(into[key], v)
+        else:
+            into[key] = into[key] + v
+    return into
+
+
+def stats_to_floats(stats: dict[str, torch.Tensor]) -> dict[str, float]:
+    """One host transfer for all accumulated stats."""
+    keys = list(stats)
+    values = torch.stack([stats[k] for k in keys]).cpu().tolist() if keys else []
+    return dict(zip(keys, values))
+
+
 def finalize_stats(stats: dict[str, float]) -> dict[str, float]:
     """Means and fractions from merged sums (keys as logged under `train/`)."""
     n = max(stats.get("token_count", 0.0), 1.0)

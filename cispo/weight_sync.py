@@ -120,7 +120,12 @@ def create_sync_group(backend: str, host: str, port: int, rank: int, world_size:
     from datetime import timedelta
 
     timeout = timedelta(seconds=timeout_s)
-    store = dist.TCPStore(host, port, world_size, is_master=(rank == 0), timeout=timeout)
+    try:
+        store = dist.TCPStore(host, port, world_size, is_master=(rank == 0), timeout=timeout)
+    except Exception as err:  # DistNetworkError / DistStoreError: say which setting to change
+        role = "listen on" if rank == 0 else f"reach (as rank {rank} of {world_size})"
+        raise RuntimeError(f"weight-sync group: cannot {role} {host}:{port}: {str(err).splitlines()[0]}; "
+                           "if the port is in use, set rollout.sync_port to a free port (0 = pick one)") from err
     if backend == "gloo":
         return SyncGroup(dist.ProcessGroupGloo(store, rank, world_size, timeout), store)
     if backend == "nccl":
@@ -128,6 +133,48 @@ def create_sync_group(backend: str, host: str, port: int, rank: int, world_size:
         opts._timeout = timeout
         return SyncGroup(dist.ProcessGroupNCCL(store, rank, world_size, opts), store)
     raise ValueError(f"weight-sync backend {backend!r} is unknown; allowed: gloo, nccl")
+
+
+def checksum(t: torch.Tensor, chunk: int = 1 << 24) -> int:
+    """An exact fingerprint of a tensor's bits (any float dtype, any device): the sum over
+    elements of bits(x_i) * (i mod 65521 + 1) in wrapping int64 arithmetic. Integer sums do
+    not depend on the order of reduction, so equal tensors give equal numbers on every
+    device; a changed, moved or swapped element changes it (barring a collision)."""
+    flat = t.detach().contiguous().reshape(-1)
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()]
+    bits = flat.view(ints)
+    total = torch.zeros((), dtype=torch.int64, device=flat.device)
+    for start in range(0, bits.numel(), chunk):
+        part = bits[start : start + chunk].to(torch.int64)
+        idx = torch.arange(start, start + part.numel(), device=flat.device, dtype=torch.int64)
+        total += (part * (idx % 65521 + 1)).sum()
+    return int(total)
+
+
+def share_bucket(flat: torch.Tensor) -> tuple:
+    """A CUDA IPC handle of a flat bucket for another process on the same GPU (colocated
+    engines): torch.multiprocessing's own reduction, plus the device's UUID so the receiver
+    finds the same physical GPU whatever its device numbering. The sender must keep `flat`
+    alive until the receiver is done with it."""
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    _, args = reduce_tensor(flat)
+    return str(torch.cuda.get_device_properties(flat.device).uuid), args
+
+
+def open_bucket(handle: tuple) -> torch.Tensor:
+    """The tensor behind a `share_bucket` handle, mapped into this process (no copy)."""
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    uuid, args = handle
+    index = next((i for i in range(torch.cuda.device_count())
+                  if str(torch.cuda.get_device_properties(i).uuid) == uuid), None)
+    if index is None:
+        raise RuntimeError(f"CUDA IPC: the sender's GPU {uuid} is not visible here "
+                           f"(CUDA_VISIBLE_DEVICES and the placement must give both the same GPU)")
+    args = list(args)
+    args[6] = index  # the storage's device index, as numbered in this process
+    return rebuild_cuda_tensor(*args)
 
 
 def request_abort(host: str, port: int, timeout_s: float = 10.0) -> bool:

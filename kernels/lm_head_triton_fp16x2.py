@@ -21,9 +21,14 @@ Products per fp32 product:
   The same rule for grad_W: one product dl_hi^T @ h when the weight is bf16.
 
 Memory: the weight is split one vocabulary chunk at a time (VOCAB_CHUNK rows x H x 2 parts
-x 2 bytes: 256 MiB at H=4096), never all at once; backward also keeps an fp32 grad_h
-accumulator when hidden is 16-bit (T x H x 4 bytes) and two fp16 dlogits buffers of
-chunk x VOCAB_CHUNK (sized from chunk_tokens so they take chunk_tokens x V x 4 bytes).
+x 2 bytes: 256 MiB at H=4096 in forward), never all at once. Backward runs token chunks of
+C = 4 x chunk_tokens rows outer and vocabulary chunks of BWD_VOCAB_CHUNK rows inner, so its
+working memory is per chunk, not per T: the chunk's fp16 hidden parts (C x H x 2 bytes each),
+its fp32 grad_h accumulator (C x H x 4), two fp16 dlogits buffers (C x BWD_VOCAB_CHUNK x 2
+each) and the weight chunk's parts (BWD_VOCAB_CHUNK x H x 2 each): 224 MiB at C=4096, H=4096
+(with an fp32 weight), against the fp32 grad_weight of 2.3 GiB every method returns. The price
+is that the weight is split again for every token chunk (T/C extra reads of it, ~1 ms each on
+an H100/H200 at V=152k, H=4096) and grad_weight is accumulated T/C times.
 """
 import torch
 import triton
@@ -36,6 +41,8 @@ from .lm_head_triton_fwd import (SMEM_BUDGET, VSPLIT_ALIGN, combine_partials, fp
                                  launch_forward, make_configs)
 
 VOCAB_CHUNK = 16384   # weight rows split to fp16 at a time (a multiple of VSPLIT_ALIGN)
+BWD_VOCAB_CHUNK = 4096  # the same in backward (at most VOCAB_CHUNK): sizes its working memory
+BWD_TOKEN_CHUNKS_PER_CHUNK_TOKENS = 4  # backward token chunk = this x chunk_tokens rows
 
 SMS_TO_FILL = 264     # forward programs per launch to aim for (2 waves on an H100's 132 SMs)
 
@@ -118,18 +125,23 @@ def n_parts(x):
 
 
 class _Operands:
-    """Scaled fp16 parts of hidden (whole) and the power-of-two scales of hidden and weight."""
+    """Power-of-two scales of hidden and weight (from their largest magnitudes, over all rows)
+    and, with split_hidden, the scaled fp16 parts of the whole hidden."""
 
-    def __init__(self, hidden, weight, w_exp=None):
+    def __init__(self, hidden, weight, w_exp=None, split_hidden=True):
         self.h_parts = n_parts(hidden)
         self.w_parts = n_parts(weight)
         self.h_exp = pow2_exponent(max_abs(hidden))
         self.w_exp = pow2_exponent(max_abs(weight)) if w_exp is None else w_exp
-        self.h_hi = torch.empty(hidden.shape, device=hidden.device, dtype=torch.float16)
-        self.h_lo = torch.empty_like(self.h_hi) if self.h_parts == 2 else None
-        split_fp16(hidden, exp2(self.h_exp), self.h_parts == 2, self.h_hi,
-                   self.h_hi if self.h_lo is None else self.h_lo)
+        self.h_scale = exp2(self.h_exp)
         self.w_scale = exp2(self.w_exp)
+        if split_hidden:
+            self.h_hi = torch.empty(hidden.shape, device=hidden.device, dtype=torch.float16)
+            self.h_lo = torch.empty_like(self.h_hi) if self.h_parts == 2 else None
+            self.split_hidden(hidden, self.h_hi, self.h_lo)
+
+    def split_hidden(self, rows, hi, lo):
+        split_fp16(rows, self.h_scale, self.h_parts == 2, hi, hi if lo is None else lo)
 
 
 def vocab_chunks(weight, scale, two_parts, vocab_chunk):
@@ -181,12 +193,12 @@ def dlogits_exponent(g_logp, g_ent, ent, inv_temp):
 
 def backward_fp16x2(hidden, weight, targets, lse, ent, g_logp, g_ent, inv_temp, w_exp,
                     need_grad_hidden, need_grad_weight, chunk_tokens, interpret):
-    """(grad_hidden in hidden.dtype or None, grad_weight in weight.dtype or None)."""
-    vocab_chunk = VOCAB_CHUNK
+    """(grad_hidden in hidden.dtype or None, grad_weight in weight.dtype or None).
+    Token chunks outer, vocabulary chunks inner: see the module docstring (Memory)."""
     T, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
-    ops = _Operands(hidden, weight, w_exp)
+    ops = _Operands(hidden, weight, w_exp, split_hidden=False)
     has_gent = g_ent is not None
     if g_logp is None:
         g_logp = torch.zeros(T, device=dev, dtype=torch.float32)
@@ -199,40 +211,46 @@ def backward_fp16x2(hidden, weight, targets, lse, ent, g_logp, g_ent, inv_temp, 
     descale = exp2(-(ops.h_exp + ops.w_exp))
     alpha_w = exp2(-(dl_exp + ops.h_exp))
     alpha_h = exp2(-(dl_exp + ops.w_exp))
-    n_vc = min(vocab_chunk, V)
-    # Same dlogits memory as the other modes' chunk_tokens x V fp32 buffer.
-    C = min(T, max(16, chunk_tokens * V // n_vc // 16 * 16))
+    n_vc = min(VOCAB_CHUNK, BWD_VOCAB_CHUNK, V)  # read at call time: tests shrink VOCAB_CHUNK
+    C = min(T, max(16, BWD_TOKEN_CHUNKS_PER_CHUNK_TOKENS * chunk_tokens))
     new = (lambda *a, **k: torch.full(*a, float("nan"), **k)) if interpret else torch.empty  # noqa: E731
     dl_hi = new((C, n_vc), device=dev, dtype=torch.float16)
     dl_lo = new((C, n_vc), device=dev, dtype=torch.float16)
+    h_hi_buf = new((C, H), device=dev, dtype=torch.float16)
+    h_lo_buf = new((C, H), device=dev, dtype=torch.float16) if ops.h_parts == 2 else None
     # A gradient returned in 16 bits takes the hi parts only: one product, whose ~2^-12
     # error is 8x under the final bf16 rounding. An fp32 gradient takes every product but
     # lo x lo: ~2^-22, fp32-accurate.
     w_full = weight.element_size() > 2   # grad_weight returned in fp32
     h_full = hidden.element_size() > 2   # grad_hidden returned in fp32
-    grad_h32 = None
+    grad_hidden = grad_h32 = None
     if need_grad_hidden:
-        grad_h32 = new((T, H), device=dev, dtype=torch.float32)
+        grad_hidden = new((T, H), device=dev, dtype=hidden.dtype)
+        grad_h32 = new((C, H), device=dev, dtype=torch.float32)  # one token chunk's accumulator
     grad_w32 = new((V, H), device=dev, dtype=torch.float32) if need_grad_weight else None
-    h_lo = ops.h_lo if ops.h_lo is not None else ops.h_hi
-    for v0, w_hi, w_lo in vocab_chunks(weight, ops.w_scale, ops.w_parts == 2, vocab_chunk):
-        nv = w_hi.shape[0]
-        for t0 in range(0, T, C):
-            t1 = min(t0 + C, T)
-            d_hi, d_lo = dl_hi[:t1 - t0, :nv], dl_lo[:t1 - t0, :nv]
-            launch_dlogits(ops.h_hi[t0:t1], h_lo[t0:t1], w_hi, w_lo, targets[t0:t1],
+    for t0 in range(0, T, C):
+        t1 = min(t0 + C, T)
+        n = t1 - t0
+        h_hi = h_hi_buf[:n]
+        h_lo = h_lo_buf[:n] if h_lo_buf is not None else None
+        ops.split_hidden(hidden[t0:t1], h_hi, h_lo)
+        for v0, w_hi, w_lo in vocab_chunks(weight, ops.w_scale, ops.w_parts == 2, n_vc):
+            nv = w_hi.shape[0]
+            d_hi, d_lo = dl_hi[:n, :nv], dl_lo[:n, :nv]
+            launch_dlogits(h_hi, h_lo if h_lo is not None else h_hi, w_hi, w_lo, targets[t0:t1],
                            lse[t0:t1], ent[t0:t1], g_logp[t0:t1],
                            (g_ent if has_gent else g_logp)[t0:t1], d_hi, d_lo, descale,
                            dl_scale, inv_temp, v0, MODE_FP16X2, ops.h_parts, has_gent, True,
                            interpret, ops.w_parts)
             if need_grad_weight:
-                h_lo_part = ops.h_lo[t0:t1] if ops.h_lo is not None and w_full else None
-                matmul_parts(d_hi.t(), d_lo.t() if w_full else None, ops.h_hi[t0:t1], h_lo_part,
+                h_lo_part = h_lo if h_lo is not None and w_full else None
+                matmul_parts(d_hi.t(), d_lo.t() if w_full else None, h_hi, h_lo_part,
                              grad_w32[v0:v0 + nv], alpha_w, t0 > 0, interpret)
             if need_grad_hidden:
                 w_lo_part = w_lo if ops.w_parts == 2 and h_full else None
                 matmul_parts(d_hi, d_lo if h_full else None, w_hi, w_lo_part,
-                             grad_h32[t0:t1], alpha_h, v0 > 0, interpret)
-    grad_hidden = grad_h32.to(hidden.dtype) if need_grad_hidden else None
+                             grad_h32[:n], alpha_h, v0 > 0, interpret)
+        if need_grad_hidden:
+            grad_hidden[t0:t1] = grad_h32[:n]  # cast to hidden's dtype
     grad_weight = grad_w32.to(weight.dtype) if need_grad_weight else None
     return grad_hidden, grad_weight

@@ -65,9 +65,11 @@ def setup_console(output_dir: str | Path, verbose: bool) -> Path:
     console.setFormatter(logging.Formatter(FORMAT) if verbose else _QuietFormatter())
     if not verbose:
         console.addFilter(_console_filter)
-        import datasets  # its per-file "Generating train split" bars (prompt and eval sets)
-
-        datasets.disable_progress_bars()
+        # datasets' per-file "Generating train split" bars (prompt and eval sets), without
+        # importing it here: built-in tasks never need it; it reads the variable on import
+        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+        if "datasets" in sys.modules:
+            sys.modules["datasets"].disable_progress_bars()
     root.addHandler(file_handler)
     root.addHandler(console)
     root.setLevel(logging.INFO)

@@ -1,4 +1,5 @@
-"""Prompt datasets: files through Hugging Face `datasets`, or a built-in task.
+"""Prompt datasets: files through Hugging Face `datasets` (imported only for files), or a
+built-in task.
 
 ``data.path`` is one of
 - ``builtin:<task>`` — a pool of `builtin_size` rows of `launch.tasks` at ``data.difficulty``;
@@ -58,12 +59,29 @@ def _data_path(cfg: Any) -> str:
     return str(path)
 
 
+class BuiltinRows:
+    """A built-in task's rows, read the way `PromptDataset` reads a `datasets.Dataset`
+    (column names, a row by index, a column-wise slice), so built-in tasks run without
+    importing `datasets` (heavy, and absent from some GPU images)."""
+
+    def __init__(self, rows: list[dict[str, Any]]):
+        self.rows = rows
+        self.column_names = list(dict.fromkeys(k for r in rows for k in r))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return {c: [r.get(c) for r in self.rows[key]] for c in self.column_names}
+        return {c: self.rows[key].get(c) for c in self.column_names}
+
+
 def load_rows(path: str, difficulty: int = 1, seed: int = 0, builtin_size: int = BUILTIN_POOL_SIZE,
               cache_dir: Optional[str] = None, split: str = "train"):
-    """The raw rows of `path` as a `datasets.Dataset` (`split` picks a built-in task's
-    independent stream of rows, e.g. "eval" for held-out prompts; files have one)."""
-    import datasets
-
+    """The raw rows of `path`: a `datasets.Dataset` for files and folders, `BuiltinRows`
+    for a built-in task (`split` picks its independent stream of rows, e.g. "eval" for
+    held-out prompts; files have one)."""
     if path.startswith("builtin:"):
         from launch.tasks import get_task
 
@@ -72,8 +90,9 @@ def load_rows(path: str, difficulty: int = 1, seed: int = 0, builtin_size: int =
         except ValueError as e:
             raise DataError(f"data.path={path!r}: {e}") from None
         rows = task.generate(builtin_size, difficulty, seed=seed, split=split)
-        flat = [{"prompt": r["prompt"], "answer": r["answer"], **r["metadata"]} for r in rows]
-        return datasets.Dataset.from_list(flat)
+        return BuiltinRows([{"prompt": r["prompt"], "answer": r["answer"], **r["metadata"]} for r in rows])
+
+    import datasets
 
     p = Path(path).expanduser()
     if not p.exists():

@@ -39,7 +39,7 @@ from launch.loggers import MetricLogger
 from launch.report import Progress, plot_curves, print_summary, read_metrics
 from launch.rollout_metrics import rollout_metrics, sample_rows
 from launch.system import RLSystem
-from launch.tiny_model import resolve_model_path
+from launch.tiny_model import check_model_folder, resolve_model_path
 from launch.warmup import CacheLock, cache_key, sampled_pass_rate, warm_start
 from trainer.checkpoint import CheckpointDir
 
@@ -113,6 +113,7 @@ def run(cfg: DictConfig) -> Path:
                           config=OmegaConf.to_container(cfg, resolve=True))
 
     model_path = resolve_model_path(conf.model.path)
+    check_model_folder(model_path)
     latest = ckpt.latest() if conf.resume else None
     if latest is None and conf.warmup.steps:
         model_path = run_warmup(conf, model_path, out, logger)
@@ -262,6 +263,7 @@ def loop(system: RLSystem, dataset: PromptDataset, conf: Config, logger: MetricL
             evals = evaluator.maybe_run(step, last, schedule.limit)  # engines idle, just synced
 
             step_time = time.perf_counter() - t_step
+            sync_split = {f"perf/sync_{k}": v for k, v in system.sync_stats().items()}
             metrics.update({
                 **guard_metrics,
                 "rollout/engine_restarts": float(system.take_engine_restarts()),
@@ -269,6 +271,7 @@ def loop(system: RLSystem, dataset: PromptDataset, conf: Config, logger: MetricL
                 "perf/reward_s": stats["reward_s"],
                 "perf/train_s": t_train,
                 "perf/sync_s": t_sync,
+                **sync_split,
                 "perf/idle_s": (t_ready - t_step) if not asynchronous else t_wait,
                 "perf/step_time_s": step_time,
                 "perf/tokens_per_s": sum(t.num_tokens for t in stats["generated"]) / max(step_time, 1e-9),
@@ -284,7 +287,7 @@ def loop(system: RLSystem, dataset: PromptDataset, conf: Config, logger: MetricL
             progress.update(metrics)
             due = conf.trainer.save_every and (step + 1) % conf.trainer.save_every == 0
             stopping = action == "stop"
-            worth_keeping = not stopping or trip.kind == "saturated"  # a collapsed policy is no place to resume from
+            worth_keeping = not stopping or trip.kind == "converged"  # a collapsed policy is no place to resume from
             if worth_keeping and (due or last or stop.requested or stopping):
                 # in async mode the next step's batch is generated already (by the old
                 # policy, waited for above): it is saved with the data position after it
@@ -293,7 +296,7 @@ def loop(system: RLSystem, dataset: PromptDataset, conf: Config, logger: MetricL
                     step + 1, dataset.state_dict(), counter[0], pending.result() if drawn_ahead else None,
                     {"length_schedule": schedule.state_dict(), "guard_rollbacks": guard.rollbacks if guard else 0}))
             if stopping:
-                raise GuardStop(trip, exit_code=0 if trip.kind == "saturated" else 3)
+                raise GuardStop(trip, exit_code=0 if trip.kind == "converged" else 3)
             if stop.requested and not last:
                 raise Preempted()
             if not asynchronous and not last:
@@ -336,7 +339,7 @@ def check_guard(guard: CollapseGuard | None, step: int, metrics: dict[str, float
     what = {"warn": "going on (guard.action=warn)", "stop": "stopping the run",
             "rollback": f"rolling back to {target} with the learning rate x{conf.guard.rollback_lr_factor}"}[action]
     logger.alert(f"cispo: {trip.kind} at step {step}", f"{trip.message}; {what}",
-                 level="INFO" if trip.kind == "saturated" else "ERROR")
+                 level="INFO" if trip.kind == "converged" else "ERROR")
     if action == "rollback":
         system.load_trainer(target)
         system.trainer.scale_lr(conf.guard.rollback_lr_factor)

@@ -16,21 +16,29 @@ A trip is logged on the console, counted under `guard/`, sent as a wandb alert, 
 acted on as `guard.action` says: `stop` (non-zero exit), `rollback` (to the newest
 checkpoint from before the symptoms began, with the learning rate scaled by
 `rollback_lr_factor`, at most `max_rollbacks` times, then stop) or `warn` (go on).
-Flat groups at the best reward seen are not a collapse but a solved task: reported as
-`saturated`, and the run stops cleanly (exit 0) unless the action is `warn`.
+
+Flat groups are a collapse only when the reward fell: a policy that answers every prompt
+the same way at (about) the best reward of the run has converged — nothing is left to
+learn from its own samples — and the run stops cleanly (exit 0, checkpoint and export)
+unless the action is `warn`. "About" compares 5-step means: the run's best against now,
+within `converged_margin`.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 
 from cispo.config import GuardConfig
 
 
+MEAN_STEPS = 5  # the reward is compared as a mean over this many steps (one step's is noisy)
+
+
 @dataclass
 class Trip:
-    kind: str  # "collapse" | "no_signal" | "nonfinite" | "saturated"
+    kind: str  # "collapse" | "no_signal" | "nonfinite" | "converged"
     message: str
     since_step: int  # first step of the window that tripped
 
@@ -56,7 +64,8 @@ class CollapseGuard:
         self.flat_streak = 0
         self.no_signal_streak = 0
         self.nonfinite_streak = 0
-        self.best_reward = -math.inf
+        self.recent: deque[float] = deque(maxlen=MEAN_STEPS)
+        self.best_mean = -math.inf
         self.trips = 0
 
     def reset(self) -> None:
@@ -82,20 +91,25 @@ class CollapseGuard:
                             f"{self.nonfinite_streak} step(s) in a row")
         else:
             self.nonfinite_streak = 0
-        if flat < c.flat_group_frac:
-            self.best_reward = max(self.best_reward, reward)
+        self.recent.append(reward)
+        mean = sum(self.recent) / len(self.recent)
+        if len(self.recent) == MEAN_STEPS:
+            self.best_mean = max(self.best_mean, mean)
 
         trip = None
         if self.nonfinite_streak >= c.max_nonfinite_steps:
             trip = Trip("nonfinite", f"the loss or gradient was non-finite for {self.nonfinite_streak} steps in a row "
                                      f"({', '.join(bad)})", step - self.nonfinite_streak + 1)
         elif self.flat_streak >= c.window:
-            saturated = reward >= self.best_reward and reward > 0
-            kind = "saturated" if saturated else "collapse"
-            what = ("the task looks solved (reward at its best)" if saturated else
-                    "the policy collapsed: every sample of a prompt gets the same reward")
-            trip = Trip(kind, f"{flat:.0%} of groups had zero reward spread for {self.flat_streak} steps "
-                              f"(mean reward {reward:.3f}): {what}", step - self.flat_streak + 1)
+            converged = mean > 0 and mean >= self.best_mean - c.converged_margin
+            what = (f"the policy has converged: it answers each prompt one way, at about its best reward "
+                    f"({self.best_mean:.3f}), and learns nothing more from its own samples" if converged else
+                    f"the policy collapsed: every sample of a prompt gets the same reward, well below the "
+                    f"run's best ({self.best_mean:.3f})")
+            trip = Trip("converged" if converged else "collapse",
+                        f"{flat:.0%} of groups had zero reward spread for {self.flat_streak} steps "
+                        f"(mean reward {mean:.3f} over the last {len(self.recent)} steps): {what}",
+                        step - self.flat_streak + 1)
         elif self.no_signal_streak >= c.window:
             trip = Trip("no_signal", f"no sample with a non-zero advantage trained for {self.no_signal_streak} steps "
                                      f"(mean reward {reward:.3f})", step - self.no_signal_streak + 1)
@@ -114,7 +128,7 @@ class CollapseGuard:
         """What to do about a trip: "stop", "rollback" or "warn"."""
         if self.cfg.action == "warn":
             return "warn"
-        if trip.kind == "saturated":
+        if trip.kind == "converged":
             return "stop"
         if self.cfg.action == "rollback" and self.rollbacks < self.cfg.max_rollbacks:
             return "rollback"

@@ -39,8 +39,13 @@ def _app(cfg: DictConfig) -> None:
             sys.exit(1)
         return
     from launch.driver import run
+    from launch.placement import PlacementError
 
-    run(cfg)
+    try:
+        run(cfg)
+    except (ConfigError, PlacementError) as err:  # found before or while starting: one line, no traceback
+        log.error("%s", err)
+        sys.exit(2)
 
 
 def main() -> None:

@@ -5,50 +5,83 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from pathlib import Path
 
 from cispo.batch import Trajectory
 from cispo.config import Config
+from launch import placement
+from launch.colocate import Colocated
 from launch.data import PromptItem
 from launch.weight_channel import WeightChannel
 from rewards.scorer import RewardScorer
-from rollout.group import RolloutGroup
+from rollout.group import RolloutEngineError, RolloutGroup
 from trainer.group import TrainerGroup
 
 log = logging.getLogger("cispo")
 
 
+def _not_on_shared_gpus(engines: list[int]) -> None:
+    """`RolloutGroup.on_replaced` for placement.mode=colocate: a replacement engine would
+    start beside a trainer rank that holds the GPU, with no way to get the weights in."""
+    raise RolloutEngineError(f"rollout engine(s) {engines} died; placement.mode=colocate does not replace engines "
+                             "(they share their GPUs with the trainer ranks): the run stops, resume it from its "
+                             "last checkpoint", engines)
+
+
 class RLSystem:
     def __init__(self, conf: Config, model_path: str):
-        import torch
+        self.conf = conf
+        self.scorer = self.trainer = self.rollout = self.colocated = self.weights = None
+        self._restarts_reported = 0
+        # GPUs or not is the placement's call, checked against the cluster before any actor
+        # starts (launch.placement); a CPU placement reserves nothing, as before.
+        layout = self.layout = placement.plan(conf.placement, conf.trainer.num_ranks, conf.rollout.num_engines,
+                                              conf.rollout.tensor_parallel_size)
+        self.reservation = placement.reserve(layout, conf.placement.ready_timeout_s) if layout.on_gpu else None
+        try:
+            self._start(conf, model_path, layout)
+        except BaseException:
+            self.shutdown()  # nothing half-started stays behind (actors, placement group)
+            raise
+
+    def _start(self, conf: Config, model_path: str, layout: placement.Layout) -> None:
         from transformers import AutoTokenizer
 
-        self.conf = conf
+        res = self.reservation
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        on_gpu = torch.cuda.is_available()
-        self.scorer = self.trainer = self.rollout = None
-        self._restarts_reported = 0
-        try:
-            self.scorer = RewardScorer(conf.reward)
-            log.info("starting %d trainer rank(s) and %d rollout engine(s)", conf.trainer.num_ranks,
-                     conf.rollout.num_engines)
-            # asynchronous: the engines generate while the trainer steps, so each keeps its own core
-            trainer_cfg = dataclasses.replace(conf.trainer, cpu_threads=1) if conf.mode == "async" else conf.trainer
-            self.trainer = TrainerGroup(
-                model_path, trainer_cfg, conf.algorithm, num_ranks=conf.trainer.num_ranks,
-                temperature=conf.rollout.temperature, seed=conf.seed, num_gpus_per_rank=1 if on_gpu else 0,
-                lora=conf.model.lora,
-            )
-            lora = dataclasses.asdict(conf.model.lora) if conf.model.lora.rank else None
-            self.rollout = RolloutGroup(model_path, conf.rollout, dtype=conf.model.dtype, lora=lora)
+        self.scorer = RewardScorer(conf.reward)
+        log.info("starting %d trainer rank(s) and %d rollout engine(s): %s", conf.trainer.num_ranks,
+                 conf.rollout.num_engines, layout.describe())
+        # asynchronous: the engines generate while the trainer steps, so each keeps its own core
+        trainer_cfg = dataclasses.replace(conf.trainer, cpu_threads=1) if conf.mode == "async" else conf.trainer
+        self.trainer = TrainerGroup(
+            model_path, trainer_cfg, conf.algorithm, num_ranks=conf.trainer.num_ranks,
+            temperature=conf.rollout.temperature, seed=conf.seed, num_cpus_per_rank=layout.trainer[0].num_cpus,
+            num_gpus_per_rank=layout.trainer[0].num_gpus, scheduling=res.trainer_strategies() if res else None,
+            lora=conf.model.lora,
+        )
+        if layout.colocated and conf.placement.offload_optimizer:
+            self.trainer.offload_states()  # the engines measure free memory at start-up
+        lora = dataclasses.asdict(conf.model.lora) if conf.model.lora.rank else None
+        self.rollout = RolloutGroup(
+            model_path, conf.rollout, dtype=conf.model.dtype, num_cpus=layout.rollout[0].num_cpus,
+            num_gpus=layout.rollout[0].num_gpus, enforce_eager=conf.rollout.enforce_eager,
+            engine_kwargs={"enable_sleep_mode": True} if layout.colocated else None,
+            scheduling=res.rollout_strategies() if res else None, lora=lora,
+        )
+        if layout.colocated:
+            self.colocated = Colocated(self.trainer, self.rollout, conf.placement.offload_optimizer,
+                                       conf.rollout.sync_bucket_mb)
+            self.rollout.on_replaced = _not_on_shared_gpus
+            self.lock = threading.RLock()
+        else:
             # LoRA adapters (a few MB) always travel through the object store: the engines
             # write them as adapter folders (rollout/lora.py), not into the base weights
-            self.weights = WeightChannel(self.trainer, self.rollout, conf.rollout, "nccl" if on_gpu else "gloo",
+            self.weights = WeightChannel(self.trainer, self.rollout, conf.rollout, "nccl" if layout.on_gpu else "gloo",
                                          collective=conf.rollout.weight_sync == "collective" and lora is None)
-        except BaseException:
-            self.shutdown()  # a part that failed to start must not leave the others running
-            raise
-        plan = self.weights.plan or self.trainer.weight_sync_plan(conf.rollout.sync_bucket_mb)
+            self.lock = self.weights.lock  # trainer calls never interleave with a replaced engine's sync
+        plan = (self.weights and self.weights.plan) or self.trainer.weight_sync_plan(conf.rollout.sync_bucket_mb)
         # what one sync sends, and the trainable share: the numbers LoRA changes
         self.size_metrics = {
             "model/sync_mb": sum(m.nbytes for bucket in plan for m in bucket) / 2**20,
@@ -88,12 +121,16 @@ class RLSystem:
         return len(result.failures)
 
     def train(self, batch: list[Trajectory]) -> dict[str, float]:
-        with self.weights.lock:  # a replaced engine's weights are fetched between steps, not during one
+        with self.lock:  # a replaced engine's weights are fetched between steps, not during one
+            if self.colocated is not None:
+                return self.colocated.train(batch)
             return self.trainer.train_step(batch)
 
     def sync_weights(self, version: int) -> int:
         """Trainer weights into every engine; returns the policy version the engines serve
         (what the next trajectories will carry)."""
+        if self.colocated is not None:
+            return self.colocated.sync(version)
         return self.weights.sync(version)
 
     def take_engine_restarts(self) -> int:
@@ -102,17 +139,41 @@ class RLSystem:
         new, self._restarts_reported = total - self._restarts_reported, total
         return new
 
+    def sync_stats(self) -> dict[str, float]:
+        """Where the last weight sync spent its time (seconds; GPU placements only, two
+        small RPCs): engine 0's load (with the waits for incoming buckets) and FP32-head
+        refresh, trainer rank 0's send, or the colocated turn's phases."""
+        if not self.layout.on_gpu:
+            return {}
+        out = {f"engine_{k}": float(v) for k, v in self.rollout.last_load_stats()[0].items() if k.endswith("_s")}
+        if self.colocated is not None:
+            return {**out, **self.colocated.last_sync}
+        if self.weights.plan is not None:
+            out.update({f"trainer_{k}": float(v) for k, v in self.trainer.last_sync_stats().items() if k.endswith("_s")})
+        return out
+
     # ---- checkpoints ---------------------------------------------------------------------
 
     def save(self, folder: Path, step: int) -> None:
-        with self.weights.lock:
+        with self.lock:
             self.trainer.step = step
+            offloaded = self.colocated is not None and self.colocated.offload
+            if offloaded:
+                self.trainer.reload_states()  # DeepSpeed saves (and later loads) the state where it trains
             self.trainer.save_into(str(folder))
+            if offloaded:
+                self.trainer.offload_states()
 
     def load_trainer(self, folder: Path) -> int:
         """The trainer's state from a checkpoint folder (the engines keep theirs)."""
-        with self.weights.lock:
-            return self.trainer.load_checkpoint(str(folder.parent), str(folder))
+        with self.lock:
+            offloaded = self.colocated is not None and self.colocated.offload
+            if offloaded:
+                self.trainer.reload_states()
+            step = self.trainer.load_checkpoint(str(folder.parent), str(folder))
+            if offloaded:
+                self.trainer.offload_states()
+            return step
 
     def restore(self, folder: Path, step: int) -> int:
         loaded = self.load_trainer(folder)
@@ -122,10 +183,15 @@ class RLSystem:
         return step
 
     def shutdown(self) -> None:
-        for part in (self.rollout, self.trainer, self.scorer):
-            if part is None:
-                continue
+        # also after a failed start: only the parts that exist
+        parts = [getattr(self, name, None) for name in ("rollout", "trainer", "scorer", "reservation")]
+        for part in (p for p in parts if p is not None):
             try:
-                part.shutdown() if hasattr(part, "shutdown") else part.close()
+                if hasattr(part, "shutdown"):
+                    part.shutdown()
+                elif hasattr(part, "release"):
+                    part.release()
+                else:
+                    part.close()
             except Exception as err:  # shutting down: report, keep closing the rest
                 log.warning("shutdown of %s failed: %s", type(part).__name__, err)

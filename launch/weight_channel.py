@@ -54,17 +54,43 @@ class WeightChannel:
 
     def _join(self) -> None:
         """(Re)build the sync group: trainer rank 0 and every engine worker join a new one."""
-        import ray
-
         with self.lock:
             host, port = self.trainer.sync_address()
+            # rollout.sync_port (a port the firewall lets through) for the first group; a rebuilt
+            # group takes a fresh one, the old group's store may still hold the port
+            if self.config.sync_port and self.address is None:
+                port = self.config.sync_port
             world = self.rollout.sync_world_size
-            trainer_ref = self.trainer.init_weight_sync(host, port, world, self.backend)
-            self.rollout.wait(self.rollout.init_weight_sync(host, port, world, self.backend), "weight-sync set-up")
-            ray.get(trainer_ref)
+            self._together(self.trainer.init_weight_sync(host, port, world, self.backend),
+                           self.rollout.init_weight_sync(host, port, world, self.backend), "weight-sync set-up")
             self.address = (host, port)
             if self.plan is None:
                 self.plan = self.trainer.weight_sync_plan(self.config.sync_bucket_mb)
+
+    def _together(self, trainer_refs, rollout_refs, what: str) -> list:
+        """Wait for both sides of a collective set-up, failing as soon as either side fails
+        (the other is then blocked in it for good); the wait is bounded and names a dead engine."""
+        import ray
+
+        trainer_refs = trainer_refs if isinstance(trainer_refs, list) else [trainer_refs]
+        engine_of = {ref: i for i, ref in enumerate(rollout_refs)}
+        pending = list(trainer_refs) + list(rollout_refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=self.rollout.timeout_s)
+            if not done:
+                break  # the bounded wait below names whoever is stuck
+            if done[0] in engine_of:
+                self.rollout.wait(done, what, 0, [engine_of[done[0]]])
+                continue
+            try:
+                ray.get(done[0])
+            except ray.exceptions.RayTaskError as err:
+                cause = err.cause if getattr(err, "cause", None) is not None else err
+                raise RuntimeError(f"{what} failed on the trainer side: {type(cause).__name__}: "
+                                   f"{str(cause).splitlines()[-1]}") from err
+        results = self.rollout.wait(rollout_refs, what)
+        ray.get(trainer_refs)
+        return results
 
     def _broadcast(self, version: int) -> list[int]:
         """One broadcast of the plan; returns the engines that died during it (after the

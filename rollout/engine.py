@@ -58,6 +58,7 @@ class RolloutEngine:
 
         compat.use_inprocess_engine()
         compat.silence_rotary_reload_warning()
+        from rollout.models import register_for
         from rollout.repetition import RepetitionStopProcessor
 
         self._compat = compat
@@ -73,6 +74,13 @@ class RolloutEngine:
 
             self.adapters = AdapterSlot(LoraConfig(**lora))
             engine_kwargs = {**lora_kwargs(self.adapters.cfg), **(engine_kwargs or {})}
+        register_for(self.model_path)  # architectures vLLM lacks (rollout/models)
+        processors: list[type] = [RepetitionStopProcessor]
+        if self.cfg.record_routing:
+            from rollout import routing
+
+            processors.append(routing.RoutingRecorder)
+            engine_kwargs = routing.engine_overrides(engine_kwargs)  # applied last: they win
         t0 = time.perf_counter()
         self.llm = compat.make_llm(
             compat.engine_kwargs(
@@ -82,7 +90,7 @@ class RolloutEngine:
                 gpu_memory_utilization=self.cfg.gpu_memory_utilization,
                 max_model_len=self.cfg.max_model_len,
                 seed=self.cfg.seed,
-                logits_processors=[RepetitionStopProcessor],
+                logits_processors=processors,
                 enforce_eager=enforce_eager,
                 extra={**self.cfg.engine_args, **(engine_kwargs or {})},
             )
@@ -93,7 +101,9 @@ class RolloutEngine:
         self.eos_token_id = self.tokenizer.eos_token_id
         self.fp32_head_impl = fp32_head_impl
         self.fp32_head: str | None = None
+        self.asleep: set[str] = set()  # what sleep freed and no wake-up has restored yet
         self.set_fp32_head(self.cfg.lm_head_fp32)
+        self.set_weight_load(self.cfg.weight_load)
 
     # ------------------------------------------------------------------ generation
     def encode(self, prompt: Any, chat_template: bool = True) -> list[int]:
@@ -149,11 +159,15 @@ class RolloutEngine:
         for ids, gid in zip(encoded, group_ids):
             for j in range(n):
                 tag = uuid.uuid4().hex
-                extra = None
+                extra = {}
                 if rep_on:
                     from rollout.repetition import request_args
 
-                    extra = request_args(cfg.repetition_window, cfg.repetition_prob, self.eos_token_id, tag)
+                    extra.update(request_args(cfg.repetition_window, cfg.repetition_prob, self.eos_token_id, tag))
+                if self.cfg.record_routing:
+                    from rollout.routing import request_args as routing_args
+
+                    extra.update(routing_args(tag))
                 requests.append(c.token_prompt(ids))
                 params.append(
                     c.sampling_params(
@@ -165,14 +179,14 @@ class RolloutEngine:
                         ignore_eos=ignore_eos,
                         detokenize=detokenize,
                         seed=None if seed is None else request_seed(int(seed), int(gid), j),
-                        extra_args=extra,
+                        extra_args=extra or None,
                     )
                 )
                 tags.append(tag)
 
         version = self.version
         outputs = c.generate(self.llm, requests, params, self.adapters.request if self.adapters else None)
-        trajectories = []
+        trajectories: list[Trajectory] = []
         for k, out in enumerate(outputs):
             p_idx, j = divmod(k, n)
             comp = out.outputs[0]
@@ -200,6 +214,11 @@ class RolloutEngine:
                     metadata=meta,
                 )
             )
+        if self.cfg.record_routing:
+            wanted = [(tags[k], t.num_tokens) for k, t in enumerate(trajectories)]
+            records = c.collective_rpc(self.llm, "cispo_take_routing", args=(wanted,))[0]
+            for t, record in zip(trajectories, records):
+                t.routed_experts = record
         return trajectories
 
     def _finish_reason(self, reason: str, ids: list[int], lps: list[float], tag: str, rep: RolloutConfig | None) -> str:
@@ -234,6 +253,10 @@ class RolloutEngine:
         return self._compat.collective_rpc(self.llm, "cispo_fp32_head_weight")[0]
 
     # ------------------------------------------------------------------ weights
+    def set_weight_load(self, how: str) -> None:
+        """How received weights enter vLLM (rollout.weight_load: auto / direct / reload)."""
+        self._compat.collective_rpc(self.llm, "cispo_set_weight_load", args=(how,))
+
     def _set_version(self, version: int | None) -> int:
         """Record the weights' version. The same version again is allowed (a replacement
         engine can get the current weights before the rest of the group reloads them)."""
@@ -261,6 +284,10 @@ class RolloutEngine:
         if not self.inprocess and not isinstance(weights, (bytes, bytearray)):
             weights = encode_weights(decode_weights(weights))  # tensors do not cross the engine-core boundary
         self._compat.collective_rpc(self.llm, "cispo_load_weights", args=(weights,))
+        return self._weights_changed(version)
+
+    def _weights_changed(self, version: int | None) -> int:
+        self._compat.reset_prefix_cache(self.llm)  # cached KV blocks belong to the old weights
         return self._set_version(version)
 
     def init_weight_sync(self, host: str, port: int, rank: int, world_size: int, backend: str = "gloo", timeout_s: float = 300.0) -> list[int]:
@@ -270,11 +297,58 @@ class RolloutEngine:
             self.llm, "cispo_init_sync", args=(host, int(port), int(rank), int(world_size), backend, float(timeout_s))
         )
 
-    def receive_weights(self, plan: list, version: int) -> int:
+    def receive_weights(self, plan: list, version: int, timed: bool = False) -> int:
         """Receive one broadcast per bucket of `plan` from sync rank 0, in plan order,
-        load them, refresh the FP32 head; returns the new policy version."""
-        self._compat.collective_rpc(self.llm, "cispo_receive", args=(plan,))
-        return self._set_version(version)
+        load them, refresh the FP32 head; returns the new policy version. timed: split
+        receive and load time (see last_load_stats; slower)."""
+        self._compat.collective_rpc(self.llm, "cispo_receive", args=(plan, timed))
+        return self._weights_changed(version)
+
+    def receive_ipc(self, items: list, version: int) -> int:
+        """Colocated path: load the (bucket plan, CUDA IPC handle) pairs a trainer rank on
+        this GPU shared (`cispo.weight_sync.share_bucket`); returns the new policy version."""
+        self._compat.collective_rpc(self.llm, "cispo_receive_ipc", args=(items,))
+        return self._weights_changed(version)
+
+    def last_load_stats(self) -> dict[str, Any]:
+        """Where the last weight load spent its time, per TP worker 0 (seconds)."""
+        return self._compat.collective_rpc(self.llm, "cispo_last_load_stats")[0]
+
+    def weight_checksums(self, rows: dict[str, int] | None = None) -> dict[str, int]:
+        """Exact per-tensor fingerprints of the live weights (TP worker 0; vLLM's names)."""
+        return self._compat.collective_rpc(self.llm, "cispo_checksums", args=(rows,))[0]
+
+    # ------------------------------------------------------------------ sleep / wake (colocated)
+    def _free(self) -> int:
+        return int(self._compat.collective_rpc(self.llm, "cispo_free_memory")[0][0])
+
+    def sleep(self, level: int = 1) -> dict[str, Any]:
+        """Free this engine's GPU memory for a colocated trainer (the engine must be idle;
+        it was made with enable_sleep_mode=True). Returns the device's free bytes before
+        and after, as the driver sees them."""
+        t0, free0 = time.perf_counter(), self._free()
+        if not self.asleep:
+            self._compat.collective_rpc(self.llm, "cispo_head_to", args=("cpu",))
+            self._compat.sleep(self.llm, level)
+            self._compat.collective_rpc(self.llm, "cispo_release_cached")
+            self.asleep = {"weights", "kv_cache"}
+        free1 = self._free()
+        return {"engine": self.engine_index, "free_before": free0, "free_after": free1,
+                "freed": free1 - free0, "sleep_s": time.perf_counter() - t0}
+
+    def wake_up(self, tags: list[str] | None = None) -> dict[str, Any]:
+        """Re-allocate what sleep freed (tags: "weights", then "kv_cache"; None = all);
+        what is awake already is left alone."""
+        t0, free0 = time.perf_counter(), self._free()
+        want = self.asleep if tags is None else self.asleep & set(tags)
+        if want:
+            woke = self._compat.wake_up(self.llm, None if tags is None else sorted(want))
+            woke = set(self.asleep) if woke is None else set(woke)
+            if "weights" in woke:
+                self._compat.collective_rpc(self.llm, "cispo_head_to", args=("device",))
+            self.asleep = self.asleep - woke
+        free1 = self._free()
+        return {"engine": self.engine_index, "taken": free0 - free1, "wake_s": time.perf_counter() - t0}
 
     # ------------------------------------------------------------------ misc
     def info(self) -> dict[str, Any]:

@@ -138,6 +138,14 @@ class Fp32Head:
         if self.impl == "split3":
             self.w3 = split3(self.weight)
 
+    def move(self, device: torch.device | str) -> None:
+        """Move the fp32 copy (not part of vLLM's sleep-managed memory) off the GPU while
+        the engine sleeps, and back when it wakes."""
+        self.weight = self.weight.to(device)
+        if self.bias is not None:
+            self.bias = self.bias.to(device)
+        self.w3 = None if self.w3 is None else self.w3.to(device)
+
     def set_rows(self, full_weight: torch.Tensor) -> None:
         """Take this rank's rows from the full [vocab, hidden] head weight, exactly."""
         start, end = self.rows

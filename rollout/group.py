@@ -64,8 +64,9 @@ class RolloutGroup:
     """`config.num_engines` `RolloutEngine` actors of `config.tensor_parallel_size` each.
 
     num_cpus / num_gpus: Ray resources per engine (default: 1 CPU; GPUs = TP size when
-    CUDA is visible, else 0). timeout_s: the default bound on every wait (start-up
-    included). engine_kwargs: extra `vllm.LLM` arguments. env: extra environment
+    CUDA is visible, else 0). scheduling: one Ray scheduling strategy per engine
+    (launch.placement's bundles), or None. timeout_s: the default bound on every wait
+    (start-up included). engine_kwargs: extra `vllm.LLM` arguments. env: extra environment
     variables for the actors (the repo root is put on their PYTHONPATH). lora: a
     `cispo.config.LoraConfig` as a dict, to serve trained adapters (rollout/lora.py). wait_ready=False
     returns at once (start several groups side by side), then call `wait_ready()`.
@@ -86,6 +87,7 @@ class RolloutGroup:
         name: str = "rollout",
         wait_ready: bool = True,
         engine_cls: type | None = None,
+        scheduling: list | None = None,
         lora: dict[str, Any] | None = None,
     ):
         import ray
@@ -108,6 +110,7 @@ class RolloutGroup:
         self._actor_options = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0,
                                    runtime_env={"env_vars": env_vars})
         self._engine_args = (model_path, config, dtype)
+        self._scheduling = scheduling  # per engine slot (placement bundles), or None
         self._engine_kwargs = dict(enforce_eager=enforce_eager, engine_kwargs=engine_kwargs, lora=lora)
         self._base_names = [f"{name}-{i}" for i in range(config.num_engines)]
         self.names = list(self._base_names)
@@ -127,7 +130,8 @@ class RolloutGroup:
         """A new actor for engine slot i (a restarted slot's actor gets a fresh name)."""
         k = self.restarts[i]
         self.names[i] = self._base_names[i] if k == 0 else f"{self._base_names[i]}.r{k}"
-        return self._actor_cls.options(name=self.names[i], **self._actor_options).remote(
+        placed = {"scheduling_strategy": self._scheduling[i]} if self._scheduling else {}
+        return self._actor_cls.options(name=self.names[i], **self._actor_options, **placed).remote(
             *self._engine_args, i, **self._engine_kwargs)
 
     def wait_ready(self, timeout_s: float | None = None, engines: Sequence[int] | None = None) -> list[dict[str, Any]]:
@@ -312,13 +316,34 @@ class RolloutGroup:
             e.init_weight_sync.remote(host, port, first_rank + i * self.tp, world, backend) for i, e in enumerate(self.engines)
         ]
 
-    def receive_weights(self, plan: list, version: int) -> list[Any]:
+    def receive_weights(self, plan: list, version: int, timed: bool = False) -> list[Any]:
         """Non-blocking: refs of every engine receiving the plan's buckets; wait on them
         together with the trainer's broadcast. Sets the group's version."""
         self.version = version
-        return [e.receive_weights.remote(plan, version) for e in self.engines]
+        return [e.receive_weights.remote(plan, version, timed) for e in self.engines]
+
+    def receive_ipc(self, items_per_engine: list[list], version: int, timeout_s: float | None = None) -> list[int]:
+        """Colocated path: engine i loads the CUDA IPC buckets its GPU's trainer rank
+        shared (`items_per_engine[i]`); blocks until all have loaded; returns versions."""
+        refs = [e.receive_ipc.remote(items, version) for e, items in zip(self.engines, items_per_engine)]
+        versions = self.wait(refs, "receive_ipc", timeout_s)
+        self.version = version
+        return versions
+
+    # ------------------------------------------------------------------ sleep / wake (colocated)
+    def sleep(self, level: int = 1, timeout_s: float | None = None) -> list[dict[str, Any]]:
+        return self.wait([e.sleep.remote(level) for e in self.engines], "sleep", timeout_s)
+
+    def wake_up(self, tags: list[str] | None = None, timeout_s: float | None = None) -> list[dict[str, Any]]:
+        return self.wait([e.wake_up.remote(tags) for e in self.engines], "wake_up", timeout_s)
 
     # ------------------------------------------------------------------ misc
+    def last_load_stats(self, timeout_s: float = 60.0) -> list[dict[str, Any]]:
+        return self.wait([e.last_load_stats.remote() for e in self.engines], "last_load_stats", timeout_s)
+
+    def weight_checksums(self, rows: dict[str, int] | None = None, timeout_s: float = 120.0) -> list[dict[str, int]]:
+        return self.wait([e.weight_checksums.remote(rows) for e in self.engines], "weight_checksums", timeout_s)
+
     def set_fp32_head(self, enabled: bool, timeout_s: float | None = None) -> None:
         self.wait([e.set_fp32_head.remote(enabled) for e in self.engines], "set_fp32_head", timeout_s)
 

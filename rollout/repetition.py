@@ -104,23 +104,16 @@ class RepetitionStopProcessor(compat.logits_processor_base()):
         return False  # forcing EOS changes greedy results too
 
     def update_state(self, batch_update) -> None:
-        removed, added, moved = compat.batch_update_ops(batch_update)
-        for index in removed:
-            self.rows.pop(index, None)
-        for index, params, out in added:
-            spec = (getattr(params, "extra_args", None) or {}).get(REQUEST_KEY) if params is not None else None
-            if spec is None:
-                self.rows.pop(index, None)
-                continue
-            t = float(params.temperature)
-            t = 1.0 if t < compat.greedy_temperature_eps() else t
-            self.rows[index] = RepetitionState(spec["window"], spec["prob"], spec["eos"], spec["tag"], t, out)
-        for a, b, swap in moved:
-            ra, rb = self.rows.pop(a, None), self.rows.pop(b, None)
-            if ra is not None:
-                self.rows[b] = ra
-            if swap and rb is not None:
-                self.rows[a] = rb
+        compat.track_rows(self.rows, batch_update, self._row)
+
+    @staticmethod
+    def _row(params, out: list[int]) -> RepetitionState | None:
+        spec = (getattr(params, "extra_args", None) or {}).get(REQUEST_KEY)
+        if spec is None:
+            return None
+        t = float(params.temperature)
+        t = 1.0 if t < compat.greedy_temperature_eps() else t
+        return RepetitionState(spec["window"], spec["prob"], spec["eos"], spec["tag"], t, out)
 
     def _resolve_inflight(self) -> None:
         if self._inflight is None:

@@ -236,6 +236,72 @@ def reload_weights(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
     worker.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
 
 
+def load_weights_inplace(worker, weights: Iterable[tuple[str, torch.Tensor]], how: str = "auto") -> str:
+    """Load checkpoint-format weights into the running model; returns the path taken
+    (`how`: "auto", "direct" or "reload", rollout.weight_load).
+
+    "direct": `model.load_weights`, each parameter's own weight_loader copying into the
+    live tensor (fusing qkv / gate_up, sharding): on CUDA with an unquantized model
+    nothing needs re-processing after a load. "reload": vLLM's layerwise reload, which
+    moves every layer to meta, re-materialises and re-processes it (needed on CPU, where
+    linear weights are prepacked, and for quantized models), at a multiple of the cost."""
+    if how == "auto":
+        quantized = getattr(getattr(getattr(worker, "vllm_config", None), "model_config", None), "quantization", None)
+        how = "direct" if worker_device(worker).type == "cuda" and quantized is None else "reload"
+    if how == "direct":
+        with torch.no_grad():
+            worker_model(worker).load_weights(weights)
+    else:
+        reload_weights(worker, weights)
+    return how
+
+
+def sleep(llm, level: int) -> None:
+    """Free the engine's GPU memory (level 1: weights to CPU memory, KV cache dropped;
+    level 2: both dropped). Needs `enable_sleep_mode=True` at engine creation."""
+    llm.sleep(level=level)
+
+
+def wake_up(llm, tags: list[str] | None = None) -> list[str] | None:
+    """Re-allocate what sleep freed: tags ["weights"] first lets weights be loaded before
+    the KV cache comes back (["kv_cache"]); None = everything. Returns the tags woken
+    (None = all: a release without tagged wake-up wakes everything at once)."""
+    if tags is None:
+        llm.wake_up()
+        return None
+    try:
+        llm.wake_up(tags=tags)
+        return list(tags)
+    except TypeError:
+        llm.wake_up()
+        return None
+
+
+def device_free_memory(worker) -> tuple[int, int]:
+    """(free, total) bytes of the worker's GPU as the driver sees it (all processes)."""
+    device = worker_device(worker)
+    if device.type != "cuda":
+        return 0, 0
+    return torch.cuda.mem_get_info(device)
+
+
+# vLLM's Qwen2/Llama-family fusing of checkpoint tensors (the models' stacked_params_mapping).
+FUSED = (("qkv_proj", ("q_proj", "k_proj", "v_proj")), ("gate_up_proj", ("gate_proj", "up_proj")))
+
+
+def checkpoint_to_vllm_layout(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hugging Face-named tensors (TP 1) arranged as vLLM holds them: q/k/v and gate/up
+    concatenated along dim 0 under the fused name. What `cispo_checksums` is compared with."""
+    out = dict(named)
+    for fused, parts in FUSED:
+        for name in [n for n in named if f".{parts[0]}." in n]:
+            pieces = [name.replace(f".{parts[0]}.", f".{p}.") for p in parts]
+            out[name.replace(f".{parts[0]}.", f".{fused}.")] = torch.cat([named[p] for p in pieces], dim=0)
+            for p in pieces:
+                del out[p]
+    return out
+
+
 def tied_word_embeddings(model) -> bool:
     cfg = getattr(model, "config", None)
     return bool(getattr(cfg, "tie_word_embeddings", False))
@@ -260,6 +326,27 @@ def batch_update_ops(batch_update) -> tuple[list[int], list[tuple[int, Any, list
     added = [(a[0], a[1], a[3]) for a in batch_update.added]
     moved = [(a, b, d == MoveDirectionality.SWAP) for a, b, d in batch_update.moved]
     return list(batch_update.removed), added, moved
+
+
+def track_rows(rows: dict[int, Any], batch_update, row_for: Callable[[Any, list[int]], Any]) -> None:
+    """Keep a logits processor's {batch index: state} in step with the engine's batch:
+    removed rows dropped, added rows get `row_for(SamplingParams, live output tokens)`
+    (None: the request did not opt in), moved/swapped rows follow their request."""
+    removed, added, moved = batch_update_ops(batch_update)
+    for index in removed:
+        rows.pop(index, None)
+    for index, params, out in added:
+        state = row_for(params, out) if params is not None else None
+        if state is None:
+            rows.pop(index, None)
+        else:
+            rows[index] = state
+    for a, b, swap in moved:
+        ra, rb = rows.pop(a, None), rows.pop(b, None)
+        if ra is not None:
+            rows[b] = ra
+        if swap and rb is not None:
+            rows[a] = rb
 
 
 def greedy_temperature_eps() -> float:

@@ -29,6 +29,7 @@ from cispo.metrics import finalize_stats, merge_stats, mismatch_metrics
 from cispo.offpolicy import BehaviourIS, behaviour_weights
 from cispo.weight_sync import ParamMeta, unflatten_bucket
 from trainer import checkpoint as ckpt
+from trainer.minimax import moe_metrics
 from trainer.packing import minibatches, plan_micro_batches, token_index
 from trainer.worker import TrainerWorker
 
@@ -66,8 +67,12 @@ class TrainerGroup:
         num_gpus_per_rank: float = 0,
         attn_implementation: str | None = None,
         dist_backend: str | None = None,
+        scheduling: list | None = None,
         lora: LoraConfig | None = None,
     ):
+        """scheduling: one Ray scheduling strategy per rank (launch.placement pins the
+        ranks into its own placement group); None = the group packs its ranks itself.
+        The ranks use CUDA exactly when num_gpus_per_rank > 0."""
         import os
 
         import ray
@@ -80,10 +85,15 @@ class TrainerGroup:
         self.num_ranks = int(num_ranks or self.cfg.num_ranks)
         self.model_path = model_path
         self.step = 0  # RL steps done (train_step calls)
+        self.device = "cuda" if num_gpus_per_rank else "cpu"
 
-        bundle = {"CPU": num_cpus_per_rank, **({"GPU": num_gpus_per_rank} if num_gpus_per_rank else {})}
-        self._pg = placement_group([dict(bundle) for _ in range(self.num_ranks)], strategy="PACK")
-        ray.get(self._pg.ready())
+        self._pg = None
+        if scheduling is None:
+            bundle = {"CPU": num_cpus_per_rank, **({"GPU": num_gpus_per_rank} if num_gpus_per_rank else {})}
+            self._pg = placement_group([dict(bundle) for _ in range(self.num_ranks)], strategy="PACK")
+            ray.get(self._pg.ready())
+            scheduling = [PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=r)
+                          for r in range(self.num_ranks)]
         pythonpath = os.pathsep.join(p for p in (_REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p)
         actor_cls = ray.remote(TrainerWorker)
         # All actors are created before any is waited on: setup() blocks in
@@ -91,7 +101,7 @@ class TrainerGroup:
         self.workers = [
             actor_cls.options(
                 num_cpus=num_cpus_per_rank, num_gpus=num_gpus_per_rank,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=r),
+                scheduling_strategy=scheduling[r],
                 runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
             ).remote(r, self.num_ranks, model_path, dataclasses.asdict(self.cfg),
                      dataclasses.asdict(self.algorithm_cfg), temperature, seed, attn_implementation,
@@ -100,12 +110,13 @@ class TrainerGroup:
         ]
         try:
             host, port = ray.get(self.workers[0].address.remote())
-            infos = ray.get([w.setup.remote(host, port, dist_backend) for w in self.workers])
+            infos = ray.get([w.setup.remote(host, port, dist_backend, self.device) for w in self.workers])
         except BaseException:
             # one rank failing leaves the others blocked in init: take all of them down
             for w in self.workers:
                 ray.kill(w)
-            remove_placement_group(self._pg)
+            if self._pg is not None:
+                remove_placement_group(self._pg)
             self.workers = []
             raise
         self.num_params = infos[0]["num_params"]  # what a weight sync sends (LoRA: the adapters)
@@ -173,6 +184,7 @@ class TrainerGroup:
                                     mismatch_metrics(t, o, torch.ones_like(t, dtype=torch.bool)).items()})
         self.step += 1
         metrics.update({f"train/{k}": v for k, v in finalize_stats(stats).items()})
+        metrics.update(moe_metrics(stats, updates))
         # changes with every update: a run whose weights stand still shows it here
         metrics["train/param_norm"] = self._all("param_norm")[0]
         metrics.update({
@@ -272,11 +284,41 @@ class TrainerGroup:
         ray.get it together with the rollout actors' init_weight_sync."""
         return self.workers[0].init_weight_sync.remote(host, port, world_size, backend)
 
-    def broadcast_weights(self, plan: list[list[ParamMeta]]) -> list:
+    def broadcast_weights(self, plan: list[list[ParamMeta]], timed: bool = False) -> list:
         """Non-blocking: ObjectRefs of every rank walking the plan (rank 0 broadcasts each
         bucket, the others help gather it under ZeRO-3); ray.get them together with the
-        rollout actors' receive_weights. Rank 0's result is the number of bytes sent."""
-        return [w.broadcast_weights.remote(plan) for w in self.workers]
+        rollout actors' receive_weights. Rank 0's result is the number of bytes sent.
+        timed: also split rank 0's time into gather and send (slower; measurements)."""
+        return [w.broadcast_weights.remote(plan, timed) for w in self.workers]
+
+    def last_sync_stats(self) -> dict:
+        """Rank 0's split of the last weight send (gather_s, send_s, total_s, bytes)."""
+        import ray
+
+        return ray.get(self.workers[0].last_sync_stats.remote())
+
+    # ---- colocated engines --------------------------------------------------------------
+
+    def share_weights(self, plan: list[list[ParamMeta]]) -> list[list]:
+        """Per rank, [(bucket, CUDA IPC handle), ...] of its gathered weights (all ranks
+        gather together under ZeRO-3); call `release_shared` once the engines loaded them."""
+        return self._all("share_weights", same=(plan,))
+
+    def release_shared(self) -> None:
+        self._all("release_shared")
+
+    def offload_states(self) -> list[dict]:
+        """Optimizer state to CPU on every rank (colocated engines get the memory)."""
+        return self._all("offload_states")
+
+    def reload_states(self) -> float:
+        return max(self._all("reload_states"), default=0.0)
+
+    def empty_cache(self) -> None:
+        self._all("empty_cache")
+
+    def memory(self) -> list[dict]:
+        return self._all("memory")
 
     def get_weights_ref(self, plan: list[list[ParamMeta]]):
         """Object-store path: an ObjectRef to rank 0's [(bucket, flat CPU tensor), ...]
@@ -317,5 +359,6 @@ class TrainerGroup:
                     ray.kill(w)
                 except Exception:  # already gone
                     pass
-            remove_placement_group(self._pg)
+            if self._pg is not None:
+                remove_placement_group(self._pg)
             self.workers = []

@@ -43,6 +43,7 @@ def select_sequences(batch: PackedBatch, seq_ids: list[int]) -> PackedBatch:
         advantages=batch.advantages[idx],
         seq_index=torch.repeat_interleave(torch.arange(len(seq_ids)), lengths),
         behaviour_weights=None if batch.behaviour_weights is None else batch.behaviour_weights[idx],
+        routed_experts=batch.routed_experts[idx] if batch.routed_experts is not None else None,
     )
 
 

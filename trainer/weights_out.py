@@ -14,12 +14,13 @@ at one bucket instead of a full model copy.
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
 
-from cispo.weight_sync import ParamMeta, flatten_bucket, plan_buckets
+from cispo.weight_sync import ParamMeta, broadcast_bucket, flatten_bucket, plan_buckets
 
 
 def _full_shape(p: torch.Tensor) -> tuple[int, ...]:
@@ -62,3 +63,49 @@ def cpu_buckets(model: nn.Module, plan: list[list[ParamMeta]], keep: bool) -> li
         if keep:
             out.append((bucket, flat))
     return out
+
+
+def broadcast_plan(model: nn.Module, plan: list[list[ParamMeta]], device: torch.device | str, group=None,
+                   timed: bool = False) -> dict:
+    """Walk `plan` (every rank must: ZeRO-3 gathers are collective); where `group` is given
+    (the sync group's rank 0) broadcast each bucket; a failed broadcast is raised once the
+    walk is done. Returns bytes sent and the seconds
+    spent. timed=True waits for the GPU after each gather and each send, so gather_s and
+    send_s split the total (costs the overlap, for measurements); otherwise only total_s."""
+    on_cuda = torch.device(device).type == "cuda"
+
+    def settle() -> None:
+        if timed and on_cuda:
+            torch.cuda.synchronize()
+
+    sent, gather_s, send_s, t0 = 0, 0.0, 0.0, time.perf_counter()
+    failure = None
+    buckets = iter_flat_buckets(model, plan, device)
+    while True:
+        t = time.perf_counter()
+        flat = next(buckets, None)
+        settle()
+        gather_s += time.perf_counter() - t
+        if flat is None:
+            break
+        if group is not None and failure is None:
+            t = time.perf_counter()
+            try:
+                broadcast_bucket(group, flat)
+            except Exception as err:  # noqa: BLE001 - raised after the walk
+                # a receiver died or the group was told to abort: stop sending, but keep walking
+                # the plan so the other ranks' ZeRO-3 gathers are not left waiting for this one
+                failure = err
+                group.abort()
+                continue
+            settle()
+            send_s += time.perf_counter() - t
+            sent += flat.numel() * flat.element_size()
+    if failure is not None:
+        raise failure
+    if on_cuda:
+        torch.cuda.synchronize()
+    stats = {"bytes": sent, "buckets": len(plan), "total_s": time.perf_counter() - t0}
+    if timed:
+        stats.update(gather_s=gather_s, send_s=send_s)
+    return stats

@@ -27,3 +27,19 @@ def test_trajectory_rejects_inconsistent_input_with_named_field():
         Trajectory([1], [2], [-0.1], "eos", 0)
     with pytest.raises(ValueError, match="prompt_ids is empty"):
         Trajectory([], [2], [-0.1], "stop", 0)
+
+
+def test_routed_experts_are_packed_and_checked():
+    a = Trajectory([1, 2], [3], [-0.1], "stop", 0, routed_experts=torch.arange(12, dtype=torch.int16).view(3, 2, 2))
+    b = Trajectory([4], [5], [-0.2], "stop", 0)  # no record: its rows are -1 (routed live)
+    p = pack([a, b])
+    assert p.routed_experts.shape == (5, 2, 2) and p.routed_experts.dtype == torch.int16
+    assert torch.equal(p.routed_experts[:3], a.routed_experts)
+    assert (p.routed_experts[3:] == -1).all()
+    assert pack([b]).routed_experts is None
+    assert p.to("cpu").routed_experts is not None and pack([b]).to("cpu").routed_experts is None
+    with pytest.raises(ValueError, match=r"routed_experts has shape \(2, 2, 2\); expected \[3"):
+        Trajectory([1, 2], [3], [-0.1], "stop", 0, routed_experts=torch.zeros(2, 2, 2, dtype=torch.int16))
+    c = Trajectory([1], [2], [-0.1], "stop", 0, routed_experts=torch.zeros(2, 3, 2, dtype=torch.int16))
+    with pytest.raises(ValueError, match="disagree in"):
+        pack([a, c])

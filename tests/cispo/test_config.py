@@ -23,6 +23,12 @@ def test_each_algorithm_group_loads(group):
     assert compose_config([f"algorithm={group}"]).algorithm.name == group
 
 
+def test_minimax_model_group_and_routing_replay_compose():
+    cfg = compose_config(["model=minimax_tiny", "rollout.record_routing=true", "trainer.routing_replay=true",
+                          "trainer.moe_aux_loss_coef=0.01"])
+    assert cfg.model.path == "builtin:minimax-tiny" and cfg.trainer.routing_replay and cfg.rollout.record_routing
+
+
 @pytest.mark.parametrize("experiment", [[], ["+experiment=long_addition"]])
 def test_presets_are_valid_and_hold_sampling_equal(experiment):
     """Only what the algorithm is changes between presets: never the group size, the data
@@ -44,6 +50,7 @@ def test_presets_are_valid_and_hold_sampling_equal(experiment):
         (["algorithm=dapo", "algorithm.overlong_buffer=8"], "algorithm.overlong_buffer", ">= rollout.max_new_tokens=8"),
         (["algorithm.group_size=1", "data.rollout_batch_size=16"], "algorithm.group_size", "must be >= 2"),
         (["algorithm=grpo", "algorithm.token_mask=true"], "algorithm.token_mask", "CISPO's trust-region mask"),
+        (["trainer.liger=true", "trainer.compile=true"], "trainer.liger/trainer.compile", "choose one"),
     ],
 )
 def test_settings_that_cannot_work_together_are_refused(overrides, key, message):
@@ -63,6 +70,7 @@ def test_settings_that_cannot_work_together_are_refused(overrides, key, message)
         ("trainer.zero_stage=4", "trainer.zero_stage", "allowed values: 0, 1, 2, 3"),
         ("trainer.old_logprobs=cached", "trainer.old_logprobs", "allowed values: rollout, recompute"),
         ("trainer.lm_head_mode=fp16", "trainer.lm_head_mode", "allowed values: auto, fp16x2, bf16x3"),
+        ("trainer.attn_implementation=flash", "trainer.attn_implementation", "allowed values: sdpa, varlen"),
         ("rollout.temperature=0", "rollout.temperature", "must be > 0"),
         ("rollout.weight_sync=nfs", "rollout.weight_sync", "allowed values: collective, object_store"),
         ("rollout.max_restarts=-1", "rollout.max_restarts", "must be >= 0"),
@@ -75,6 +83,8 @@ def test_settings_that_cannot_work_together_are_refused(overrides, key, message)
         ("rollout.top_p=0.9", "trainer.old_logprobs", "use trainer.old_logprobs=recompute"),
         ("max_staleness=-1", "max_staleness", "must be >= 0"),
         ("reward.weights=[1.0,2.0]", "reward.weights", "has 2 entries for 1 reward.functions"),
+        ("trainer.moe_aux_loss_coef=-0.1", "trainer.moe_aux_loss_coef", "must be >= 0.0"),
+        ("trainer.routing_replay=true", "trainer.routing_replay", "set rollout.record_routing=true"),
     ],
 )
 def test_invalid_values_name_the_key(override, key, message):

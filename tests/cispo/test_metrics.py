@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from cispo.metrics import finalize_stats, merge_stats, mismatch_metrics
+from cispo.metrics import accumulate_stats, finalize_stats, merge_stats, mismatch_metrics, stats_to_floats
 
 
 def test_mismatch_metrics_match_float64_formulas():
@@ -38,3 +38,17 @@ def test_merged_shard_stats_equal_whole_batch_stats():
     out = finalize_stats(acc)
     assert out == pytest.approx({"is_weight_mean": 1.0, "is_weight_max": 1.5, "clip_frac_high": 0.25, "clip_frac_low": 0.25,
                                  "grad_dropped_frac": 0.25})
+
+
+def test_stats_accumulated_on_device_equal_merged_floats():
+    """The trainer accumulates per-micro-batch stats as tensors (no host sync per micro-batch);
+    the result must be the very floats merge_stats gives (same float64 additions, same max)."""
+    seed = torch.seed() % 2**31
+    g = torch.Generator().manual_seed(seed)
+    floats, tensors = {}, {}
+    for _ in range(7):
+        shard = {"token_count": torch.rand((), generator=g) * 100, "is_weight_sum": torch.rand((), generator=g) * 37,
+                 "is_weight_max": torch.rand((), generator=g) * 3, "loss": torch.randn((), generator=g) / 3}
+        merge_stats(floats, shard)
+        accumulate_stats(tensors, shard)
+    assert stats_to_floats(tensors) == floats, f"seed {seed}"

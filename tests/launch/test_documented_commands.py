@@ -28,7 +28,14 @@ COVERED = {
     "cispo-train algorithm=grpo": FIRST_DAY + "test_lora_with_the_staged_generation_budget",
     "cispo-train model=hf model.path=/models/Qwen2.5-1.5B data=jsonl data.path=/data/math.jsonl reward=math":
         FIRST_DAY + "test_readme_own_model_command_trains_evaluates_and_exports",
-    "cispo-train trainer.zero_stage=3 trainer.num_ranks=8 rollout=gpu trainer=gpu": "gpu: not recorded yet",
+    "cispo-train rollout=gpu trainer=gpu placement=colocate_1":
+        "gpu: bench/gpu_session.sh stage colocate (bench/gpu_loop.py --run colocate_1:sync); tests/gpu/test_colocate.py",
+    "cispo-train rollout=gpu trainer=gpu placement=split_4_4":
+        "gpu: not recorded yet (its bundles and fit check: tests/launch/test_placement.py)",
+    "cispo-train rollout=gpu trainer=gpu placement=colocate_1 model=hf model.path=/models/qwen2-1.5b":
+        "gpu: bench/gpu_session.sh stage colocate15 (the Qwen2-1.5B shape, random init)",
+    "cispo-train rollout=gpu trainer=gpu placement=split_1_1 mode=async model=hf model.path=/models/qwen2-0.5b":
+        "gpu: bench/gpu_session.sh stage split (the Qwen2-0.5B shape, random init); tests/gpu/test_split.py",
     "cispo-train --cfg job": "tests/launch/test_documented_commands.py::test_cfg_job_prints_the_resolved_config",
     "RAY_ADDRESS=head:6379 cispo-train": SLURM,  # the job's driver attaches to the job's Ray cluster
     "cispo-train cluster=slurm cluster.nodes=4 cluster.gpus_per_node=8 cluster.partition=gpu": SLURM,
@@ -40,17 +47,19 @@ COVERED = {
     "cispo-train model=hf model.path=/models/Qwen2.5-1.5B data=jsonl data.path=/data/math.jsonl reward=math "
     "model.lora.rank=16": FIRST_DAY + "test_lora_with_the_staged_generation_budget",
     "cispo-train model=hf model.path=/models/Qwen2.5-7B data=jsonl data.path=/data/math.jsonl reward=math "
-    "rollout=gpu trainer=gpu rollout.max_new_tokens=81920 rollout.max_model_len=83968 "
+    "rollout=gpu trainer=gpu placement=split_4_4 rollout.max_new_tokens=81920 rollout.max_model_len=83968 "
     "trainer.micro_batch_tokens=98304 rollout.length_schedule.stages=[40960,49152,57344,65536,73728,81920]":
         "gpu: not recorded yet (the schedule itself: " + FIRST_DAY + "test_lora_with_the_staged_generation_budget)",
     "cispo-train cluster=slurm cluster.nodes=4 cluster.gpus_per_node=8 cluster.cpus_per_node=64 "
     "cluster.partition=gpu cluster.time_minutes=240 model=hf model.path=/models/Qwen2.5-7B data=jsonl "
-    "data.path=/shared/data/math.jsonl reward=math rollout=gpu trainer=gpu output_dir=/shared/runs/qwen7b-cispo":
+    "data.path=/shared/data/math.jsonl reward=math rollout=gpu trainer=gpu placement.rollout_gpus=16 "
+    "placement.trainer_gpus=16 output_dir=/shared/runs/qwen7b-cispo":
         "gpu: not recorded yet (rendered: test_slurm_docs_command_renders_a_job_script; Slurm itself: " + SLURM + ")",
     "cispo-train cluster=slurm ... cluster.dry_run=true": "tests/slurm/test_slurm_script.py",
     "cispo-train cluster=slurm cluster.nodes=4 cluster.gpus_per_node=8 cluster.cpus_per_node=64 cluster.partition=gpu "
     "cluster.time_minutes=240 model=hf model.path=/models/Qwen2.5-7B data=jsonl data.path=/shared/data/math.jsonl "
-    "reward=math rollout=gpu trainer=gpu steps=500 output_dir=/tmp/cispo-dry/qwen7b-cispo cluster.dry_run=true":
+    "reward=math rollout=gpu trainer=gpu placement.rollout_gpus=16 placement.trainer_gpus=16 steps=500 "
+    "output_dir=/tmp/cispo-dry/qwen7b-cispo cluster.dry_run=true":
         "the dry run itself: tests/slurm/make_dry_run_doc.py printed docs/slurm_dry_run_4x8.md",
 }
 

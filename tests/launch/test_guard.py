@@ -43,12 +43,19 @@ def test_an_interrupted_streak_starts_over():
     assert feed(guard, rows) == []
 
 
-def test_flat_at_the_best_reward_is_saturated_not_collapse():
+def test_flat_at_about_the_best_reward_is_converged_not_collapse():
+    """A deterministic policy at 0.81 whose best 5-step mean was 0.85 has converged (seen in a
+    default run); one that fell to 0.4 from 0.58 has collapsed."""
     guard = CollapseGuard(GuardConfig(window=3, action="rollback"))
-    feed(guard, [step(reward=r) for r in (0.2, 0.5, 0.8)])
-    trips = feed(guard, [step(reward=1.0, flat=1.0, signal=0)] * 3, start=3)
-    assert trips[0][1].kind == "saturated"
-    assert guard.decide(trips[0][1]) == "stop"  # never a rollback away from a solved task
+    feed(guard, [step(reward=r) for r in (0.6, 0.9, 0.8, 0.9, 0.85, 0.8)])  # best 5-step mean 0.85
+    trips = feed(guard, [step(reward=0.81, flat=1.0, signal=0)] * 3, start=6)
+    assert trips[0][1].kind == "converged" and "converged" in trips[0][1].message
+    assert guard.decide(trips[0][1]) == "stop"  # never a rollback away from a converged policy
+
+    guard = CollapseGuard(GuardConfig(window=5))
+    feed(guard, [step(reward=r) for r in (0.5, 0.6, 0.6, 0.55, 0.6, 0.58)])
+    trips = feed(guard, [step(reward=0.4, flat=1.0, signal=0)] * 5, start=6)
+    assert trips[0][1].kind == "collapse" and "well below the run's best" in trips[0][1].message
 
 
 def test_no_signal_without_dynamic_sampling():

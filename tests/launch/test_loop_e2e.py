@@ -22,6 +22,7 @@ SMALL = [
     # in ten does, and preferring one token is learnt in a few steps
     "reward.functions=[tests.launch.toy_rewards:starts_with_seven]",
     "trainer.lr=3e-3",
+    "trainer.warmup_steps=1",  # the full rate from the first update: a few steps must move the reward
     "trainer.mini_batch_size=32",  # two updates per step: the second one is off-policy
     "rollout.max_new_tokens=4",
     "warmup.steps=30",
@@ -47,8 +48,9 @@ def _run(module: str, args: list[str], cache: Path, expect_exit: int) -> subproc
     return proc
 
 
-def cispo_train(out: Path, *overrides: str, cache: Path, expect_exit: int = 0) -> subprocess.CompletedProcess:
-    return _run("launch.main", [f"output_dir={out}", *SMALL, *overrides], cache, expect_exit)
+def cispo_train(out: Path, *overrides: str, cache: Path, expect_exit: int = 0,
+                base: list[str] = SMALL) -> subprocess.CompletedProcess:
+    return _run("launch.main", [f"output_dir={out}", *base, *overrides], cache, expect_exit)
 
 
 def faulty_train(out: Path, faults: str, *overrides: str, cache: Path, expect_exit: int = 0) -> subprocess.CompletedProcess:
@@ -117,7 +119,8 @@ def test_sync_loop_learns_a_learnable_reward(learned):
 def test_collapse_guard_stops_a_run_with_no_signal(tmp_path, cache):
     out = tmp_path / "guard"
     proc = cispo_train(out, "steps=10", "reward.functions=[tests.launch.toy_rewards:always_zero]",
-                       "algorithm.dynamic_sampling=true", "guard.window=2", cache=cache, expect_exit=3)
+                       "algorithm.dynamic_sampling=true", "algorithm.overlong=none",  # no length penalty: every reward 0
+                       "guard.window=2", cache=cache, expect_exit=3)
     text = proc.stdout + proc.stderr
     assert "collapse guard stopped the run" in text and "zero reward spread for 2 steps" in text
     rows = metrics(out)

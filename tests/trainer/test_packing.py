@@ -26,13 +26,26 @@ def _trajs(vocab):
 
 
 def _packed_loss(policy, batch, num_tokens, num_seqs):
+    """As the trainer calls the policy: with the sequences' bounds (trainer/attention.py)."""
     pos = loss_positions(batch.loss_mask)
-    lp, _ = policy(batch.input_ids, batch.position_ids, pos, batch.targets[pos], TEMPERATURE)
+    lp, _ = policy(batch.input_ids, batch.position_ids, pos, batch.targets[pos], TEMPERATURE,
+                   cu_seqlens=batch.cu_seqlens, max_seqlen=int(batch.seq_lengths().max()))
     w = token_weights(batch.loss_mask, batch.seq_index, ALG.loss_agg, num_tokens, num_seqs)[pos]
     out = policy_loss(ALG, lp, batch.old_logprobs[pos], batch.advantages[pos], w, batch.loss_mask[pos])
     full = torch.zeros(batch.num_tokens)
     full[pos] = lp.detach()
     return out.loss, full
+
+
+def _alone(policy, batch, num_tokens, num_seqs):
+    """Each sequence on its own, losses summed (global normaliser)."""
+    total, full = 0.0, torch.zeros(batch.num_tokens)
+    cu = batch.cu_seqlens.tolist()
+    for s in range(batch.num_seqs):
+        loss, lp = _packed_loss(policy, select_sequences(batch, [s]), num_tokens, num_seqs)
+        total = total + loss
+        full[cu[s]: cu[s + 1]] = lp
+    return total, full
 
 
 def _padded_loss(policy, batch, num_tokens, num_seqs):
@@ -77,16 +90,7 @@ def test_packed_equals_padded_equals_alone(tiny_model_path, attn):
     packed = _grads(policy, lambda: _packed_loss(policy, batch, n_tok, n_seq))
     padded = _grads(policy, lambda: _padded_loss(policy, batch, n_tok, n_seq))
 
-    def alone():  # each sequence on its own, losses summed (global normaliser)
-        total, full = 0.0, torch.zeros(batch.num_tokens)
-        cu = batch.cu_seqlens.tolist()
-        for s in range(batch.num_seqs):
-            loss, lp = _packed_loss(policy, select_sequences(batch, [s]), n_tok, n_seq)
-            total = total + loss
-            full[cu[s]: cu[s + 1]] = lp
-        return total, full
-
-    single = _grads(policy, alone)
+    single = _grads(policy, lambda: _alone(policy, batch, n_tok, n_seq))
     for other in (padded, single):
         assert other[0] == pytest.approx(packed[0], rel=1e-5)
         torch.testing.assert_close(other[1], packed[1], rtol=1e-5, atol=2e-5)
