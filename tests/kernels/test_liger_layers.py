@@ -60,8 +60,15 @@ def _grad_fn_names(t: torch.Tensor) -> set[str]:
     return names
 
 
-def test_liger_layers_match_the_plain_model(model_path, interpreter_shims):
+def test_liger_layers_match_the_plain_model(model_path, interpreter_shims, monkeypatch):
+    from transformers.models.qwen2 import modeling_qwen2
+
     from trainer.fused_layers import apply_liger
+
+    # apply_liger swaps the modeling module's rotary function for a dispatcher for the rest of
+    # the process; put the original back after this test (a later torch.compile test would
+    # otherwise trace the dispatcher's context variable and break its graph)
+    monkeypatch.setattr(modeling_qwen2, "apply_rotary_pos_emb", modeling_qwen2.apply_rotary_pos_emb)
 
     plain = PolicyModel(load_hf_causal_lm(model_path), chunk_tokens=16).train()
     liger_hf = load_hf_causal_lm(model_path)

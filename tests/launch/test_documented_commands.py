@@ -20,6 +20,7 @@ ENTRY = re.compile(r"^(?:[A-Z_]+=\S+\s+)*(cispo-train|cispo-eval|cispo-export|ma
 # command (as written, comment stripped) -> the test that runs it on CPU, or "gpu: ..."
 CPU_E2E = "tests/launch/test_loop_e2e.py::test_sync_loop_logs_checkpoints_and_advances_engine_versions"
 FIRST_DAY = "tests/launch/test_first_day.py::"
+MINIMAX = "tests/launch/test_minimax_loop.py::test_minimax_tiny_trains_with_routing_replay"
 SLURM = "tests/slurm/test_cispo_train_slurm.py::test_cispo_train_submits_and_the_job_completes"
 COVERED = {
     "make train": CPU_E2E,
@@ -36,6 +37,13 @@ COVERED = {
         "gpu: bench/gpu_session.sh stage colocate15 (the Qwen2-1.5B shape, random init)",
     "cispo-train rollout=gpu trainer=gpu placement=split_1_1 mode=async model=hf model.path=/models/qwen2-0.5b":
         "gpu: bench/gpu_session.sh stage split (the Qwen2-0.5B shape, random init); tests/gpu/test_split.py",
+    # MiniMax hybrid (docs/minimax.md): the loop test runs all three settings at once
+    "cispo-train model=minimax_tiny": MINIMAX,
+    "cispo-train model=minimax_tiny rollout.record_routing=true trainer.routing_replay=true": MINIMAX,
+    "cispo-train model=minimax_tiny rollout.record_routing=true trainer.routing_replay=true "
+    "trainer.moe_aux_loss_coef=0.01": MINIMAX,
+    "cispo-train model=hf model.path=/models/minimax ...":
+        "gpu: not recorded yet (a real MiniMax-M1 folder; the model class: tests/rollout/test_minimax_vllm.py)",
     "cispo-train --cfg job": "tests/launch/test_documented_commands.py::test_cfg_job_prints_the_resolved_config",
     "RAY_ADDRESS=head:6379 cispo-train": SLURM,  # the job's driver attaches to the job's Ray cluster
     "cispo-train cluster=slurm cluster.nodes=4 cluster.gpus_per_node=8 cluster.partition=gpu": SLURM,
