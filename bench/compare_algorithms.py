@@ -57,7 +57,9 @@ def run_one(job: dict, args) -> dict:
     out = Path(args.runs_dir) / f"{job['row']}_s{job['seed']}"
     cmd = [sys.executable, "-m", "launch.main", f"+experiment={args.experiment}", f"seed={job['seed']}",
            f"output_dir={out}", "resume=false", *job["overrides"], *args.overrides]
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    # the repo first, and whatever the environment brings (a GPU machine's packages live there)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
     if job["device"] is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(job["device"])
     # many runs side by side: keep each Ray's object store small (it defaults to 30% of RAM)
