@@ -250,12 +250,15 @@ class MoE(nn.Module):
             self.experts = TorchExperts(config.num_local_experts, self.top_k, config.hidden_size,
                                         config.intermediate_size)
         else:
-            self.experts = _make_fused_moe(
+            kwargs = dict(
                 num_experts=config.num_local_experts, top_k=self.top_k, hidden_size=config.hidden_size,
                 intermediate_size=config.intermediate_size, renormalize=True, reduce_results=True,
                 quant_config=vllm_config.quant_config, custom_routing_function=fused_moe_routing,
                 prefix=f"{prefix}.experts",
             )
+            if "reduce_results" not in inspect.signature(_make_fused_moe).parameters:
+                kwargs.pop("reduce_results")  # vLLM 0.24's layer takes no such argument (seen on the H200 stack)
+            self.experts = _make_fused_moe(**kwargs)
         # the expert ids of the last forward's tokens (rollout.routing); int32 as vLLM's kernels use
         max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
         self.register_buffer("routed", torch.zeros(max_tokens, self.top_k, dtype=torch.int32), persistent=False)
