@@ -151,6 +151,7 @@ class TrainerGroup:
                                         behaviour_weights=weights if correction.mode != "off" else None)
         stats: dict[str, float] = {}
         grad_norms, lr, updates, losses, skipped = [], 0.0, 0, 0.0, 0
+        first = True  # the first update of the step: pi_theta is still the rollout's policy (on-policy)
         for epoch in range(self.cfg.epochs):
             for seq_ids in minibatches(batch.num_seqs, self.cfg.mini_batch_size):
                 idx = token_index(batch, seq_ids)
@@ -162,8 +163,14 @@ class TrainerGroup:
                 plans, _ = plan_micro_batches(batch, seq_ids, self.num_ranks, self.cfg.micro_batch_tokens)
                 # pi_theta on the first update is the rollout's policy (when on-policy): the
                 # moment to measure the train/rollout mismatch
-                want_lp = updates == 0 and self.cfg.old_logprobs == "rollout"
+                want_lp = first and self.cfg.old_logprobs == "rollout"
+                first = False
                 results = self._all("train_micro_batches", plans, same=(num_tokens, num_seqs, want_lp))
+                if want_lp:  # measured before the step, so a skipped update still shows it
+                    t = torch.cat([r["train_logprobs"] for r in results])
+                    o = torch.cat([r["old_logprobs"] for r in results])
+                    metrics.update({f"train/mismatch_{k}": v for k, v in
+                                    mismatch_metrics(t, o, torch.ones_like(t, dtype=torch.bool)).items()})
                 if results[0]["skipped"]:
                     # a non-finite loss or gradient: nothing was applied on any rank (counted,
                     # kept out of the means so the other updates' numbers stay readable)
@@ -177,11 +184,6 @@ class TrainerGroup:
                 grad_norms.append(results[0]["grad_norm"])
                 lr = results[0]["lr"]
                 updates += 1
-                if want_lp:
-                    t = torch.cat([r["train_logprobs"] for r in results])
-                    o = torch.cat([r["old_logprobs"] for r in results])
-                    metrics.update({f"train/mismatch_{k}": v for k, v in
-                                    mismatch_metrics(t, o, torch.ones_like(t, dtype=torch.bool)).items()})
         self.step += 1
         metrics.update({f"train/{k}": v for k, v in finalize_stats(stats).items()})
         metrics.update(moe_metrics(stats, updates))

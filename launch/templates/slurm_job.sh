@@ -93,6 +93,9 @@ stop_all() {  # driver, then Ray on every node; idempotent; bounded in time
   STOPPED=1
   local pid=$DRIVER_PID grace=30
   DRIVER_PID=""
+  # Slurm ending the job (preemption, scontrol requeue): its SIGKILL follows within KillWait,
+  # maybe before the driver is done checkpointing; keep a copy of Ray's logs now
+  [ "$TERMINATED" = 1 ] && [ ${#RAY_PIDS[@]} -gt 0 ] && copy_ray_logs
   if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
     log "stopping the driver (pid $pid)"
     kill -TERM "$pid" 2>/dev/null

@@ -43,17 +43,21 @@ def test_split_steps_change_the_policy_and_the_engine_follows(split):
 def test_async_loop_trajectories_carry_the_right_version(split, tmp_path):
     """The driver's own loop, mode=async: step k's batch was generated while step k-1
     trained, so it carries version k-1 (one behind) after the first step."""
-    from launch.checkpoints import CheckpointDir
     from launch.data import PromptDataset
     from launch.driver import StopFlag, loop
+    from launch.evaluation import Evaluator
+    from launch.length_schedule import LengthSchedule
     from launch.loggers import MetricLogger
+    from launch.loop_state import LoopState
+    from trainer.checkpoint import CheckpointDir
 
     conf, system = split
     start = system.rollout.version  # earlier tests advanced it; the loop continues from there
     conf = dataclasses.replace(conf, mode="async", steps=start + 3)
     logger = MetricLogger(["jsonl"], tmp_path)
-    loop(system, PromptDataset(conf.data, system.tokenizer, seed=0), conf, logger,
-         CheckpointDir(tmp_path / "checkpoints"), StopFlag(), start)
+    dataset = PromptDataset(conf.data, system.tokenizer, seed=0)
+    loop(system, dataset, conf, logger, CheckpointDir(tmp_path / "checkpoints"), StopFlag(),
+         LoopState(start, dataset.state_dict(), 0), LengthSchedule(conf.rollout), Evaluator(conf, system, tmp_path))
     logger.finish()
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     samples = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]

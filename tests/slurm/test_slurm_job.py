@@ -85,28 +85,6 @@ def test_two_node_ray_cluster(slurm_cluster, tmp_path, monkeypatch):
     assert not list(Path("/tmp").glob(f"cispo_ray_{job}_*"))
 
 
-def test_time_limit_warning_checkpoints_and_requeues(slurm_cluster, tmp_path, monkeypatch):
-    """--signal=B:USR1@... reaches only the batch script: it sends SIGTERM to the driver,
-    the driver saves and exits 143, the script requeues the job, the new attempt resumes."""
-    monkeypatch.setenv("STAND_IN_STEP_S", "2")
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    out = tmp_path / "run"
-    job = _submit(slurm_cluster, out, steps=5)
-    deadline = time.time() + 180
-    while not _metrics(out):
-        assert time.time() < deadline, "the first step never appeared"
-        assert slurm_cluster.job(job).get("JobState") in {"PENDING", "RUNNING", "CONFIGURING"}, _slurm_log(out, job)
-        time.sleep(0.5)
-    slurm_cluster.run("scancel", "--batch", "--signal=USR1", job)  # what Slurm sends before the time limit
-    slurm_cluster.release_requeued(job, restarts=1)
-    info = slurm_cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=400)
-    log = _slurm_log(out, job)
-    assert info["JobState"] == "COMPLETED", log
-    assert info["Restarts"] == "1", info
-    steps = [(m["step"], m["attempt"]) for m in _metrics(out)]
-    assert [s for s, _ in steps] == [1, 2, 3, 4, 5][: len(steps)] and len(steps) == 5, steps
-    first = [s for s, a in steps if a == 0]
-    assert first and len(first) < 5 and all(a == 1 for s, a in steps if s > first[-1]), steps
-    assert "requeueing job" in log and "driver exited with 143" in log
-    assert f"resumed from checkpoint step {first[-1]}" in log
+# The time-limit contract with the real driver (SIGUSR1 -> SIGTERM -> checkpoint, exit 143 ->
+# requeue -> resume): tests/slurm/test_cispo_train_slurm.py::test_time_limit_warning_makes_cispo_train_checkpoint_and_the_job_requeue
 
