@@ -56,7 +56,7 @@ def device_name() -> str:
 def run_one(job: dict, args) -> dict:
     out = Path(args.runs_dir) / f"{job['row']}_s{job['seed']}"
     cmd = [sys.executable, "-m", "launch.main", f"+experiment={args.experiment}", f"seed={job['seed']}",
-           f"output_dir={out}", "resume=false", *job["overrides"], *args.overrides]
+           f"output_dir={out}", f"resume={str(args.resume).lower()}", *job["overrides"], *args.overrides]
     # the repo first, and whatever the environment brings (a GPU machine's packages live there)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled",
            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
@@ -186,6 +186,9 @@ def main() -> None:
     ap.add_argument("--deadline-s", type=float, default=3600, help="wall-clock budget of the whole comparison")
     ap.add_argument("--out", default="bench/results/compare")
     ap.add_argument("--runs-dir", default="runs/compare")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue each run from its latest checkpoint in --runs-dir (a comparison over several "
+                         "sessions or device calls; keep --runs-dir where it survives between them)")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
     args = ap.parse_args()
     specs = args.row or ["cispo:algorithm=cispo", "dapo:algorithm=dapo", "grpo:algorithm=grpo"]
