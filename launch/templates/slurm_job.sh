@@ -93,9 +93,6 @@ stop_all() {  # driver, then Ray on every node; idempotent; bounded in time
   STOPPED=1
   local pid=$DRIVER_PID grace=30
   DRIVER_PID=""
-  # Slurm ending the job (preemption, scontrol requeue): its SIGKILL follows within KillWait,
-  # maybe before the driver is done checkpointing; keep a copy of Ray's logs now
-  [ "$TERMINATED" = 1 ] && [ ${#RAY_PIDS[@]} -gt 0 ] && copy_ray_logs
   if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
     log "stopping the driver (pid $pid)"
     kill -TERM "$pid" 2>/dev/null
@@ -133,7 +130,9 @@ forward() {  # $1: what happened
   [ -n "$DRIVER_PID" ] && kill -TERM "$DRIVER_PID" 2>/dev/null
 }
 trap 'WARNED=1; forward "time limit near (SIGUSR1)"' USR1
-trap 'TERMINATED=1; forward "SIGTERM from Slurm"' TERM
+# Slurm ending the job (preemption, scontrol requeue) signals the Ray steps too and SIGKILLs
+# this script after KillWait, maybe before the driver is done: keep a copy of Ray's logs now
+trap 'TERMINATED=1; copy_ray_logs; forward "SIGTERM from Slurm"' TERM
 
 # ---- Ray: head on the first node, one worker per other node -------------------------
 rm -rf "$RAY_TMP_PREFIX"_*   # an earlier attempt of this job cut short by SIGKILL leaves its temp dir

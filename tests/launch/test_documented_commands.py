@@ -21,7 +21,7 @@ ENTRY = re.compile(r"^(?:[A-Z_]+=\S+\s+)*(cispo-train|cispo-eval|cispo-export|ma
 CPU_E2E = "tests/launch/test_loop_e2e.py::test_sync_loop_logs_checkpoints_and_advances_engine_versions"
 FIRST_DAY = "tests/launch/test_first_day.py::"
 MINIMAX = "tests/launch/test_minimax_loop.py::test_minimax_tiny_trains_with_routing_replay"
-SLURM = "tests/slurm/test_cispo_train_slurm.py::test_cispo_train_submits_and_the_job_completes"
+SLURM = "tests/slurm/test_cispo_train_slurm.py::test_requeued_cispo_train_job_resumes_from_its_checkpoint"
 COVERED = {
     "make train": CPU_E2E,
     "make test": "CI: .ci/run runs it",
