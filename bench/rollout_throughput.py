@@ -25,12 +25,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from launch.tiny_model import PRESETS as MODEL_SHAPES  # noqa: E402
+
 SHAPES = {
     # CPU default: small body, a realistic 32k vocabulary so the head is a real share
     "cpu-small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                       intermediate_size=768, vocab_size=32000, tie_word_embeddings=False),
-    "qwen2-0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                       intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2-0.5b": MODEL_SHAPES["qwen2-0.5b-shape"],
 }
 
 

@@ -34,11 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from launch.tiny_model import PRESETS as MODEL_SHAPES  # noqa: E402
+
 PRESETS = {
-    "qwen2-0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                       intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True),
-    "qwen2-1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                       intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2-0.5b": MODEL_SHAPES["qwen2-0.5b-shape"],
+    "qwen2-1.5b": MODEL_SHAPES["qwen2-1.5b-shape"],
     "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                  intermediate_size=256, vocab_size=1000, tie_word_embeddings=True),
 }
