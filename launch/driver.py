@@ -318,7 +318,6 @@ def namespaced_train_metrics(train: dict[str, float]) -> dict[str, float]:
     return out
 
 
-
 def check_guard(guard: CollapseGuard | None, step: int, metrics: dict[str, float], logger: MetricLogger,
                 system: RLSystem, ckpt: CheckpointDir, conf: Config) -> tuple[dict[str, float], Trip | None, str]:
     """Fold the step into the collapse guard, alert, and carry out a rollback when it says

@@ -81,7 +81,8 @@ class RLSystem:
             self.weights = WeightChannel(self.trainer, self.rollout, conf.rollout, "nccl" if layout.on_gpu else "gloo",
                                          collective=conf.rollout.weight_sync == "collective" and lora is None)
             self.lock = self.weights.lock  # trainer calls never interleave with a replaced engine's sync
-        plan = (self.weights and self.weights.plan) or self.trainer.weight_sync_plan(conf.rollout.sync_bucket_mb)
+        # the plan the sync path made already (collective, colocated), else made here for the metrics
+        plan = (self.colocated or self.weights).plan or self.trainer.weight_sync_plan(conf.rollout.sync_bucket_mb)
         # what one sync sends, and the trainable share: the numbers LoRA changes
         self.size_metrics = {
             "model/sync_mb": sum(m.nbytes for bucket in plan for m in bucket) / 2**20,

@@ -90,7 +90,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainerConfig):
     return GuardedLambdaLR(optimizer, lambda step: warmup_factor(step, warmup))
 
 
-def step_unless_nonfinite(engine, optimizer: GuardedAdamW, loss_finite: bool) -> bool:
+def step_unless_nonfinite(engine, optimizer: GuardedAdamW, loss: torch.Tensor | None) -> bool:
     """engine.step() unless this update's loss or gradient is non-finite on any rank;
     returns whether the update was skipped (every rank returns the same answer).
 
@@ -101,10 +101,14 @@ def step_unless_nonfinite(engine, optimizer: GuardedAdamW, loss_finite: bool) ->
     schedule position changes, and the gradients are cleared."""
     import torch.distributed as dist
 
-    bad = not loss_finite
-    if engine.zero_optimization_stage() == 0:
-        bad = bad or any(p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in engine.module.parameters())
-    flag = torch.tensor([1.0 if bad else 0.0], device=engine.device)
+    # `loss`: this rank's loss of the update, left on the device (None: no loss term); the flag
+    # is built there, so the check adds one host sync (reading the all-reduced flag)
+    flag = torch.zeros(1, device=engine.device)
+    if loss is not None:
+        flag = (~torch.isfinite(loss.detach())).to(flag).reshape(1)
+    if engine.zero_optimization_stage() == 0 and any(
+            p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in engine.module.parameters()):
+        flag.fill_(1.0)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     optimizer.veto = bool(flag.item())
     skipped_before = engine.skipped_steps

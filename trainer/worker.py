@@ -149,10 +149,9 @@ class TrainerWorker:
             if return_logprobs:
                 train_lp.append(lp.detach())
         lr = self.engine.get_lr()[0]  # the rate this update uses (the scheduler steps inside step())
-        # a non-finite loss on any rank vetoes the step everywhere (one host sync per update)
-        loss_finite = bool(torch.isfinite(stats["loss"])) if "loss" in stats else True
         with torch.profiler.record_function("trainer.optimizer_step"):  # a named range in profiles
-            skipped = step_unless_nonfinite(self.engine, self.optimizer, loss_finite)
+            # a non-finite loss on any rank vetoes the step everywhere
+            skipped = step_unless_nonfinite(self.engine, self.optimizer, stats.get("loss"))
         self.updates += 0 if skipped else 1
         grad_norm = self.engine.get_global_grad_norm()
         out = {"stats": stats_to_floats(stats), "lr": lr, "skipped": skipped,
