@@ -85,6 +85,18 @@ def run_one(job: dict, args) -> dict:
             "curves": {k: [r.get(k) for r in rows] for k in CURVES}}
 
 
+def parse_row(spec: str, all_seeds: list[int]) -> tuple[str, list[int], list[str]]:
+    """`name:overrides` runs on every seed; `name@0,2:overrides` only on seeds 0 and 2 (an ablation
+    row that costs less than a full one)."""
+    head, _, over = spec.partition(":")
+    name, _, only = head.partition("@")
+    seeds = [int(x) for x in only.split(",")] if only else list(all_seeds)
+    unknown = sorted(set(seeds) - set(all_seeds))
+    if unknown:
+        raise SystemExit(f"--row {spec!r}: seeds {unknown} are not in --seeds {all_seeds}")
+    return name, seeds, over.split()
+
+
 def mean(xs):
     xs = [x for x in xs if x is not None]
     return sum(xs) / len(xs) if xs else float("nan")
@@ -179,7 +191,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--experiment", default="long_addition")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--row", action="append", default=[], help="name:override override ... (repeatable)")
+    ap.add_argument("--row", action="append", default=[],
+                    help="name:override override ... (repeatable); name@0,1:... runs that row on seeds 0 and 1 only")
     ap.add_argument("--reference", default="dapo", help="the row whose final reward the others must reach")
     ap.add_argument("--devices", nargs="*", default=[], help="GPU indices to spread the runs over (none: CPU)")
     ap.add_argument("--parallel", type=int, default=1)
@@ -192,14 +205,16 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
     args = ap.parse_args()
     specs = args.row or ["cispo:algorithm=cispo", "dapo:algorithm=dapo", "grpo:algorithm=grpo"]
-    rows = [s.split(":", 1)[0] for s in specs]
+    parsed = [parse_row(s, args.seeds) for s in specs]
+    rows = [name for name, _, _ in parsed]
     jobs = []
     for seed in args.seeds:  # seed-major: the runs of one seed start together and share its warm-start
-        for spec in specs:
-            name, _, over = spec.partition(":")
-            jobs.append({"row": name, "seed": seed, "overrides": over.split(),
-                         "device": args.devices[len(jobs) % len(args.devices)] if args.devices else None})
-    print(f"{len(jobs)} runs, {args.parallel} at a time, on {args.devices or 'CPU'}", flush=True)
+        for name, seeds, over in parsed:
+            if seed in seeds:
+                jobs.append({"row": name, "seed": seed, "overrides": over,
+                             "device": args.devices[len(jobs) % len(args.devices)] if args.devices else None})
+    where = f"CUDA_VISIBLE_DEVICES {args.devices}" if args.devices else "the devices each run's placement asks for"
+    print(f"{len(jobs)} runs, {args.parallel} at a time, on {where}", flush=True)
     t0 = time.time()
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
         results = list(pool.map(lambda j: run_one(j, args), jobs))

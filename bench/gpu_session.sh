@@ -13,8 +13,9 @@
 #   colocate15  bench/gpu_loop.py colocate_1:sync, Qwen2-1.5B shape, 20 steps (no OOM, memory)  (~170 s)
 #   sync_ipc    bench/weight_sync.py --path ipc: 0.5B / 1.5B, colocated CUDA IPC                (~70 s)
 #   colocate2   bench/gpu_loop.py colocate_2:sync, 0.5B, 5 steps                       [2 GPUs] (~110 s)
-#   compare     bench/compare_algorithms.py, +experiment=long_addition_gpu: CISPO / DAPO / GRPO and CISPO
-#               with a bf16 head, 3 seeds each, 12 runs side by side (each engine GPU 0, trainer GPU 1);
+#   compare     bench/compare_algorithms.py, +experiment=long_addition_gpu: CISPO / DAPO / GRPO, 3 seeds each,
+#               and CISPO with a bf16 head on seed 0: 10 runs side by side (engine and trainer on the two
+#               GPUs); COMPARE_RUNS/COMPARE_RESUME/COMPARE_STEPS continue it over several calls;
 #               compare.{md,json,png} also land in $OUT                              [2 GPUs] (~570 s)
 #   minimax     bench/minimax_mismatch.py --make gpu: bf16 hybrid MoE, FP32 head / routing replay on and off   (~150 s)
 #   minimax_loop cispo-train model=minimax_tiny, split 1+1, 5 steps, routing recorded and replayed [2 GPUs] (~120 s)
@@ -174,12 +175,17 @@ for s in "${STAGES[@]}"; do
     split)      loop_stage split 2 330 150 qwen2-0.5b-shape 5 160 split_1_1:sync split_1_1:async ;;
     colocate15) loop_stage colocate15 1 280 150 qwen2-1.5b-shape 20 270 colocate_1:sync ;;
     colocate2)  loop_stage colocate2 2 200 100 qwen2-0.5b-shape 5 190 colocate_2:sync ;;
-    compare)  # issue 11: CISPO vs DAPO vs GRPO (+ the bf16-head ablation), 3 seeds, 12 runs side by side
+    compare)  # issue 11: CISPO vs DAPO vs GRPO, 3 seeds, + the bf16-head ablation on seed 0: 10 runs side by side.
+      # COMPARE_RUNS inside the repo copy (an ignored folder there survives between calls on a warm machine,
+      # /tmp does not) with COMPARE_RESUME=1 continues the runs in a later call; keep CISPO_CACHE there too
+      # (a resumed run's warm-start model is a link into it). COMPARE_STEPS: the recipe's steps (100).
       ensure_models base-qwen2
-      stage compare 2 570 300 "$PY" bench/compare_algorithms.py --experiment long_addition_gpu --seeds 0 1 2 \
-        --parallel 12 --deadline-s $(( $(left) - 45 )) --out "$WORK/compare" --runs-dir "$WORK/compare_runs" \
+      stage compare 2 570 200 "$PY" bench/compare_algorithms.py --experiment long_addition_gpu --seeds 0 1 2 \
+        --parallel 10 --deadline-s $(( $(left) - 80 )) --out "$WORK/compare" \
+        --runs-dir "${COMPARE_RUNS:-$WORK/compare_runs}" ${COMPARE_RESUME:+--resume} \
         --row cispo:algorithm=cispo --row dapo:algorithm=dapo --row grpo:algorithm=grpo \
-        --row "cispo_bf16_head:algorithm=cispo rollout.lm_head_fp32=false trainer.lm_head_mode=bf16"
+        --row "cispo_bf16_head@0:algorithm=cispo rollout.lm_head_fp32=false trainer.lm_head_mode=bf16" \
+        steps="${COMPARE_STEPS:-100}" trainer.save_every=10
       cp "$WORK"/compare.md "$WORK"/compare.json "$WORK"/compare.png "$OUT"/ 2>/dev/null ;;
     minimax)  # issue 15: M1's Fig. 3 at small scale (bf16 hybrid MoE, FP32 head on/off, routing replay on/off)
       stage minimax 1 240 90 "$PY" bench/minimax_mismatch.py --make gpu --prompts 32 --samples 4 --new-tokens 256 \
