@@ -157,8 +157,8 @@ def main() -> None:
     by = {(r["placement"], r["mode"]): r for r in results}
     for r in results:
         sync = by.get((r["placement"], "sync"))
-        if r["mode"] == "async" and sync:
-            r["async_over_sync_step"] = r["perf/step_time_s"] / sync["perf/step_time_s"]
+        if r["mode"] == "async" and sync and "perf/step_time_s" in r and "perf/step_time_s" in sync:
+            r["async_over_sync_step"] = r["perf/step_time_s"] / sync["perf/step_time_s"]  # a run cut short has no steps
 
     cols = ["generate_s", "reward_s", "train_s", "sync_s", "idle_s", "step_time_s"]
     print(f"\n{'run':<34} {'rc':>4} " + " ".join(f"{c[:-2]:>9}" for c in cols) +

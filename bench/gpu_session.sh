@@ -9,7 +9,8 @@
 #   tests       pytest tests/gpu: colocate on GPU 0; split 1+1 and the async loop on 2 GPUs  (~200 s)
 #   sync        bench/weight_sync.py --path nccl: 0.5B / 1.5B / 7B vs raw NCCL        [2 GPUs] (~120 s)
 #   colocate    bench/gpu_loop.py colocate_1:sync, Qwen2-0.5B shape, 5 steps                    (~110 s)
-#   split       bench/gpu_loop.py split_1_1:sync + split_1_1:async, 0.5B, 5 steps each [2 GPUs] (~200 s)
+#   split       bench/gpu_loop.py split_1_1:sync + split_1_1:async, 0.5B, 5 steps each [2 GPUs] (~300 s)
+#   split_sync  the sync half of split alone                                          [2 GPUs] (~200 s)
 #   colocate15  bench/gpu_loop.py colocate_1:sync, Qwen2-1.5B shape, 20 steps (no OOM, memory)  (~170 s)
 #   sync_ipc    bench/weight_sync.py --path ipc: 0.5B / 1.5B, colocated CUDA IPC                (~70 s)
 #   colocate2   bench/gpu_loop.py colocate_2:sync, 0.5B, 5 steps                       [2 GPUs] (~110 s)
@@ -168,11 +169,14 @@ for s in "${STAGES[@]}"; do
         echo '{"stage": "tests", "rc": "skipped", "why": "pytest missing"}' > "$WORK/tests.stage.json"
       fi ;;
     sync)
-      stage sync 2 200 100 "$PY" bench/weight_sync.py --path nccl --sizes 0.5b 1.5b 7b --out "$WORK/sync.json" ;;
+      stage sync 2 240 160 "$PY" bench/weight_sync.py --path nccl --sizes ${SYNC_SIZES:-0.5b 1.5b 7b} --out "$WORK/sync.json" ;;
     sync_ipc)
       stage sync_ipc 1 150 70 "$PY" bench/weight_sync.py --path ipc --sizes 0.5b 1.5b --out "$WORK/sync_ipc.json" ;;
     colocate)   loop_stage colocate 1 200 100 qwen2-0.5b-shape 5 190 colocate_1:sync ;;
-    split)      loop_stage split 2 330 150 qwen2-0.5b-shape 5 160 split_1_1:sync split_1_1:async ;;
+    # the first loop run on a fresh machine pays vLLM's compile (~105 s start) and the trainer's first-step JIT
+    # (~50 s): 160 s per run was too short for the sync run (seen on 2x H200)
+    split)      loop_stage split 2 480 240 qwen2-0.5b-shape 5 240 split_1_1:sync split_1_1:async ;;
+    split_sync) loop_stage split_sync 2 280 240 qwen2-0.5b-shape 5 250 split_1_1:sync ;;
     colocate15) loop_stage colocate15 1 280 150 qwen2-1.5b-shape 20 270 colocate_1:sync ;;
     colocate2)  loop_stage colocate2 2 200 100 qwen2-0.5b-shape 5 190 colocate_2:sync ;;
     compare)  # issue 11: CISPO vs DAPO vs GRPO, 3 seeds, + the bf16-head ablation on seed 0: 10 runs side by side.
@@ -196,7 +200,7 @@ for s in "${STAGES[@]}"; do
         steps=5 rollout.record_routing=true trainer.routing_replay=true rollout.gpu_memory_utilization=0.2 \
         rollout.max_new_tokens=16 rollout.max_model_len=64 \
         "logger.backends=[console,jsonl]" output_dir="$WORK/minimax_loop" ;;
-    *) say "unknown stage $s (tests sync sync_ipc colocate split colocate15 colocate2 compare minimax minimax_loop)" ;;
+    *) say "unknown stage $s (tests sync sync_ipc colocate split split_sync colocate15 colocate2 compare minimax minimax_loop)" ;;
   esac
 done
 say "done"

@@ -35,9 +35,24 @@ def segment_bounds(position_ids: torch.Tensor) -> list[int]:
     return sorted({0, *starts}) + [int(position_ids.numel())]
 
 
+_DECAY_BUFFERS = ("slope_rate", "query_decay", "key_decay", "diagonal_decay")
+
+
+def _decay_in_body_dtype(layer, dtype: torch.dtype) -> None:
+    """DeepSpeed's bf16/fp16 engine casts the parameters but not these buffers, and transformers'
+    forward multiplies a bf16 block by an fp32 decay and then matmuls the (promoted) fp32 result
+    with bf16 values: "expected scalar type Float but found BFloat16" (seen on an H200). Give the
+    decays the body's dtype, as a model loaded in bf16 by transformers has them."""
+    for name in _DECAY_BUFFERS:
+        buf = getattr(layer, name, None)
+        if buf is not None and buf.dtype != dtype:
+            setattr(layer, name, buf.to(dtype))
+
+
 def _packed_lightning_forward(self, hidden_states, position_embeddings=None, attention_mask=None,
                               past_key_values=None, position_ids=None, **kwargs):
     """transformers' lightning attention once per packed sequence (state reset at each)."""
+    _decay_in_body_dtype(self, hidden_states.dtype)
     single = type(self).forward
     if past_key_values is not None or position_ids is None or hidden_states.shape[0] != 1:
         return single(self, hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)

@@ -127,3 +127,22 @@ def test_aux_loss_is_transformers_load_balancing_loss(minimax_path, batch):
     print(f"aux loss {ours.item():.6f} (transformers {ref.item():.6f})")
     torch.testing.assert_close(ours, ref)
     assert ours.requires_grad
+
+
+def test_bf16_body_with_fp32_decay_buffers_runs(minimax_path, batch):
+    """DeepSpeed's bf16 engine casts parameters, not buffers: transformers' lightning forward then
+    mixed an fp32 decay into a bf16 matmul and raised (seen on an H200). The body in bf16 with the
+    buffers left in fp32 must run, and stay near the fp32 log-probs (bf16 rounding only)."""
+    trajs, b = batch
+    ref = logprobs(PolicyModel(load_hf_causal_lm(minimax_path, "sdpa"), chunk_tokens=16), b).detach()
+    hf = load_hf_causal_lm(minimax_path, "sdpa")
+    for p in hf.parameters():  # what DeepSpeed's bf16 engine does: parameters only
+        p.data = p.data.to(torch.bfloat16)
+    decays = [m for m in hf.modules() if type(m).__name__ == "MiniMaxLightningAttention"]
+    assert decays and all(m.diagonal_decay.dtype == torch.float32 for m in decays)
+    policy = PolicyModel(hf, chunk_tokens=16)
+    got = logprobs(policy, b).detach()
+    assert all(m.diagonal_decay.dtype == torch.bfloat16 for m in decays)
+    err = (got - ref)[b.loss_mask].abs().mean().item()
+    print(f"mean |logp bf16 body - fp32| = {err:.3e} over {b.num_loss_tokens} tokens")
+    assert torch.isfinite(got).all() and err < 0.1
