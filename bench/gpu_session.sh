@@ -7,7 +7,7 @@
 #
 # Stages (default: all, in this order; those needing 2 GPUs are skipped on 1):
 #   tests       pytest tests/gpu: colocate on GPU 0; split 1+1 and the async loop on 2 GPUs  (~200 s)
-#   sync        bench/weight_sync.py --path nccl: 0.5B / 1.5B / 7B vs raw NCCL        [2 GPUs] (~120 s)
+#   sync        bench/weight_sync.py --path nccl: 0.5B / 1.5B / 7B vs raw NCCL        [2 GPUs] (~200 s)
 #   colocate    bench/gpu_loop.py colocate_1:sync, Qwen2-0.5B shape, 5 steps                    (~110 s)
 #   split       bench/gpu_loop.py split_1_1:sync + split_1_1:async, 0.5B, 5 steps each [2 GPUs] (~300 s)
 #   split_sync  the sync half of split alone                                          [2 GPUs] (~200 s)
