@@ -153,11 +153,20 @@ def make_tiny_minimax(path: str | os.PathLike, preset: str = "minimax-tiny", see
         "tie_word_embeddings": False,
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
+        # no padding_idx: it would make <pad>'s embedding a zero vector (and keep it one). A random
+        # policy samples <pad> now and then, and in MiniMax's post-norm layers a zero hidden state
+        # stays zero through every layer, where each RMSNorm's backward multiplies the gradient by
+        # 1/sqrt(eps) ~ 316: two per layer overflowed fp32 by layer 0 (the NaN gradients of
+        # docs/minimax.md). Real models' pad embeddings are trained vectors, not zeros.
+        "pad_token_id": None,
         **MINIMAX_PRESETS[preset],
         **overrides,
     })
     return _write(Path(path), MiniMaxForCausalLM, config, tokenizer, seed, device=device)
+
+
+# a preset whose weights changed gets a new cache folder (an old cache keeps the old model otherwise)
+BUILTIN_REVISIONS = {"minimax-tiny": 2}  # r2: <pad> has a random embedding, not zeros
 
 
 def make_builtin(path: str | os.PathLike, preset: str, seed: int = 0, device: str = "cpu") -> Path:
@@ -179,7 +188,7 @@ def resolve_model_path(spec: str, cache_dir: str | os.PathLike | None = None, de
         return spec
     preset = spec.split(":", 1)[1]
     folder = Path(cache_dir) if cache_dir else default_cache_dir()
-    target = folder / preset
+    target = folder / (f"{preset}.r{BUILTIN_REVISIONS[preset]}" if preset in BUILTIN_REVISIONS else preset)
     if not (target / "config.json").exists():
         tmp = folder / f".{preset}.tmp{os.getpid()}"
         make_builtin(tmp, preset, device=device)

@@ -29,10 +29,9 @@ def test_minimax_tiny_trains_with_routing_replay(tmp_path):
     cispo_train(out, "steps=2", cache=tmp_path / "cache", base=MINIMAX)
     rows = metrics(out)
     assert [r["step"] for r in rows] == [0, 1]
-    applied = [r for r in rows if r["train/updates"] > 0]
-    # Known, open (docs/minimax.md): on some batches the load-balancing loss's gradient is NaN
-    # in layer 0's lightning attention; the update is skipped on every rank and counted.
-    assert applied, "no step applied an update"
+    # every update applies: the NaN gradients once seen here came from a sampled <pad> whose zero
+    # embedding stayed zero through the post-norm stack (docs/minimax.md); it has a random one now
+    applied = rows
     for r in rows:
         print({k: v for k, v in r.items() if k.startswith(("mismatch/", "train/moe", "train/routing", "train/loss",
                                                             "train/nonfinite", "train/updates"))})
@@ -41,7 +40,7 @@ def test_minimax_tiny_trains_with_routing_replay(tmp_path):
         assert r["rollout/engine_version"] == r["step"] + 1
         # fp32 on both sides, the same weights: the trainer reproduces the engine's log-probs
         assert r["mismatch/abs_logp_diff"] < 1e-4, r["mismatch/abs_logp_diff"]
-        assert r["train/updates"] > 0 or r["train/nonfinite_updates"] >= 1, r  # never silently lost
+        assert r["train/updates"] > 0 and r.get("train/nonfinite_updates", 0) == 0, r
     for r in applied:
         for key in ("train/moe_aux_loss", "train/routing_replay_mismatch_frac"):
             assert key in r, f"{key} missing at step {r['step']}"

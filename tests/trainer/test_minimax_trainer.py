@@ -5,6 +5,8 @@ transformers' own."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -146,3 +148,33 @@ def test_bf16_body_with_fp32_decay_buffers_runs(minimax_path, batch):
     err = (got - ref)[b.loss_mask].abs().mean().item()
     print(f"mean |logp bf16 body - fp32| = {err:.3e} over {b.num_loss_tokens} tokens")
     assert torch.isfinite(got).all() and err < 0.1
+
+
+@pytest.mark.parametrize("pad_embedding", ["random", "zero"])
+def test_sampled_pad_token_keeps_gradients_finite(tmp_path, pad_embedding):
+    """A random policy samples <pad> now and then. With a zero <pad> embedding (padding_idx), that
+    position's hidden state stays zero through MiniMax's post-norm layers and every RMSNorm's
+    backward multiplies its gradient by 1/sqrt(eps): the NaN gradients once seen on minimax-tiny.
+    The tiny model's <pad> now has a random embedding; the zero one shows the mechanism."""
+    from launch.tiny_model import make_tiny_minimax
+
+    # minimax-tiny itself: its 7 lightning layers before the softmax one keep the zero state the
+    # whole way down, enough to overflow; a shorter stack only inflates the gradient
+    over = {"pad_token_id": 0} if pad_embedding == "zero" else {}
+    path = make_tiny_minimax(tmp_path / "m", seed=0, **over)
+    hf = load_hf_causal_lm(str(path), "sdpa")
+    pad_row = hf.model.embed_tokens.weight[0]
+    assert (pad_row.abs().max() == 0) == (pad_embedding == "zero")
+    trajs = random_trajectories(4, vocab=hf.config.vocab_size, seed=SEED, min_len=12, max_len=30)
+    trajs[1].response_ids[3] = 0  # <pad>, sampled
+    b = pack(trajs)
+    policy = PolicyModel(hf, chunk_tokens=16)
+    policy.zero_grad()
+    lp = logprobs(policy, b)
+    ((lp * b.loss_mask).sum() + policy.moe.aux_loss()).backward()
+    norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in policy.parameters() if p.grad is not None)).item()
+    print(f"<pad> embedding {pad_embedding}: grad norm {norm:.3e}")
+    if pad_embedding == "random":
+        assert math.isfinite(norm) and norm < 1e4
+    else:
+        assert not math.isfinite(norm)
