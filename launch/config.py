@@ -8,7 +8,8 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from cispo.config import Config, validate
+from cispo.config import Config
+from cispo.config_checks import validate
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from cispo.config import ConfigError, validate
+from cispo.config import ConfigError
+from cispo.config_checks import validate
 from launch.config import CONF_DIR, register_schema, to_dataclass
 from launch.system import RLSystem
 

@@ -14,7 +14,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from cispo.config import ConfigError, validate
+from cispo.config import ConfigError
+from cispo.config_checks import validate
 from launch.config import CONF_DIR, register_schema
 
 log = logging.getLogger("cispo")

@@ -24,7 +24,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from cispo.config import PLACEMENT_PRESETS
+from cispo.config_checks import PLACEMENT_PRESETS
 
 log = logging.getLogger("cispo")
 

@@ -3,7 +3,8 @@
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
-from cispo.config import Config, ConfigError, validate
+from cispo.config import Config, ConfigError
+from cispo.config_checks import validate
 from omegaconf import OmegaConf
 
 from cispo.shaping import overlong_ramp

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from cispo import config as cfg_mod
-from cispo.config import AlgorithmConfig, Config, ConfigError, TrainerConfig, validate
+from cispo.config import AlgorithmConfig, Config, ConfigError, TrainerConfig
+from cispo.config_checks import validate
 from cispo.objectives import policy_loss, resolve_algorithm
 from cispo.offpolicy import LEVELS, MODES, BehaviourIS, behaviour_weights
 

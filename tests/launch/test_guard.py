@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from cispo.config import Config, ConfigError, GuardConfig, validate
+from cispo.config import Config, ConfigError, GuardConfig
+from cispo.config_checks import validate
 from launch.driver import rollback_target
 from launch.guard import CollapseGuard
 from trainer.checkpoint import CheckpointDir
