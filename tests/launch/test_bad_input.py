@@ -76,6 +76,9 @@ def test_sync_port_in_use_fails_fast_and_leaves_no_actor(tmp_path, monkeypatch):
     from launch.tiny_model import resolve_model_path
 
     monkeypatch.setenv("CISPO_CACHE", str(tmp_path / "cache"))
+    # the cluster and its workers must agree: run alone (no other test module set it at import),
+    # a token-auth cluster refused the workers' disabled mode and no actor could start
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     model = resolve_model_path("builtin:tiny-qwen2")
     busy = socket.socket()
     busy.bind(("", 0))
