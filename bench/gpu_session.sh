@@ -196,8 +196,9 @@ for s in "${STAGES[@]}"; do
         --work "$WORK/mm" --out "$WORK/minimax.json"
       cp "$WORK"/minimax.json "$OUT"/ 2>/dev/null ;;
     minimax_loop)  # issue 15: the real loop on minimax_tiny (engine GPU 0, trainer GPU 1), routing replayed
-      stage minimax_loop 2 200 90 "$PY" -m launch.main model=minimax_tiny rollout=gpu trainer=gpu placement=split_1_1 \
-        steps=5 rollout.record_routing=true trainer.routing_replay=true rollout.gpu_memory_utilization=0.2 \
+      # step 0 takes ~90 s (Triton JIT in vLLM, first-step compilation in the trainer): 330 s leaves room for steady steps
+      stage minimax_loop 2 330 120 "$PY" -m launch.main model=minimax_tiny rollout=gpu trainer=gpu placement=split_1_1 \
+        steps=${MINIMAX_STEPS:-8} rollout.record_routing=true trainer.routing_replay=true rollout.gpu_memory_utilization=0.2 \
         rollout.max_new_tokens=16 rollout.max_model_len=64 \
         "logger.backends=[console,jsonl]" output_dir="$WORK/minimax_loop" ;;
     *) say "unknown stage $s (tests sync sync_ipc colocate split split_sync colocate15 colocate2 compare minimax minimax_loop)" ;;

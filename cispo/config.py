@@ -25,7 +25,7 @@ LM_HEAD_MODES = ("auto", "fp16x2", "bf16x3", "tf32x3", "fp32", "bf16")
 # build a dense [T, T] mask and which do not).
 ATTN_IMPLEMENTATIONS = ("sdpa", "varlen", "flex_attention", "eager", "flash_attention_2")
 WEIGHT_SYNC_PATHS = ("collective", "object_store")
-WEIGHT_LOAD_MODES = ("auto", "direct", "reload")
+WEIGHT_LOAD_MODES = ("auto", "copy", "direct", "reload")
 RUN_MODES = ("sync", "async")
 LOGGER_BACKENDS = ("console", "jsonl", "wandb", "tensorboard")
 CLUSTER_KINDS = ("local", "slurm")
@@ -122,9 +122,10 @@ class RolloutConfig:
     sync_bucket_mb: int = 64
     sync_port: int = 0  # the weight-sync group's TCP port on trainer rank 0's node; 0 = a free one
     enforce_eager: Optional[bool] = None  # vLLM: True skips torch.compile / CUDA graphs (faster start)
-    # How received weights enter vLLM: "direct" (each parameter's loader copies in place: CUDA,
-    # unquantized), "reload" (vLLM's layerwise reload: re-processes every layer; CPU, quantized),
-    # "auto" = direct where it is valid.
+    # How received weights enter vLLM: "copy" (a precomputed copy per tensor, batched: CUDA,
+    # TP 1, unquantized), "direct" (each parameter's loader copies in place: CUDA, unquantized),
+    # "reload" (vLLM's layerwise reload: re-processes every layer; CPU, quantized), "auto" =
+    # copy for plain Qwen2/Llama-family models, else direct, where valid.
     weight_load: str = "auto"
     seed: int = 0  # the run's `seed` (conf/config.yaml interpolates it)
     # One generator per request, seeded by (seed, group, sample): samples do not depend on

@@ -236,24 +236,67 @@ def reload_weights(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
     worker.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
 
 
-def load_weights_inplace(worker, weights: Iterable[tuple[str, torch.Tensor]], how: str = "auto") -> str:
-    """Load checkpoint-format weights into the running model; returns the path taken
-    (`how`: "auto", "direct" or "reload", rollout.weight_load).
+# vLLM models whose loaders, at tensor-parallel size 1 and unquantized, only copy (whole,
+# at a row offset for fused q/k/v and gate/up, into the first rows of a padded vocabulary):
+# "auto" loads them by a precomputed copy plan (rollout.copy_plan).
+PLAIN_COPY_MODELS = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM")
 
-    "direct": `model.load_weights`, each parameter's own weight_loader copying into the
-    live tensor (fusing qkv / gate_up, sharding): on CUDA with an unquantized model
+
+def load_weights_inplace(worker, weights: Iterable[tuple[str, torch.Tensor]], how: str = "auto",
+                         metas: list | None = None) -> str:
+    """Load checkpoint-format weights into the running model; returns the path taken
+    (`how`: "auto", "copy", "direct" or "reload", rollout.weight_load).
+
+    "copy": one planned copy per tensor into the live parameters (`rollout.copy_plan`),
+    batched per bucket; needs the tensors' `metas` (the sync plan) up front, CUDA, TP 1,
+    unquantized. "direct": `model.load_weights`, each parameter's own weight_loader copying
+    into the live tensor (fusing qkv / gate_up, sharding): on CUDA with an unquantized model
     nothing needs re-processing after a load. "reload": vLLM's layerwise reload, which
     moves every layer to meta, re-materialises and re-processes it (needed on CPU, where
-    linear weights are prepacked, and for quantized models), at a multiple of the cost."""
+    linear weights are prepacked, and for quantized models), at a multiple of the cost.
+    "auto": copy for the models in PLAIN_COPY_MODELS when the plan places every tensor,
+    else direct, on CUDA unquantized; reload otherwise."""
+    quantized = getattr(getattr(getattr(worker, "vllm_config", None), "model_config", None), "quantization", None)
+    on_cuda = worker_device(worker).type == "cuda"
     if how == "auto":
-        quantized = getattr(getattr(getattr(worker, "vllm_config", None), "model_config", None), "quantization", None)
-        how = "direct" if worker_device(worker).type == "cuda" and quantized is None else "reload"
-    if how == "direct":
+        how = "direct" if on_cuda and quantized is None else "reload"
+        if how == "direct" and metas and type(worker_model(worker)).__name__ in PLAIN_COPY_MODELS \
+                and tp_rank_and_size()[1] == 1:
+            how = "copy" if _copy_loader(worker, metas, strict=False) is not None else "direct"
+    if how == "copy":
+        if not metas:
+            raise ValueError("rollout.weight_load=copy needs the sync plan; this load path sends none "
+                             "(use auto or direct)")
+        _copy_loader(worker, metas, strict=True).load(weights)
+    elif how == "direct":
         with torch.no_grad():
             worker_model(worker).load_weights(weights)
     else:
         reload_weights(worker, weights)
     return how
+
+
+def _copy_loader(worker, metas: list, strict: bool):
+    """The worker's CopyLoader for this sync plan (built once per plan; None, or with
+    strict an error naming the tensor, when the plan cannot place every tensor)."""
+    from rollout.copy_plan import CopyLoader, CopyPlanError, plan_slots
+
+    key = tuple((m.name, tuple(m.shape)) for m in metas)
+    cached = getattr(worker, "_cispo_copy_loader", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    model = worker_model(worker)
+    try:
+        loader = CopyLoader(model, plan_slots(metas, {n: tuple(p.shape) for n, p in model.named_parameters()}))
+    except CopyPlanError as err:
+        if strict:
+            raise ValueError(f"rollout.weight_load=copy: {err}; use rollout.weight_load=direct") from err
+        import logging
+
+        logging.getLogger("cispo.rollout").info("weights load through vLLM's loaders: %s", err)
+        loader = None
+    worker._cispo_copy_loader = (key, loader)
+    return loader
 
 
 def sleep(llm, level: int) -> None:

@@ -68,8 +68,9 @@ class CispoWorkerExtension:
         return None if head is None else head.weight.detach().cpu().clone()
 
     # ----------------------------------------------------------------- weights
-    def _cispo_load(self, named: Iterable[tuple[str, torch.Tensor]]) -> int:
-        """Reload weights in place; refresh the fp32 head copy from what came in."""
+    def _cispo_load(self, named: Iterable[tuple[str, torch.Tensor]], metas: list | None = None) -> int:
+        """Reload weights in place; refresh the fp32 head copy from what came in. metas:
+        the tensors' names and shapes up front (a bucket plan), which the copy path needs."""
         model = compat.worker_model(self)
         head_names = head_source_names(compat.tied_word_embeddings(model))
         seen = {"count": 0, "head32": None, "head_any": False}
@@ -85,7 +86,7 @@ class CispoWorkerExtension:
 
         self._cispo_updated = True
         t0 = time.perf_counter()
-        how = compat.load_weights_inplace(self, tap(named), getattr(self, "_cispo_weight_load", "auto"))
+        how = compat.load_weights_inplace(self, tap(named), getattr(self, "_cispo_weight_load", "auto"), metas)
         t1 = time.perf_counter()
         head = getattr(self, "_cispo_head", None)
         if head is not None and seen["head_any"]:
@@ -120,7 +121,8 @@ class CispoWorkerExtension:
         t0 = time.perf_counter()
         opened = [(bucket, weight_sync.open_bucket(handle)) for bucket, handle in items]
         t1 = time.perf_counter()
-        count = self._cispo_load(item for bucket, flat in opened for item in weight_sync.unflatten_bucket(flat, bucket))
+        count = self._cispo_load((item for bucket, flat in opened for item in weight_sync.unflatten_bucket(flat, bucket)),
+                                 [m for bucket, _ in items for m in bucket])
         del opened  # the sender frees its buckets once every engine returned
         self._cispo_stats.update(open_s=t1 - t0, total_s=time.perf_counter() - t0)
         return count
@@ -192,7 +194,7 @@ class CispoWorkerExtension:
 
         gen = stream()
         try:
-            count = self._cispo_load(gen)
+            count = self._cispo_load(gen, [m for bucket in plan for m in bucket])
         except weight_sync.SyncAborted:
             self._cispo_sync_group = None  # unusable: the sender rebuilds the group and resends
             raise
