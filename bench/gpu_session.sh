@@ -177,7 +177,8 @@ for s in "${STAGES[@]}"; do
     # (~50 s): 160 s per run was too short for the sync run (seen on 2x H200)
     split)      loop_stage split 2 480 240 qwen2-0.5b-shape 5 240 split_1_1:sync split_1_1:async ;;
     split_sync) loop_stage split_sync 2 280 240 qwen2-0.5b-shape 5 250 split_1_1:sync ;;
-    colocate15) loop_stage colocate15 1 280 150 qwen2-1.5b-shape 20 270 colocate_1:sync ;;
+    # 20 steps of 1.5B colocated: ~110 s start-up, ~66 s step 0, ~6.4 s a step after (one H200): ~300 s
+    colocate15) loop_stage colocate15 1 ${COLOCATE15_S:-330} 150 qwen2-1.5b-shape 20 $(( ${COLOCATE15_S:-330} - 10 )) colocate_1:sync ;;
     colocate2)  loop_stage colocate2 2 200 100 qwen2-0.5b-shape 5 190 colocate_2:sync ;;
     compare)  # issue 11: CISPO vs DAPO vs GRPO, 3 seeds, + the bf16-head ablation on seed 0: 10 runs side by side.
       # COMPARE_RUNS inside the repo copy (an ignored folder there survives between calls on a warm machine,
