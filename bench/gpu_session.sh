@@ -18,8 +18,10 @@
 #               and CISPO with a bf16 head on seed 0: 10 runs side by side (engine and trainer on the two
 #               GPUs); COMPARE_RUNS/COMPARE_RESUME/COMPARE_STEPS continue it over several calls;
 #               compare.{md,json,png} also land in $OUT                              [2 GPUs] (~570 s)
+#   compare_lr  the same recipe at 5x the step size: CISPO, DAPO, CISPO + trust-region mask, 3 seeds
+#               (9 runs; where the CPU recipe separated them); compare_lr.{md,json,png} in $OUT [2 GPUs] (~570 s)
 #   minimax     bench/minimax_mismatch.py --make gpu: bf16 hybrid MoE, FP32 head / routing replay on and off   (~150 s)
-#   minimax_loop cispo-train model=minimax_tiny, split 1+1, 5 steps, routing recorded and replayed [2 GPUs] (~120 s)
+#   minimax_loop cispo-train model=minimax_tiny, split 1+1, 8 steps, routing recorded and replayed [2 GPUs] (~330 s)
 # Two calls cover them all on a 2-GPU host: `tests sync colocate`, then `split colocate15 sync_ipc`.
 #
 # Everything lands in $OUT (3 files, rewritten after every stage, so a run cut short still returns
@@ -192,6 +194,16 @@ for s in "${STAGES[@]}"; do
         --row "cispo_bf16_head@0:algorithm=cispo rollout.lm_head_fp32=false trainer.lm_head_mode=bf16" \
         steps="${COMPARE_STEPS:-100}" trainer.save_every=10
       cp "$WORK"/compare.md "$WORK"/compare.json "$WORK"/compare.png "$OUT"/ 2>/dev/null ;;
+    compare_lr)  # issue 11, where the CPU recipe separated them (docs/compare_algorithms.md): 5x the step size,
+      # CISPO, DAPO and CISPO with M1's trust-region mask, 3 seeds: 9 runs side by side; resumable as compare
+      ensure_models base-qwen2
+      stage compare_lr 2 570 200 "$PY" bench/compare_algorithms.py --experiment long_addition_gpu --seeds 0 1 2 \
+        --parallel 9 --deadline-s $(( $(left) - 80 )) --out "$WORK/compare_lr" --reference dapo_lr5x \
+        --runs-dir "${COMPARE_RUNS:-$WORK/compare_runs}" ${COMPARE_RESUME:+--resume} \
+        --row "cispo_lr5x:algorithm=cispo trainer.lr=2.5e-5" --row "dapo_lr5x:algorithm=dapo trainer.lr=2.5e-5" \
+        --row "cispo_mask_lr5x:algorithm=cispo algorithm.eps_low=0.2 algorithm.token_mask=true trainer.lr=2.5e-5" \
+        steps="${COMPARE_STEPS:-100}" trainer.save_every=10
+      cp "$WORK"/compare_lr.md "$WORK"/compare_lr.json "$WORK"/compare_lr.png "$OUT"/ 2>/dev/null ;;
     minimax)  # issue 15: M1's Fig. 3 at small scale (bf16 hybrid MoE, FP32 head on/off, routing replay on/off)
       stage minimax 1 240 90 "$PY" bench/minimax_mismatch.py --make gpu --prompts 32 --samples 4 --new-tokens 256 \
         --work "$WORK/mm" --out "$WORK/minimax.json"
@@ -202,7 +214,7 @@ for s in "${STAGES[@]}"; do
         steps=${MINIMAX_STEPS:-8} rollout.record_routing=true trainer.routing_replay=true rollout.gpu_memory_utilization=0.2 \
         rollout.max_new_tokens=16 rollout.max_model_len=64 \
         "logger.backends=[console,jsonl]" output_dir="$WORK/minimax_loop" ;;
-    *) say "unknown stage $s (tests sync sync_ipc colocate split split_sync colocate15 colocate2 compare minimax minimax_loop)" ;;
+    *) say "unknown stage $s (tests sync sync_ipc colocate split split_sync colocate15 colocate2 compare compare_lr minimax minimax_loop)" ;;
   esac
 done
 say "done"
