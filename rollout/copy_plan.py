@@ -86,14 +86,27 @@ class CopyLoader:
     per incoming bucket (tensors that are views of one flat buffer)."""
 
     def __init__(self, model: torch.nn.Module, slots: dict[str, Slot]):
-        params = dict(model.named_parameters())
+        self.model, self.slots = model, slots
+        self.names = sorted({s.param for s in slots.values()})
+        self.ptrs: tuple[int, ...] | None = None
         self.views: dict[str, torch.Tensor] = {}
-        for name, s in slots.items():
+
+    def _refresh_views(self) -> None:
+        """The destination views, rebuilt whenever a parameter's storage moved (a model that
+        swapped `param.data`, e.g. on a re-allocation): never a copy into a stale tensor."""
+        params = dict(self.model.named_parameters())
+        ptrs = tuple(params[n].data_ptr() for n in self.names)
+        if ptrs == self.ptrs:
+            return
+        self.views = {}
+        for name, s in self.slots.items():
             p = params[s.param].data
             self.views[name] = p if (s.start == 0 and s.rows == p.shape[0]) or p.dim() == 0 else p.narrow(0, s.start, s.rows)
+        self.ptrs = ptrs
 
     @torch.no_grad()
     def load(self, named: Iterable[tuple[str, torch.Tensor]]) -> int:
+        self._refresh_views()
         dst: list[torch.Tensor] = []
         src: list[torch.Tensor] = []
         base = None

@@ -170,3 +170,18 @@ def test_explicit_copy_names_the_tensor_it_cannot_place(monkeypatch):
         compat.load_weights_inplace(worker, iter(named), "copy", None)
     # auto with the same unplaceable plan quietly takes vLLM's loaders
     assert compat.load_weights_inplace(worker, iter(named), "auto", [m for b in plan for m in b]) == "direct"
+
+
+def test_a_parameter_whose_storage_moved_still_gets_the_weights():
+    """A model that swaps a parameter's tensor between loads (a re-allocation) must not
+    leave the plan copying into the old storage."""
+    old, new = hf_state(SEED), hf_state(SEED + 1)
+    model = LiveModel(vllm_live(old))
+    plan, named = send(new, 1 << 14)
+    metas = [m for b in plan for m in b]
+    loader = CopyLoader(model, plan_slots(metas, {n: tuple(p.shape) for n, p in model.named_parameters()}))
+    loader.load(named)
+    qkv = "model.layers.0.self_attn.qkv_proj.weight"
+    model._live[qkv].data = torch.zeros_like(model._live[qkv])  # new storage under the same parameter
+    loader.load(named)
+    assert torch.equal(model._live[qkv], compat.checkpoint_to_vllm_layout(new)[qkv])
