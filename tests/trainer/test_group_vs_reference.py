@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -27,7 +28,15 @@ TEMPERATURE = 0.7
 # gradient is ~eps see fp32 cancellation error in g amplified; with 1e-15 the update of
 # such an element is sign(g)-like and only the weights' own fp32 rounding is left.)
 ADAM_EPS = 1e-15
-WEIGHT_ATOL_IN_LR = 2e-3  # max |w - w_ref| over all weights, in lr units (measured 7.2e-4 ZeRO-2 with recompute + TIS, 4.2e-4 ZeRO-3 tied)
+# max |w - w_ref| over the weights with a gradient, in lr units (measured 1.4e-4 ZeRO-2 with recompute
+# + TIS, 1.8e-4 ZeRO-3 tied; transformers 5.19, deepspeed 0.19.8)
+WEIGHT_ATOL_IN_LR = 1e-3
+# The keys' biases have an analytically zero gradient: q.(k_j + b) = q.k_j + q.b adds the
+# same logit to every key a query sees, and softmax ignores it. Their gradients are rounding
+# noise (fp32 and fp64 alike) that Adam (eps 1e-15) turns into steps of up to ~lr, so they
+# cannot match a reference; they are held to Adam's step bound instead. (With transformers
+# 5.19 one of them was 2.1e-3 lr off, over the 2e-3 bound this test then held every weight to.)
+ZERO_GRADIENT = re.compile(r"self_attn\.k_proj\.bias$")
 GRAD_NORM_RTOL = 1e-4
 LOSS_ATOL = 1e-6
 
@@ -94,11 +103,17 @@ def test_step_matches_float64_reference(stage_run):
     got = r["group"].state_dict()
     assert set(got) == set(r["ref_w"])
     assert ("lm_head.weight" in got) == (r["stage"] != 3)  # tied (ZeRO-3 case): sent once, as the embedding
-    rel = max_rel_diff(got, r["ref_w"])
-    in_lr = max(float((got[k].double() - r["ref_w"][k]).abs().max()) for k in got) / r["lr"]
-    print(f"zero{r['stage']}: weights max |diff| {in_lr:.2e} lr (max rel {rel:.2e}); grad norms {m['train/grad_norm_max']:.6g} "
-          f"vs ref {r['ref_norms']}; loss {m['train/loss']:.8f} vs ref mean {sum(r['ref_losses']) / 2:.8f}")
+    exact = {k: got[k] for k in got if not ZERO_GRADIENT.search(k)}
+    noise = {k: got[k] for k in got if k not in exact}
+    assert noise, "the model has key biases (Qwen2): the zero-gradient rule must find them"
+    rel = max_rel_diff(exact, r["ref_w"])
+    in_lr = max(float((w.double() - r["ref_w"][k]).abs().max()) for k, w in exact.items()) / r["lr"]
+    noise_in_lr = max(float((w.double() - r["ref_w"][k]).abs().max()) for k, w in noise.items()) / r["lr"]
+    print(f"zero{r['stage']}: weights max |diff| {in_lr:.2e} lr (max rel {rel:.2e}; key biases {noise_in_lr:.2e} lr); "
+          f"grad norms {m['train/grad_norm_max']:.6g} vs ref {r['ref_norms']}; loss {m['train/loss']:.8f} vs ref mean "
+          f"{sum(r['ref_losses']) / 2:.8f}")
     assert in_lr < WEIGHT_ATOL_IN_LR
+    assert noise_in_lr < 2 * m["train/updates"]  # Adam moves an element by at most ~lr per update
     # DeepSpeed reports the last update's pre-clip norm on each rank; train/grad_norm is
     # the mean over the updates, train/grad_norm_max their max
     ref_mean = sum(r["ref_norms"]) / len(r["ref_norms"])
