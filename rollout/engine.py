@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 import time
 import uuid
@@ -26,6 +27,7 @@ from typing import Any, Sequence
 from cispo.batch import Trajectory
 from cispo.config import RolloutConfig
 
+log = logging.getLogger("cispo.rollout")
 
 
 def request_seed(seed: int, group_id: int, sample_index: int) -> int:
@@ -54,8 +56,13 @@ class RolloutEngine:
         fp32_head_impl: str = "auto",
         lora: dict | None = None,
     ):
+        from rollout import engine_support
         from rollout import vllm_compat as compat
 
+        # A wrong install fails here, in seconds and by name, not inside vLLM's start-up
+        facts = compat.engine_facts()
+        for warning in engine_support.check(facts, dtype):
+            log.warning("rollout engine %d: %s", engine_index, warning)
         compat.use_inprocess_engine()
         compat.silence_rotary_reload_warning()
         from rollout.models import register_for
@@ -82,19 +89,24 @@ class RolloutEngine:
             processors.append(routing.RoutingRecorder)
             engine_kwargs = routing.engine_overrides(engine_kwargs)  # applied last: they win
         t0 = time.perf_counter()
-        self.llm = compat.make_llm(
-            compat.engine_kwargs(
-                self.model_path,
-                dtype=dtype,
-                tensor_parallel_size=self.cfg.tensor_parallel_size,
-                gpu_memory_utilization=self.cfg.gpu_memory_utilization,
-                max_model_len=self.cfg.max_model_len,
-                seed=self.cfg.seed,
-                logits_processors=processors,
-                enforce_eager=enforce_eager,
-                extra={**self.cfg.engine_args, **(engine_kwargs or {})},
-            )
+        kwargs = compat.engine_kwargs(
+            self.model_path,
+            dtype=dtype,
+            tensor_parallel_size=self.cfg.tensor_parallel_size,
+            gpu_memory_utilization=self.cfg.gpu_memory_utilization,
+            max_model_len=self.cfg.max_model_len,
+            seed=self.cfg.seed,
+            logits_processors=processors,
+            enforce_eager=enforce_eager,
+            extra={**self.cfg.engine_args, **(engine_kwargs or {})},
         )
+        try:
+            self.llm = compat.make_llm(kwargs)
+        except Exception as e:
+            unsupported = engine_support.explain_load_failure(e, facts)
+            if unsupported is not None:
+                raise unsupported from e
+            raise
         self.startup_s = time.perf_counter() - t0
         self.inprocess = compat.is_inprocess(self.llm)
         self.tokenizer = self.llm.get_tokenizer()

@@ -26,6 +26,7 @@ from cispo.batch import Trajectory
 from cispo.config import RolloutConfig
 
 _REPO_ROOT = str(Path(__file__).resolve().parent.parent)
+UNSUPPORTED = "EngineUnsupportedError"  # rollout.engine_support's error, as Ray's messages name it
 log = logging.getLogger("cispo.rollout")
 
 
@@ -151,6 +152,10 @@ class RolloutGroup:
                 if late:
                     raise RolloutEngineError("; ".join(failed[i][1] for i in late) + " (are there resources for every "
                                              "engine? an engine waiting for a CPU/GPU never starts)", late)
+                # the node's install cannot run an engine: a new actor there would fail the same way
+                unfit = [i for i, (_, message) in failed.items() if UNSUPPORTED in message]
+                if unfit:
+                    raise RolloutEngineError("; ".join(failed[i][1] for i in unfit), unfit)
                 self.restart(failed)  # raises once a slot has used up its restarts
                 todo = sorted(failed)
         except BaseException:

