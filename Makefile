@@ -8,12 +8,13 @@ STAMP := $(VENV)/.installed-cpu
 
 .PHONY: install train test bubblewrap
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints-cpu.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: an unpinned torch resolves to a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[cpu,test]'
+	# pinned to the versions CI last passed with (constraints-cpu.txt says how to refresh them)
+	$(PY) -m pip install -q -c constraints-cpu.txt -e '.[cpu,test]'
 	# PyPI's torchvision/torchaudio/torchcodec builds break transformers/vllm imports beside CPU torch.
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $(STAMP)
