@@ -24,7 +24,10 @@ from typing import Iterable
 import torch
 
 from cispo.weight_sync import ParamMeta
-from rollout.vllm_compat import FUSED  # checkpoint names vLLM stacks along dim 0, in order
+
+# vLLM's Qwen2/Llama-family fusing of checkpoint tensors (the models' stacked_params_mapping):
+# the checkpoint names vLLM stacks along dim 0 under one name, in order.
+FUSED = (("qkv_proj", ("q_proj", "k_proj", "v_proj")), ("gate_up_proj", ("gate_proj", "up_proj")))
 
 # Only these may be shorter than the live tensor (vLLM pads the vocabulary rows).
 _VOCAB_ROWS = ("embed_tokens.weight", "lm_head.weight")

@@ -383,13 +383,10 @@ def device_free_memory(worker) -> tuple[int, int]:
     return torch.cuda.mem_get_info(device)
 
 
-# vLLM's Qwen2/Llama-family fusing of checkpoint tensors (the models' stacked_params_mapping).
-FUSED = (("qkv_proj", ("q_proj", "k_proj", "v_proj")), ("gate_up_proj", ("gate_proj", "up_proj")))
-
-
 def checkpoint_to_vllm_layout(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Hugging Face-named tensors (TP 1) arranged as vLLM holds them: q/k/v and gate/up
     concatenated along dim 0 under the fused name. What `cispo_checksums` is compared with."""
+    from rollout.copy_plan import FUSED
     out = dict(named)
     for fused, parts in FUSED:
         for name in [n for n in named if f".{parts[0]}." in n]:
