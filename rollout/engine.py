@@ -59,12 +59,12 @@ class RolloutEngine:
         from rollout import engine_support
         from rollout import vllm_compat as compat
 
+        compat.use_inprocess_engine()
+        compat.silence_rotary_reload_warning()
         # A wrong install fails here, in seconds and by name, not inside vLLM's start-up
         facts = compat.engine_facts()
         for warning in engine_support.check(facts, dtype):
             log.warning("rollout engine %d: %s", engine_index, warning)
-        compat.use_inprocess_engine()
-        compat.silence_rotary_reload_warning()
         from rollout.models import register_for
         from rollout.repetition import RepetitionStopProcessor
 
