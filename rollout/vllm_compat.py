@@ -44,7 +44,6 @@ def engine_facts():
 
     from rollout.engine_support import EngineFacts
 
-    import vllm
     from vllm.engine.arg_utils import EngineArgs
     from vllm.platforms import current_platform
 
@@ -77,7 +76,7 @@ def engine_facts():
         except Exception:  # a query this release lacks: the GPU-generation checks are skipped
             pass
     return EngineFacts(
-        vllm_version=vllm.__version__,
+        vllm_version=vllm_version(),
         engine_args=frozenset(f.name for f in dataclasses.fields(EngineArgs)),
         platform=str(current_platform.device_type),
         gpus_assigned=gpus,
