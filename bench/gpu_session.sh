@@ -22,6 +22,7 @@
 #               (9 runs; where the CPU recipe separated them); compare_lr.{md,json,png} in $OUT [2 GPUs] (~570 s)
 #   minimax     bench/minimax_mismatch.py --make gpu: bf16 hybrid MoE, FP32 head / routing replay on and off   (~150 s)
 #   minimax_loop cispo-train model=minimax_tiny, split 1+1, 8 steps, routing recorded and replayed [2 GPUs] (~330 s)
+#   minimax_colocate  the same loop colocated on one GPU (placement colocate_1)                    (~330 s)
 # Two calls cover them all on a 2-GPU host: `tests sync colocate`, then `split colocate15 sync_ipc`.
 #
 # Everything lands in $OUT (3 files, rewritten after every stage, so a run cut short still returns
@@ -214,7 +215,13 @@ for s in "${STAGES[@]}"; do
         steps=${MINIMAX_STEPS:-8} rollout.record_routing=true trainer.routing_replay=true rollout.gpu_memory_utilization=0.2 \
         rollout.max_new_tokens=16 rollout.max_model_len=64 \
         "logger.backends=[console,jsonl]" output_dir="$WORK/minimax_loop" ;;
-    *) say "unknown stage $s (tests sync sync_ipc colocate split split_sync colocate15 colocate2 compare compare_lr minimax minimax_loop)" ;;
+    minimax_colocate)  # issue 15: the same loop on one GPU (placement colocate_1: vLLM sleeps while the trainer
+      # steps, weights by CUDA IPC), routing recorded and replayed; the engine's share lowered (a tiny model)
+      stage minimax_colocate 1 ${MINIMAX_COLOCATE_S:-330} 150 "$PY" -m launch.main model=minimax_tiny rollout=gpu trainer=gpu \
+        placement=colocate_1 steps=${MINIMAX_STEPS:-8} rollout.record_routing=true trainer.routing_replay=true \
+        rollout.gpu_memory_utilization=0.2 rollout.max_new_tokens=16 rollout.max_model_len=64 \
+        "logger.backends=[console,jsonl]" output_dir="$WORK/minimax_colocate" ;;
+    *) say "unknown stage $s (tests sync sync_ipc colocate split split_sync colocate15 colocate2 compare compare_lr minimax minimax_loop minimax_colocate)" ;;
   esac
 done
 say "done"
