@@ -55,11 +55,11 @@ fi
 BUDGET=$(( $(left) - 8 ))
 mark "trainer_profile budget=${BUDGET}s"
 timeout $((BUDGET + 6)) "$PY" bench/trainer_profile.py --engine auto \
-  --presets ${SPEED_PRESETS:-qwen2-0.5b qwen2-1.5b} ${SPEED_EXTRA_ARGS:-} \
+  --presets ${SPEED_PRESETS:-qwen2-0.5b qwen2-1.5b} \
   --variants ${SPEED_VARIANTS:-base varlen+liger+mbt16k varlen+liger qwen2-0.5b:mbt16k qwen2-1.5b:varlen+liger+seq16k \
              qwen2-0.5b:varlen+compile+mbt16k qwen2-0.5b:flex+mbt16k qwen2-0.5b:varlen+liger+ac+mbt32k} \
   ${SPEED_PROFILE_ARGS:---profile-variants varlen+liger+mbt16k} \
-  --seqs-per-step 8 --steps 3 --warmup 1 --deadline-s "$BUDGET" \
+  --seqs-per-step 8 --steps 3 --warmup 1 --deadline-s "$BUDGET" ${SPEED_EXTRA_ARGS:-} \
   --out "$OUT/trainer_profile_h200.json" --md "$OUT/trainer_profile_h200.md" > "$OUT/trainer_profile_h200.log" 2>&1
 mark "trainer_profile rc=$?"
 grep -E "^(RESULT|SKIP|VARLEN)" "$OUT/trainer_profile_h200.log"

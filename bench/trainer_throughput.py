@@ -39,6 +39,7 @@ from launch.tiny_model import PRESETS as MODEL_SHAPES  # noqa: E402
 PRESETS = {
     "qwen2-0.5b": MODEL_SHAPES["qwen2-0.5b-shape"],
     "qwen2-1.5b": MODEL_SHAPES["qwen2-1.5b-shape"],
+    "qwen2-3b": MODEL_SHAPES["qwen2-3b-shape"],
     "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                  intermediate_size=256, vocab_size=1000, tie_word_embeddings=True),
 }

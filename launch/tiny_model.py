@@ -27,6 +27,8 @@ PRESETS: dict[str, dict[str, int]] = {
                              intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True),
     "qwen2-1.5b-shape": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
                              intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2-3b-shape": dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
+                           intermediate_size=11008, vocab_size=151936, tie_word_embeddings=True),
     "qwen2-7b-shape": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
                            intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False),
 }
