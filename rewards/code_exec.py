@@ -47,7 +47,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from rewards.code_tests import TestFormatError, check_tests, judge, plan_tests, read_report, split_tests
+from rewards.code_report import read_report
+from rewards.code_tests import TestFormatError, check_tests, judge, plan_tests, split_tests
 from rewards.registry import register
 from rewards.sandbox import Limits, RunOutput, SandboxUnavailable, require_sandbox, run_python
 from rewards.verifiers import strip_eos

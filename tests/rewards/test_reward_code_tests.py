@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from rewards.code_tests import (BadReport, Report, TestFormatError, check_tests, decode, judge, plan_test,
-                                read_report, split_tests)
+from rewards.code_report import BadReport, Report, decode, read_report
+from rewards.code_tests import TestFormatError, check_tests, judge, plan_test, split_tests
 
 
 @pytest.mark.parametrize("test, why", [
