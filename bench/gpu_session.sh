@@ -130,6 +130,13 @@ loop_stage() {  # loop_stage NAME NEED_GPUS WANT_S MIN_S MODEL STEPS RUN_TIMEOUT
     --timeout-s "$run_timeout" --work "$WORK/loop" --out "$WORK/$name.json"
 }
 
+minimax_stage() {  # minimax_stage NAME NEED_GPUS WANT_S MIN_S PLACEMENT: cispo-train on minimax_tiny (a tiny model: the engine's share lowered)
+  local name=$1 placement=$5
+  stage "$name" "$2" "$3" "$4" "$PY" -m launch.main model=minimax_tiny rollout=gpu trainer=gpu placement="$placement" \
+    steps="${MINIMAX_STEPS:-8}" rollout.record_routing=true trainer.routing_replay=true rollout.gpu_memory_utilization=0.2 \
+    rollout.max_new_tokens=16 rollout.max_model_len=64 "logger.backends=[console,jsonl]" output_dir="$WORK/$name"
+}
+
 pytest_ready() {  # the image may lack pytest: take wheels carried in .gs/pytest (docs/gpu.md)
   "$PY" -c "import pytest" 2>/dev/null && return 0
   local wheels=${CISPO_PYTEST_WHEELS:-$REPO/.gs/pytest}
@@ -209,18 +216,12 @@ for s in "${STAGES[@]}"; do
       stage minimax 1 240 90 "$PY" bench/minimax_mismatch.py --make gpu --prompts 32 --samples 4 --new-tokens 256 \
         --work "$WORK/mm" --out "$WORK/minimax.json"
       cp "$WORK"/minimax.json "$OUT"/ 2>/dev/null ;;
-    minimax_loop)  # issue 15: the real loop on minimax_tiny (engine GPU 0, trainer GPU 1), routing replayed
-      # step 0 takes ~90 s (Triton JIT in vLLM, first-step compilation in the trainer): 330 s leaves room for steady steps
-      stage minimax_loop 2 330 120 "$PY" -m launch.main model=minimax_tiny rollout=gpu trainer=gpu placement=split_1_1 \
-        steps=${MINIMAX_STEPS:-8} rollout.record_routing=true trainer.routing_replay=true rollout.gpu_memory_utilization=0.2 \
-        rollout.max_new_tokens=16 rollout.max_model_len=64 \
-        "logger.backends=[console,jsonl]" output_dir="$WORK/minimax_loop" ;;
-    minimax_colocate)  # issue 15: the same loop on one GPU (placement colocate_1: vLLM sleeps while the trainer
-      # steps, weights by CUDA IPC), routing recorded and replayed; the engine's share lowered (a tiny model)
-      stage minimax_colocate 1 ${MINIMAX_COLOCATE_S:-330} 150 "$PY" -m launch.main model=minimax_tiny rollout=gpu trainer=gpu \
-        placement=colocate_1 steps=${MINIMAX_STEPS:-8} rollout.record_routing=true trainer.routing_replay=true \
-        rollout.gpu_memory_utilization=0.2 rollout.max_new_tokens=16 rollout.max_model_len=64 \
-        "logger.backends=[console,jsonl]" output_dir="$WORK/minimax_colocate" ;;
+    # issue 15: the real loop on minimax_tiny, routing recorded and replayed; step 0 takes ~60-90 s (Triton
+    # JIT in vLLM, first-step compilation in the trainer): 330 s leaves room for steady steps
+    minimax_loop)  # engine on GPU 0, trainer on GPU 1, NCCL weight sync
+      minimax_stage minimax_loop 2 330 120 split_1_1 ;;
+    minimax_colocate)  # one GPU: vLLM sleeps while the trainer steps, weights by CUDA IPC
+      minimax_stage minimax_colocate 1 "${MINIMAX_COLOCATE_S:-330}" 150 colocate_1 ;;
     *) say "unknown stage $s (tests sync sync_ipc colocate split split_sync colocate15 colocate2 compare compare_lr minimax minimax_loop minimax_colocate)" ;;
   esac
 done
