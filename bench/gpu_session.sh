@@ -126,8 +126,10 @@ loop_stage() {  # loop_stage NAME NEED_GPUS WANT_S MIN_S MODEL STEPS RUN_TIMEOUT
   local name=$1 need=$2 want=$3 min=$4 model=$5 steps=$6 run_timeout=$7
   shift 7
   ensure_models "$model"
+  # LOOP_OVERRIDES: extra Hydra overrides for every loop run (e.g. trainer speed options)
   stage "$name" "$need" "$want" "$min" "$PY" bench/gpu_loop.py --run "$@" --model "$model" --steps "$steps" \
-    --timeout-s "$run_timeout" --work "$WORK/loop" --out "$WORK/$name.json"
+    --timeout-s "$run_timeout" --work "$WORK/loop" --out "$WORK/$name.json" \
+    ${LOOP_OVERRIDES:+--override $LOOP_OVERRIDES}
 }
 
 minimax_stage() {  # minimax_stage NAME NEED_GPUS WANT_S MIN_S PLACEMENT: cispo-train on minimax_tiny (a tiny model: the engine's share lowered)

@@ -184,15 +184,23 @@ def main():
                          "each value adds a method (the defaults are always measured)")
     ap.add_argument("--profile", nargs="*", default=[],
                     help="modes whose fwd+bwd is also profiled per kernel (torch.profiler)")
+    ap.add_argument("--no-tma", action="store_true",
+                    help="fp16x2: pointer loads instead of tensor descriptors (to compare the two)")
+    ap.add_argument("--memory-trace", nargs="*", default=[],
+                    help="modes whose fwd+bwd peak is broken down into the allocations live at it")
     args = ap.parse_args()
     if args.table:
         print(markdown_table(args.table))
         return
 
     import triton
+    if args.no_tma:
+        import kernels.lm_head_triton_fwd as fwd
+        fwd.USE_TMA = False
     dev = torch.cuda.get_device_name()
     report = dict(device=dev, torch=torch.__version__, triton=triton.__version__,
-                  python=platform.python_version(), V=args.V, argv=sys.argv, results=[])
+                  python=platform.python_version(), V=args.V, argv=sys.argv, tma=not args.no_tma,
+                  results=[])
     print(f"{dev} torch {torch.__version__} triton {triton.__version__} "
           f"fp32 matmul precision {torch.get_float32_matmul_precision()}", flush=True)
     if not args.skip_check:
@@ -240,6 +248,9 @@ def main():
             for mode in args.profile:
                 hh, ww = {"bf16": (h16, w16), "bf16x3": (h16, w32), "fp16x2": (h16, w32)}.get(mode, (h32, w32))
                 profile_kernels(fused(mode), hh, ww, t, g, f"T={T} H={H} {mode}")
+            for mode in args.memory_trace:
+                hh, ww = {"bf16": (h16, w16), "bf16x3": (h16, w32), "fp16x2": (h16, w32)}.get(mode, (h32, w32))
+                memory_trace(fused(mode), hh, ww, t, g, f"T={T} H={H} {mode}")
             for name, fn, hh, ww in methods:
                 t0 = time.time()
                 r = dict(name=name, T=T, H=H, **measure(fn, hh, ww, t, g, rows, ref))
@@ -292,6 +303,38 @@ def profile_kernels(method, h, w, t, g, what):
         torch.cuda.synchronize()
     print(f"profile {what}:")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=50))
+
+
+def memory_trace(method, h, w, t, g, what, top=12):
+    """The allocations live at the peak of one forward+backward (after a warm-up), largest
+    first, each with the innermost frame of this repository that made it."""
+    hg, wg = h.detach().requires_grad_(), w.detach().requires_grad_()
+    (method(hg, wg, t) * g).sum().backward()
+    hg.grad = wg.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.memory._record_memory_history(max_entries=200000)
+    (method(hg, wg, t) * g).sum().backward()
+    torch.cuda.synchronize()
+    snap = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    live, total, peak, at_peak = {}, 0, 0, {}
+    for ev in snap["device_traces"][0]:
+        if ev["action"] == "alloc":
+            live[ev["addr"]] = ev
+            total += ev["size"]
+            if total > peak:
+                peak, at_peak = total, dict(live)
+        elif ev["action"] == "free_completed" and ev["addr"] in live:
+            total -= live.pop(ev["addr"])["size"]
+
+    def origin(ev):
+        frames = [f for f in ev.get("frames", []) if "/kernels/" in f["filename"] or "/bench/" in f["filename"]]
+        f = frames[0] if frames else (ev.get("frames") or [{"filename": "?", "line": 0, "name": "?"}])[0]
+        return f"{os.path.basename(f['filename'])}:{f['line']} {f['name']}"
+    print(f"memory at the peak of fwd+bwd, {what}: {peak / 2**30:.3f} GiB allocated during it")
+    for ev in sorted(at_peak.values(), key=lambda e: -e["size"])[:top]:
+        print(f"  {ev['size'] / 2**20:10.1f} MiB  {origin(ev)}")
+    hg.grad = wg.grad = None
 
 
 # (hidden, weight) bytes per element each method gets: for the "of which not grads" column.

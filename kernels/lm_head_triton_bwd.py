@@ -24,8 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .lm_head_triton_common import dot_fp16, grouped_tile, logits_tile, mma, vocab_axis
-from .lm_head_triton_fwd import BF16_TILES, FP32_TILES, make_configs, make_prune
+from .lm_head_triton_common import grouped_tile, logits_tile, mma, vocab_axis
+from .lm_head_triton_fwd import (BF16_TILES, FP32_TILES, make_configs, make_prune, set_block_shapes,
+                                 tma_operands)
 
 
 @triton.jit
@@ -37,7 +38,7 @@ def _dlogits_kernel(
     MODE: tl.constexpr, VAX: tl.constexpr, H_PARTS: tl.constexpr, W_PARTS: tl.constexpr, HAS_GENT: tl.constexpr,
     SPLIT_OUT: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    GROUP_T: tl.constexpr, INTERPRET: tl.constexpr,
+    GROUP_T: tl.constexpr, TMA: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """dlogits[t, v] for tokens [0, T) and vocabulary rows [v_base, v_base + V) held by w_ptr,
     stored at dl_ptr + t * stride_dt + v * stride_dv in dl_ptr's dtype; with SPLIT_OUT
@@ -50,9 +51,9 @@ def _dlogits_kernel(
     row_ok = rows < T
     # Vocabulary on axis VAX of the tile (see logits_tile); per-token vectors broadcast
     # with expand_dims(v, VAX), per-column ones with expand_dims(v, 1 - VAX).
-    acc = logits_tile(h_ptr, hl_ptr, w_ptr, wl_ptr, rows, cols, T, V, H, stride_ht, stride_hh,
-                      stride_wv, stride_wh, MODE, VAX, H_PARTS, W_PARTS, BLOCK_T, BLOCK_V, BLOCK_H,
-                      INTERPRET)
+    acc = logits_tile(h_ptr, hl_ptr, w_ptr, wl_ptr, rows, cols, tb * BLOCK_T, vb * BLOCK_V, T, V,
+                      H, stride_ht, stride_hh, stride_wv, stride_wh, MODE, VAX, H_PARTS, W_PARTS,
+                      BLOCK_T, BLOCK_V, BLOCK_H, TMA, INTERPRET)
     z = acc * (inv_temp * tl.load(scale_ptr))
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1) - v_base
@@ -84,16 +85,17 @@ def launch_dlogits(h, hl, w, wl, targets, lse, ent, g_logp, g_ent, dl, dll, scal
     """One dlogits launch: dl (and dll) are [T, V]-shaped views, any strides."""
     T, H = h.shape
     V = w.shape[0]
+    strides = (h.stride(0), h.stride(1), w.stride(0), w.stride(1))
+    h, hl, w, wl, tma = tma_operands(mode_id, interpret, h, hl, w, wl)
     args = (h, hl, w, wl, targets, lse, ent, g_logp, g_ent, dl, dll, scale, dl_scale, T, V, H,
-            h.stride(0), h.stride(1), w.stride(0), w.stride(1), dl.stride(0), dl.stride(1),
-            inv_temp, v_base)
+            *strides, dl.stride(0), dl.stride(1), inv_temp, v_base)
     meta = dict(MODE=mode_id, VAX=vocab_axis(mode_id), H_PARTS=h_parts, W_PARTS=w_parts,
-                HAS_GENT=has_gent,
-                SPLIT_OUT=split_out)
+                HAS_GENT=has_gent, SPLIT_OUT=split_out, TMA=tma)
     if interpret:
         grid = (triton.cdiv(T, 16) * triton.cdiv(V, 64),)
-        _dlogits_kernel[grid](*args, **meta, BLOCK_T=16, BLOCK_V=64, BLOCK_H=32, GROUP_T=2,
-                              INTERPRET=True)
+        blocks = dict(BLOCK_T=16, BLOCK_V=64, BLOCK_H=32)
+        set_block_shapes(dict(h_ptr=h, hl_ptr=hl, w_ptr=w, wl_ptr=wl, **blocks))
+        _dlogits_kernel[grid](*args, **meta, **blocks, GROUP_T=2, INTERPRET=True)
     else:
         grid = lambda m: (triton.cdiv(T, m["BLOCK_T"]) * triton.cdiv(V, m["BLOCK_V"]),)  # noqa: E731
         _dlogits_tuned[grid](*args, **meta, INTERPRET=False)
@@ -101,19 +103,14 @@ def launch_dlogits(h, hl, w, wl, targets, lse, ent, g_logp, g_ent, dl, dll, scal
 
 @triton.jit
 def matmul_kernel(
-    a_ptr, al_ptr, b_ptr, bl_ptr, c_ptr, alpha_ptr, M, N, K,
+    a_ptr, b_ptr, c_ptr, M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-    MODE: tl.constexpr, A_PARTS: tl.constexpr, B_PARTS: tl.constexpr, ACCUMULATE: tl.constexpr,
+    MODE: tl.constexpr, ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """c (+)= a @ b in precision MODE; any strides, so transposed operands need no copy.
-
-    MODE_FP16X2: a, b are fp16 hi parts, al, bl their lo parts with the same strides (read only
-    when A_PARTS / B_PARTS == 2), and c (+)= alpha_ptr[0] * (a @ b [+ a @ b_lo] [+ a_lo @ b]):
-    alpha undoes the operands' power-of-two scales (lm_head_triton_fp16x2.py). The other modes
-    read neither al, bl nor alpha_ptr.
-    """
+    (Mode fp16x2 forms its gradient products with cuBLAS: lm_head_triton_fp16x2.mm_into.)"""
     pm, pn = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     rm = pm * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -125,26 +122,11 @@ def matmul_kernel(
     for k0 in range(0, K, BLOCK_K):
         k = k0 + rk
         k_ok = k < K
-        a_off = rm[:, None] * stride_am + k[None, :] * stride_ak
-        a_mask = m_ok[:, None] & k_ok[None, :]
-        b_off = k[:, None] * stride_bk + rn[None, :] * stride_bn
-        b_mask = k_ok[:, None] & n_ok[None, :]
-        a = tl.load(a_ptr + a_off, mask=a_mask, other=0.0)
-        b = tl.load(b_ptr + b_off, mask=b_mask, other=0.0)
-        if MODE == 4:
-            # Blocked summation, a fresh accumulator per K step (see fp16x2_tile for why).
-            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            if B_PARTS == 2:
-                part = dot_fp16(a, tl.load(bl_ptr + b_off, mask=b_mask, other=0.0), part,
-                                INTERPRET)
-            if A_PARTS == 2:
-                part = dot_fp16(tl.load(al_ptr + a_off, mask=a_mask, other=0.0), b, part,
-                                INTERPRET)
-            acc += dot_fp16(a, b, part, INTERPRET)
-        else:
-            acc = mma(a, b, acc, MODE, INTERPRET)
-    if MODE == 4:
-        acc = acc * tl.load(alpha_ptr)
+        a = tl.load(a_ptr + rm[:, None] * stride_am + k[None, :] * stride_ak,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + k[:, None] * stride_bk + rn[None, :] * stride_bn,
+                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = mma(a, b, acc, MODE, INTERPRET)
     c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
     c_mask = m_ok[:, None] & n_ok[None, :]
     if ACCUMULATE:
@@ -155,8 +137,8 @@ def matmul_kernel(
 _DL_NAMES = ["BLOCK_T", "BLOCK_V", "BLOCK_H", "GROUP_T"]
 # dl_ptr is written in full by the kernel; the tuner's trial runs only overwrite it.
 _dlogits_tuned = triton.autotune(
-    configs=make_configs(_DL_NAMES),
-    key=["H", "MODE", "H_PARTS", "W_PARTS", "HAS_GENT", "SPLIT_OUT"],
+    configs=make_configs(_DL_NAMES, pre_hook=set_block_shapes),
+    key=["H", "MODE", "H_PARTS", "W_PARTS", "HAS_GENT", "SPLIT_OUT", "TMA"],
     prune_configs_by={"early_config_prune": make_prune("h_ptr", _DL_NAMES)},
 )(_dlogits_kernel)
 
@@ -173,10 +155,9 @@ def _matmul(a, b, c, accumulate, mode_id, interpret):
     """c (+)= a @ b, a [M, K], b [K, N] (views with any strides), c [M, N]."""
     M, K = a.shape
     N = b.shape[1]
-    # al, bl, alpha_ptr: read only in mode fp16x2 (see matmul_kernel); any pointer will do.
-    args = (a, a, b, b, c, c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+    args = (a, b, c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
             c.stride(0), c.stride(1))
-    meta = dict(MODE=mode_id, A_PARTS=1, B_PARTS=1, ACCUMULATE=accumulate)
+    meta = dict(MODE=mode_id, ACCUMULATE=accumulate)
     if interpret:
         grid = (triton.cdiv(M, 64) * triton.cdiv(N, 32),)
         matmul_kernel[grid](*args, **meta, BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, GROUP_M=2,

@@ -201,11 +201,11 @@ def mma(a, b, acc, MODE: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def logits_tile(h_ptr, hl_ptr, w_ptr, wl_ptr, rows, cols, T, V, H,
+def logits_tile(h_ptr, hl_ptr, w_ptr, wl_ptr, rows, cols, row0, col0, T, V, H,
                 stride_ht, stride_hh, stride_wv, stride_wh,
                 MODE: tl.constexpr, VAX: tl.constexpr, H_PARTS: tl.constexpr,
                 W_PARTS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr,
-                BLOCK_H: tl.constexpr, INTERPRET: tl.constexpr):
+                BLOCK_H: tl.constexpr, TMA: tl.constexpr, INTERPRET: tl.constexpr):
     """fp32 tile of hidden[rows] @ weight[cols]^T reduced over all of H; vocabulary on axis VAX.
 
     VAX=1: [BLOCK_T, BLOCK_V], hidden is the left operand. Per-token reductions then run
@@ -226,33 +226,35 @@ def logits_tile(h_ptr, hl_ptr, w_ptr, wl_ptr, rows, cols, T, V, H,
     row_ok = rows < T
     col_ok = cols < V
     if MODE == 4:
-        return fp16x2_tile(h_ptr, hl_ptr, w_ptr, wl_ptr, rows, cols, row_ok, col_ok, H,
-                           stride_ht, stride_hh, stride_wv, stride_wh, acc, H_PARTS, W_PARTS,
-                           BLOCK_H, INTERPRET)
-    for k0 in range(0, H, BLOCK_H):
-        k = k0 + ks
-        k_ok = k < H
-        if VAX == 0:
-            w = tl.load(w_ptr + cols[:, None] * stride_wv + k[None, :] * stride_wh,
-                        mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            # hidden is [T, H] row-major; loading it as [BLOCK_H, BLOCK_T] gives hidden^T.
-            h = tl.load(h_ptr + rows[None, :] * stride_ht + k[:, None] * stride_hh,
-                        mask=row_ok[None, :] & k_ok[:, None], other=0.0)
-            acc = mma(w, h, acc, MODE, INTERPRET)
-        else:
-            h = tl.load(h_ptr + rows[:, None] * stride_ht + k[None, :] * stride_hh,
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptr + cols[None, :] * stride_wv + k[:, None] * stride_wh,
-                        mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-            acc = mma(h, w, acc, MODE, INTERPRET)
+        # (an else branch, not an early return: Triton compiles what follows a return too)
+        acc = fp16x2_tile(h_ptr, hl_ptr, w_ptr, wl_ptr, rows, cols, row_ok, col_ok, row0, col0,
+                          H, stride_ht, stride_hh, stride_wv, stride_wh, acc, H_PARTS, W_PARTS,
+                          BLOCK_H, TMA, INTERPRET)
+    else:
+        for k0 in range(0, H, BLOCK_H):
+            k = k0 + ks
+            k_ok = k < H
+            if VAX == 0:
+                w = tl.load(w_ptr + cols[:, None] * stride_wv + k[None, :] * stride_wh,
+                            mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+                # hidden is [T, H] row-major; loading it as [BLOCK_H, BLOCK_T] gives hidden^T.
+                h = tl.load(h_ptr + rows[None, :] * stride_ht + k[:, None] * stride_hh,
+                            mask=row_ok[None, :] & k_ok[:, None], other=0.0)
+                acc = mma(w, h, acc, MODE, INTERPRET)
+            else:
+                h = tl.load(h_ptr + rows[:, None] * stride_ht + k[None, :] * stride_hh,
+                            mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                w = tl.load(w_ptr + cols[None, :] * stride_wv + k[:, None] * stride_wh,
+                            mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+                acc = mma(h, w, acc, MODE, INTERPRET)
     return acc
 
 
 @triton.jit
-def fp16x2_tile(h_ptr, hl_ptr, w_ptr, wl_ptr, rows, cols, row_ok, col_ok, H,
+def fp16x2_tile(h_ptr, hl_ptr, w_ptr, wl_ptr, rows, cols, row_ok, col_ok, row0, col0, H,
                 stride_ht, stride_hh, stride_wv, stride_wh, acc,
                 H_PARTS: tl.constexpr, W_PARTS: tl.constexpr, BLOCK_H: tl.constexpr,
-                INTERPRET: tl.constexpr):
+                TMA: tl.constexpr, INTERPRET: tl.constexpr):
     """acc + [h @ w_lo^T] [+ h_lo @ w^T] + h @ w^T over all of H, fp16 parts (see logits_tile).
 
     Blocked summation: each K step's products go to a fresh accumulator, added to acc with
@@ -260,23 +262,38 @@ def fp16x2_tile(h_ptr, hl_ptr, w_ptr, wl_ptr, rows, cols, row_ok, col_ok, H,
     all of K=4096 in them gave 9e-5 max |d log p| at V=152k on an H100, this 2.2e-6. It
     costs ~13% of the product time (bench/fp16x2_accumulation.py: each add waits for its
     products); summing 2 steps per add needs twice the shared memory per pipeline stage
-    and was slower still.
+    and was slower still, 4 or 8 steps per add in a nested loop no faster.
+    TMA: tiles come by the tensor-memory accelerator (no address arithmetic or address
+    registers per thread, zeros past the edges): 552 against 500 TFLOP/s for these sums
+    on an H200 (bench/fp16x2_accumulation.py, tma_blocked against blocked).
     """
     ks = tl.arange(0, BLOCK_H)
     for k0 in range(0, H, BLOCK_H):
-        k = k0 + ks
-        k_ok = k < H
-        h_off = rows[:, None] * stride_ht + k[None, :] * stride_hh
-        h_mask = row_ok[:, None] & k_ok[None, :]
-        w_off = cols[None, :] * stride_wv + k[:, None] * stride_wh
-        w_mask = col_ok[None, :] & k_ok[:, None]
-        h = tl.load(h_ptr + h_off, mask=h_mask, other=0.0)
-        w = tl.load(w_ptr + w_off, mask=w_mask, other=0.0)
+        if TMA:
+            h = h_ptr.load([row0, k0])
+            w = w_ptr.load([col0, k0]).T
+        else:
+            k = k0 + ks
+            k_ok = k < H
+            h_off = rows[:, None] * stride_ht + k[None, :] * stride_hh
+            h_mask = row_ok[:, None] & k_ok[None, :]
+            w_off = cols[None, :] * stride_wv + k[:, None] * stride_wh
+            w_mask = col_ok[None, :] & k_ok[:, None]
+            h = tl.load(h_ptr + h_off, mask=h_mask, other=0.0)
+            w = tl.load(w_ptr + w_off, mask=w_mask, other=0.0)
         part = tl.zeros(acc.shape, tl.float32)
         if W_PARTS == 2:
-            part = dot_fp16(h, tl.load(wl_ptr + w_off, mask=w_mask, other=0.0), part, INTERPRET)
+            if TMA:
+                w_lo = wl_ptr.load([col0, k0]).T
+            else:
+                w_lo = tl.load(wl_ptr + w_off, mask=w_mask, other=0.0)
+            part = dot_fp16(h, w_lo, part, INTERPRET)
         if H_PARTS == 2:
-            part = dot_fp16(tl.load(hl_ptr + h_off, mask=h_mask, other=0.0), w, part, INTERPRET)
+            if TMA:
+                h_lo = hl_ptr.load([row0, k0])
+            else:
+                h_lo = tl.load(hl_ptr + h_off, mask=h_mask, other=0.0)
+            part = dot_fp16(h_lo, w, part, INTERPRET)
         acc += dot_fp16(h, w, part, INTERPRET)
     return acc
 

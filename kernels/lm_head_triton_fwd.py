@@ -35,7 +35,7 @@ def _lm_head_fwd_kernel(
     inv_temp, v_per_split, n_split, stride_plane,
     MODE: tl.constexpr, VAX: tl.constexpr, H_PARTS: tl.constexpr, W_PARTS: tl.constexpr, WITH_ENT: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    GROUP_T: tl.constexpr, INTERPRET: tl.constexpr,
+    GROUP_T: tl.constexpr, TMA: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """Partial log-sum-exp statistics over the V vocabulary rows held by w_ptr (a chunk of the
     vocabulary in mode fp16x2, all of it otherwise), in base-2 units:
@@ -57,9 +57,9 @@ def _lm_head_fwd_kernel(
     s1 = tl.zeros((BLOCK_T,), tl.float32)          # sum 2^(y - m) * (y - m)
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
-        acc = logits_tile(h_ptr, hl_ptr, w_ptr, wl_ptr, rows, cols, T, V, H, stride_ht, stride_hh,
-                          stride_wv, stride_wh, MODE, VAX, H_PARTS, W_PARTS, BLOCK_T, BLOCK_V, BLOCK_H,
-                          INTERPRET)
+        acc = logits_tile(h_ptr, hl_ptr, w_ptr, wl_ptr, rows, cols, tb * BLOCK_T, v0, T, V, H,
+                          stride_ht, stride_hh, stride_wv, stride_wh, MODE, VAX, H_PARTS, W_PARTS,
+                          BLOCK_T, BLOCK_V, BLOCK_H, TMA, INTERPRET)
         y = acc * c
         if v0 + BLOCK_V > v_end:
             # Only the split's last tile is ragged. NEG_BIG, not -inf: 2^(y - m) is then 0
@@ -100,9 +100,40 @@ def fp16x2_smem(stages, block_k, rows_a, rows_b):
     return stages * block_k * 2 * (rows_a + rows_b)
 
 
-def make_configs(names, tiles=ALL_TILES):
+def make_configs(names, tiles=ALL_TILES, pre_hook=None):
     return [triton.Config({names[0]: a, names[1]: b, names[2]: c, names[3]: 8},
-                          num_warps=nw, num_stages=ns) for a, b, c, nw, ns in tiles]
+                          num_warps=nw, num_stages=ns, pre_hook=pre_hook) for a, b, c, nw, ns in tiles]
+
+
+USE_TMA = True  # benchmarks switch it off to compare with pointer loads
+TMA_IN_INTERPRETER = False  # tests set it to run the descriptor path in Triton's CPU interpreter
+
+
+def tma_operands(mode_id, interpret, h, hl, w, wl):
+    """(h, hl, w, wl, use_tma): the fp16x2 operands as tensor descriptors where Hopper's
+    tensor-memory accelerator can read them (CUDA capability >= 9, 16-byte aligned base and
+    rows, unit column stride), else unchanged. Their block shapes are set per tile by
+    `set_block_shapes` (each operand gets its own descriptor: block shapes differ)."""
+    ops = (h, hl, w, wl)
+    if interpret:
+        device_ok = TMA_IN_INTERPRETER
+    else:
+        device_ok = h.is_cuda and torch.cuda.get_device_capability(h.device)[0] >= 9
+    if not (USE_TMA and mode_id == MODE_FP16X2 and device_ok and all(
+            t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
+            and t.data_ptr() % 16 == 0 for t in ops)):
+        return (*ops, False)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    return (*(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1]) for t in ops), True)
+
+
+def set_block_shapes(nargs):
+    """Autotune pre-hook: a tile config's block shapes onto the operands' descriptors."""
+    if not hasattr(nargs["h_ptr"], "block_shape"):  # pointers: nothing to set
+        return
+    for name, rows in (("h_ptr", "BLOCK_T"), ("hl_ptr", "BLOCK_T"), ("w_ptr", "BLOCK_V"),
+                       ("wl_ptr", "BLOCK_V")):
+        nargs[name].block_shape = [nargs[rows], nargs["BLOCK_H"]]
 
 
 def make_prune(operand_name, names):
@@ -126,7 +157,8 @@ def make_prune(operand_name, names):
 
 _FWD_NAMES = ["BLOCK_T", "BLOCK_V", "BLOCK_H", "GROUP_T"]
 _lm_head_fwd_tuned = triton.autotune(
-    configs=make_configs(_FWD_NAMES), key=["H", "MODE", "H_PARTS", "W_PARTS", "WITH_ENT"],
+    configs=make_configs(_FWD_NAMES, pre_hook=set_block_shapes),
+    key=["H", "MODE", "H_PARTS", "W_PARTS", "WITH_ENT", "TMA"],
     prune_configs_by={"early_config_prune": make_prune("h_ptr", _FWD_NAMES)},
 )(_lm_head_fwd_kernel)
 
@@ -136,15 +168,19 @@ def launch_forward(h, hl, w, wl, part, scale, inv_temp, v_per_split, n_split,
     """One forward launch over the vocabulary rows held by w (see _lm_head_fwd_kernel);
     part is a [3, >= n_split, T] view whose first n_split columns this launch fills."""
     T, H = h.shape
-    args = (h, hl, w, wl, part, scale, T, w.shape[0], H, h.stride(0), h.stride(1),
-            w.stride(0), w.stride(1), inv_temp, v_per_split, n_split, part.stride(0))
+    strides = (h.stride(0), h.stride(1), w.stride(0), w.stride(1))
+    V = w.shape[0]
+    h, hl, w, wl, tma = tma_operands(mode_id, interpret, h, hl, w, wl)
+    args = (h, hl, w, wl, part, scale, T, V, H, *strides, inv_temp, v_per_split, n_split,
+            part.stride(0))
     meta = dict(MODE=mode_id, VAX=vocab_axis(mode_id), H_PARTS=h_parts, W_PARTS=w_parts,
-                WITH_ENT=with_entropy)
+                WITH_ENT=with_entropy, TMA=tma)
     if interpret:
         # Small blocks so that CPU tests cross several blocks in every dimension.
         grid = (triton.cdiv(T, 16) * n_split,)
-        _lm_head_fwd_kernel[grid](*args, **meta, BLOCK_T=16, BLOCK_V=64, BLOCK_H=32, GROUP_T=2,
-                                  INTERPRET=True)
+        blocks = dict(BLOCK_T=16, BLOCK_V=64, BLOCK_H=32)
+        set_block_shapes(dict(h_ptr=h, hl_ptr=hl, w_ptr=w, wl_ptr=wl, **blocks))
+        _lm_head_fwd_kernel[grid](*args, **meta, **blocks, GROUP_T=2, INTERPRET=True)
     else:
         grid = lambda m: (triton.cdiv(T, m["BLOCK_T"]) * n_split,)  # noqa: E731
         _lm_head_fwd_tuned[grid](*args, **meta, INTERPRET=False)
