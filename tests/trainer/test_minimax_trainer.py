@@ -53,9 +53,10 @@ def live_routing(policy, b) -> torch.Tensor:
                         for r in policy.moe.routers], dim=1)
 
 
-def test_packed_equals_each_sequence_alone(minimax_path, batch):
+@pytest.mark.parametrize("attn", ["sdpa", "varlen"])  # varlen: trainer=gpu's attention
+def test_packed_equals_each_sequence_alone(minimax_path, batch, attn):
     trajs, b = batch
-    policy = PolicyModel(load_hf_causal_lm(minimax_path, "sdpa"), chunk_tokens=16)
+    policy = PolicyModel(load_hf_causal_lm(minimax_path, attn), chunk_tokens=16)
     policy.zero_grad()
     packed = logprobs(policy, b)
     (packed * b.loss_mask).sum().backward()
