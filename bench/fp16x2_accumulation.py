@@ -31,18 +31,14 @@ import torch
 import triton
 import triton.language as tl
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from kernels.lm_head_triton_common import grouped_tile  # noqa: E402  (the kernels' own tile order)
+
 
 @triton.jit
 def _gemm2(a_ptr, b_ptr, bl_ptr, c_ptr, M, N, K, ACC: tl.constexpr, SEG: tl.constexpr,
            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr):
-    pid = tl.program_id(0)
-    n_m = tl.cdiv(M, BM)
-    n_n = tl.cdiv(N, BN)
-    per_group = GROUP * n_n
-    first = (pid // per_group) * GROUP
-    size = tl.minimum(n_m - first, GROUP)
-    pm = first + (pid % per_group) % size
-    pn = (pid % per_group) // size
+    pm, pn = grouped_tile(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP)
     rm = pm * BM + tl.arange(0, BM)
     rn = pn * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
@@ -91,14 +87,7 @@ def _gemm2_tma(a_desc, b_desc, bl_desc, c_ptr, M, N, K, ACC: tl.constexpr, SEG: 
                WS: tl.constexpr = False):
     """The same products with operands brought by the tensor-memory accelerator (host-side
     descriptors): no per-thread address arithmetic, no address registers."""
-    pid = tl.program_id(0)
-    n_m = tl.cdiv(M, BM)
-    n_n = tl.cdiv(N, BN)
-    per_group = GROUP * n_n
-    first = (pid // per_group) * GROUP
-    size = tl.minimum(n_m - first, GROUP)
-    pm = first + (pid % per_group) % size
-    pn = (pid % per_group) // size
+    pm, pn = grouped_tile(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP)
     om = pm * BM
     on = pn * BN
     acc = tl.zeros((BM, BN), tl.float32)

@@ -15,6 +15,7 @@ reference uses the same values, so bf16 errors include the rounding of the weigh
 Usage: python bench/kernels_lm_head.py --out results.json [--T 4096 16384 65536] [--H 1536 4096]
 """
 import argparse
+import collections
 import json
 import math
 import os
@@ -224,12 +225,15 @@ def main():
             g = torch.randn(T, device="cuda")
             rows = torch.randperm(T, device="cuda")[: args.ref_rows]
             ref = lm_head_logprobs_naive(h32[rows].double(), w32.double(), t[rows])[0]
+            # what each mode gets: bf16 copies of both, the bf16 hidden with the fp32 weight, or fp32
+            mode_inputs = collections.defaultdict(lambda: (h32, w32), bf16=(h16, w16), bf16x3=(h16, w32),
+                                                  fp16x2=(h16, w32))
             methods = [("naive_fp32", naive(torch.float32), h32, w32),
                        ("naive_bf16", naive(torch.bfloat16), h16, w16)]
             for mode in args.modes:
                 if mode == "fp32" and T > args.fp32_max_T:
                     continue
-                hh, ww = {"bf16": (h16, w16), "bf16x3": (h16, w32), "fp16x2": (h16, w32)}.get(mode, (h32, w32))
+                hh, ww = mode_inputs[mode]
                 if mode == "fp16x2" and args.vocab_chunk:
                     methods += [(f"fused_fp16x2@{vc}" if i else "fused_fp16x2", fused(mode, vc), hh, ww)
                                 for i, vc in enumerate(args.vocab_chunk)]
@@ -246,10 +250,10 @@ def main():
             with torch.no_grad():
                 mm_ms = cuda_time(lambda: h16 @ w16.t()) if T * V * 2 < 40 * 2**30 else None
             for mode in args.profile:
-                hh, ww = {"bf16": (h16, w16), "bf16x3": (h16, w32), "fp16x2": (h16, w32)}.get(mode, (h32, w32))
+                hh, ww = mode_inputs[mode]
                 profile_kernels(fused(mode), hh, ww, t, g, f"T={T} H={H} {mode}")
             for mode in args.memory_trace:
-                hh, ww = {"bf16": (h16, w16), "bf16x3": (h16, w32), "fp16x2": (h16, w32)}.get(mode, (h32, w32))
+                hh, ww = mode_inputs[mode]
                 memory_trace(fused(mode), hh, ww, t, g, f"T={T} H={H} {mode}")
             for name, fn, hh, ww in methods:
                 t0 = time.time()
@@ -262,7 +266,7 @@ def main():
                     flush=True)
                 with open(args.out, "w") as f:
                     json.dump(report, f, indent=1)
-            del w32, w16, h32, h16, t, g, ref
+            del w32, w16, h32, h16, t, g, ref, mode_inputs, methods
             torch.cuda.empty_cache()
     report["targets"] = target_summary(report)
     with open(args.out, "w") as f:
