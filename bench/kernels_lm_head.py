@@ -56,14 +56,17 @@ def naive(dtype):
 
 
 def fused(mode, vocab_chunk=None, bwd_chunks=None):
-    """bwd_chunks: (token-chunk multiple of chunk_tokens, backward vocabulary chunk) for fp16x2."""
+    """bwd_chunks: (token-chunk multiple of chunk_tokens, backward vocabulary rows) for fp16x2;
+    the rows are taken as they are at every H (the default scales them: bwd_vocab_rows)."""
     import kernels.lm_head_triton_fp16x2 as fp16x2
-    defaults = (fp16x2.VOCAB_CHUNK, fp16x2.BWD_TOKEN_CHUNKS_PER_CHUNK_TOKENS, fp16x2.BWD_VOCAB_CHUNK)
+    defaults = (fp16x2.VOCAB_CHUNK, fp16x2.BWD_TOKEN_CHUNKS_PER_CHUNK_TOKENS, fp16x2.BWD_VOCAB_CHUNK,
+                fp16x2.BWD_WORK_H)
 
     def f(h, w, t):
-        # left set: backward reads them after this returns; every method sets all three
+        # left set: backward reads them after this returns; every method sets all four
         fp16x2.VOCAB_CHUNK = vocab_chunk or defaults[0]
-        fp16x2.BWD_TOKEN_CHUNKS_PER_CHUNK_TOKENS, fp16x2.BWD_VOCAB_CHUNK = bwd_chunks or defaults[1:]
+        fp16x2.BWD_TOKEN_CHUNKS_PER_CHUNK_TOKENS, fp16x2.BWD_VOCAB_CHUNK, fp16x2.BWD_WORK_H = \
+            (*bwd_chunks, 1) if bwd_chunks else defaults[1:]  # BWD_WORK_H=1: no scaling by H
         return lm_head_logprobs(h, w, t, mode=mode, impl="triton")[0]
     return f
 
@@ -181,7 +184,7 @@ def main():
     ap.add_argument("--vocab-chunk", type=int, nargs="+", default=[],
                     help="fp16x2: weight rows split per chunk; several values add methods")
     ap.add_argument("--bwd-chunks", nargs="+", default=[], metavar="MULT:VOCAB",
-                    help="fp16x2 backward: token chunk = MULT x chunk_tokens, vocabulary chunk VOCAB; "
+                    help="fp16x2 backward: token chunk = MULT x chunk_tokens, vocabulary chunk VOCAB rows at any H; "
                          "each value adds a method (the defaults are always measured)")
     ap.add_argument("--profile", nargs="*", default=[],
                     help="modes whose fwd+bwd is also profiled per kernel (torch.profiler)")

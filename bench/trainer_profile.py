@@ -132,7 +132,7 @@ def top_ops(prof, n: int = 20) -> list[dict]:
     return rows[:n]
 
 
-def profile_step(step, sync) -> dict:
+def profile_step(step, sync, trace: str | None = None) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
@@ -142,6 +142,8 @@ def profile_step(step, sync) -> dict:
         step()
         sync()
         wall = time.perf_counter() - t0
+    if trace:  # the whole timeline (chrome://tracing, Perfetto) for reading offline
+        prof.export_chrome_trace(trace)
     cats = breakdown(prof)
     busy = sum(cats.values()) / 1e6
     # host syncs: each one drains the GPU's queue before Python can go on launching
@@ -151,6 +153,60 @@ def profile_step(step, sync) -> dict:
     return {"step_wall_s_profiled": wall, "gpu_busy_s": busy, "gpu_busy_frac": busy / wall if wall else None,
             "breakdown_ms": {k: v / 1e3 for k, v in cats.items()}, "host_sync_calls": syncs,
             "top_ops": top_ops(prof)}
+
+
+def sync_sites(step, n_top: int = 25) -> list[dict]:
+    """Where one step makes the host wait for the GPU: every synchronizing CUDA call
+    (torch's sync debug mode: .item(), .nonzero(), copies to the host, stream syncs) and
+    every torch.cuda.synchronize(), each counted under the first stack frame outside torch,
+    with the first frame in this project's code beside it. The profiler counts these calls;
+    this says which lines make them."""
+    import traceback
+    import warnings
+
+    counts: dict[tuple[str, str, str], int] = {}
+    here = str(Path(__file__).resolve().parents[1])
+
+    def record(kind: str) -> None:
+        frames = [f for f in traceback.extract_stack()[:-2] if "bench/trainer_profile.py" not in f.filename]
+        outside = [f for f in frames if "/torch/" not in f.filename and "warnings.py" not in f.filename]
+        ours = [f for f in outside if f.filename.startswith(here)]
+
+        def label(fs):
+            if not fs:
+                return "?"
+            f = fs[-1]
+            short = f.filename.split("site-packages/")[-1].replace(here + "/", "")
+            return f"{short}:{f.lineno} {f.name}"
+
+        key = (kind, label(outside), label(ours))
+        counts[key] = counts.get(key, 0) + 1
+
+    real_sync = torch.cuda.synchronize
+
+    def counted_sync(*a, **k):
+        record("torch.cuda.synchronize")
+        return real_sync(*a, **k)
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        record("sync op: " + str(message).split("\n")[0][:60])
+
+    real_sync()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        old_show, warnings.showwarning = warnings.showwarning, show
+        torch.cuda.synchronize = counted_sync
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+            real_sync()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            torch.cuda.synchronize = real_sync
+            warnings.showwarning = old_show
+    rows = [{"kind": k, "site": s, "project_frame": o, "count": c} for (k, s, o), c in counts.items()]
+    rows.sort(key=lambda r: -r["count"])
+    return rows[:n_top]
 
 
 def check_varlen(device) -> dict:
@@ -235,12 +291,18 @@ def run_variant(args, preset, shape, folder, name, deadline, res: dict, save=lam
                    peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None)
         if name in args.profile_variants or (args.profile_first and name == args.variants[0]):
             if time.perf_counter() + 2 * med < deadline:
-                res["profile"] = profile_step(step, sync)
+                trace = f"{args.trace}.{preset}.{name}.json" if args.trace else None
+                res["profile"] = profile_step(step, sync, trace)
                 body = 6.0 * shape["params_body"] * batch.num_tokens
                 mm = res["profile"]["breakdown_ms"]["matmul"] / 1e3
                 # The model's GEMM floor: body GEMM FLOPs at the peak, against the measured GEMM time.
                 res["profile"]["body_gemm_floor_s"] = body / PEAK_FLOPS[device]
                 res["profile"]["gemm_achieved_tflops"] = body / mm / 1e12 if mm else None
+                if args.sync_sites and device == "cuda":
+                    try:
+                        res["profile"]["sync_sites"] = sync_sites(step)
+                    except Exception as e:  # noqa: BLE001 - keep the profile measured before it
+                        res["profile"]["sync_sites_error"] = f"{type(e).__name__}: {e}"
     finally:
         close()
         del step, close
@@ -286,6 +348,9 @@ def markdown(report: dict) -> str:
         if p.get("gemm_achieved_tflops"):
             lines.append(f"\nBody GEMM floor at peak: {p['body_gemm_floor_s'] * 1e3:.1f} ms; measured GEMM time "
                          f"{p['breakdown_ms']['matmul']:.1f} ms ({p['gemm_achieved_tflops']:.0f} TFLOP/s on the body's GEMMs).")
+        if p.get("sync_sites"):
+            lines += ["", "| host sync | first frame outside torch | project frame | calls |", "|---|---|---|---|"]
+            lines += [f"| {x['kind']} | `{x['site']}` | `{x['project_frame']}` | {x['count']} |" for x in p["sync_sites"]]
         lines += ["", "| op (top 20 by self GPU time) | self GPU ms | calls | CPU total ms |", "|---|---|---|---|"]
         for o in p["top_ops"]:
             lines.append(f"| `{o['op'][:90]}` | {o['self_gpu_ms']:.2f} | {o['calls']} | {o['cpu_total_ms']:.1f} |")
@@ -327,6 +392,10 @@ def main() -> None:
                     help="extra seconds a compile or flex variant is expected to need")
     ap.add_argument("--profile-variants", nargs="*", default=[], help="variants to profile (besides the first)")
     ap.add_argument("--no-profile-first", dest="profile_first", action="store_false")
+    ap.add_argument("--sync-sites", action="store_true",
+                    help="with the profile, one more step listing the lines that make the host wait for the GPU")
+    ap.add_argument("--trace", default=None, metavar="PREFIX",
+                    help="write each profiled step's timeline to PREFIX.<shape>.<variant>.json")
     ap.add_argument("--out", default=None)
     ap.add_argument("--md", default=None)
     args = ap.parse_args()

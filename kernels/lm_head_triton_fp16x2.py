@@ -25,7 +25,8 @@ Products per fp32 product:
 
 Memory: the weight is split one vocabulary chunk at a time (VOCAB_CHUNK rows x H x 2 parts
 x 2 bytes: 256 MiB at H=4096 in forward), never all at once. Backward runs token chunks of
-C = 4 x chunk_tokens rows outer and vocabulary chunks of BWD_VOCAB_CHUNK rows inner, so its
+C = 4 x chunk_tokens rows outer and vocabulary chunks of BWD_VOCAB_CHUNK rows (at H=4096;
+more at smaller H: bwd_vocab_rows) inner, so its
 working memory is per chunk, not per T: the chunk's fp16 hidden parts (C x H x 2 bytes each),
 its fp32 grad_h accumulator (C x H x 4), two fp16 dlogits buffers (C x BWD_VOCAB_CHUNK x 2
 each) and the weight chunk's parts (BWD_VOCAB_CHUNK x H x 2 each): 224 MiB at C=4096, H=4096
@@ -43,7 +44,8 @@ from .lm_head_triton_common import MODE_FP16X2
 from .lm_head_triton_fwd import VSPLIT_ALIGN, combine_partials, launch_forward
 
 VOCAB_CHUNK = 16384   # weight rows split to fp16 at a time (a multiple of VSPLIT_ALIGN)
-BWD_VOCAB_CHUNK = 4096  # the same in backward (at most VOCAB_CHUNK): sizes its working memory
+BWD_VOCAB_CHUNK = 4096  # the same in backward at H >= BWD_WORK_H: sizes its working memory
+BWD_WORK_H = 4096       # below this width backward takes more rows a chunk (bwd_vocab_rows)
 BWD_TOKEN_CHUNKS_PER_CHUNK_TOKENS = 4  # backward token chunk = this x chunk_tokens rows
 
 SMS_TO_FILL = 264     # forward programs per launch to aim for (2 waves on an H100's 132 SMs)
@@ -162,6 +164,17 @@ def forward_fp16x2(hidden, weight, targets, inv_temp, with_entropy, interpret):
     return logp, lse, ent, ops.w_exp
 
 
+def bwd_vocab_rows(H, V):
+    """Weight rows per backward vocabulary chunk: BWD_VOCAB_CHUNK at H >= BWD_WORK_H, and
+    BWD_WORK_H // H times as many at smaller H (at most VOCAB_CHUNK), so that an inner
+    iteration holds about the same GPU work at every width. Why: each iteration costs the
+    host a fixed ~0.3 ms (a split, a dlogits launch with four tensor descriptors, three cuBLAS
+    calls); at Qwen2-0.5B's H=896 a 4096-row chunk is ~0.1 ms of GPU work, so the host set
+    the pace there (bench/results/gpu_session6_h200.md). The dlogits buffers then hold
+    C x 16384 fp16 pairs at H=896 (256 MiB at C=4096), four times those at H=4096."""
+    return min(VOCAB_CHUNK, V, BWD_VOCAB_CHUNK * max(1, BWD_WORK_H // H))
+
+
 def dlogits_exponent(g_logp, g_ent, ent, inv_temp):
     """Power of two for dlogits: |dlogits| <= (|g_logp| + |g_ent| (1/e + entropy)) / temperature,
     since |onehot - p| <= 1 and p |log p + entropy| <= 1/e + p * entropy."""
@@ -191,7 +204,7 @@ def backward_fp16x2(hidden, weight, targets, lse, ent, g_logp, g_ent, inv_temp, 
     descale = exp2(-(ops.h_exp + ops.w_exp))
     alpha_w = exp2(-(dl_exp + ops.h_exp))
     alpha_h = exp2(-(dl_exp + ops.w_exp))
-    n_vc = min(VOCAB_CHUNK, BWD_VOCAB_CHUNK, V)  # read at call time: tests shrink VOCAB_CHUNK
+    n_vc = bwd_vocab_rows(H, V)  # reads the constants at call time: tests shrink VOCAB_CHUNK
     C = min(T, max(16, BWD_TOKEN_CHUNKS_PER_CHUNK_TOKENS * chunk_tokens))
     new = (lambda *a, **k: torch.full(*a, float("nan"), **k)) if interpret else torch.empty  # noqa: E731
     dl_hi = new((C, n_vc), device=dev, dtype=torch.float16)

@@ -66,7 +66,7 @@ class RLSystem:
         lora = dataclasses.asdict(conf.model.lora) if conf.model.lora.rank else None
         self.rollout = RolloutGroup(
             model_path, conf.rollout, dtype=conf.model.dtype, num_cpus=layout.rollout[0].num_cpus,
-            num_gpus=layout.rollout[0].num_gpus, enforce_eager=conf.rollout.enforce_eager,
+            num_gpus=layout.rollout[0].num_gpus,
             engine_kwargs={"enable_sleep_mode": True} if layout.colocated else None,
             scheduling=res.rollout_strategies() if res else None, lora=lora,
         )

@@ -97,7 +97,8 @@ class RolloutEngine:
             max_model_len=self.cfg.max_model_len,
             seed=self.cfg.seed,
             logits_processors=processors,
-            enforce_eager=enforce_eager,
+            # the argument (bench scripts) over the config's rollout.enforce_eager
+            enforce_eager=self.cfg.enforce_eager if enforce_eager is None else enforce_eager,
             extra={**self.cfg.engine_args, **(engine_kwargs or {})},
         )
         try:

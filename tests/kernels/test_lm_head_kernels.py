@@ -226,6 +226,15 @@ def small_vocab_chunks(monkeypatch):
     monkeypatch.setattr(fp16x2, "VOCAB_CHUNK", 256)
 
 
+def test_fp16x2_backward_takes_more_vocabulary_rows_at_small_widths():
+    """The same GPU work per inner backward iteration at every width (host overhead per
+    iteration is fixed): 4096 rows at H>=4096, 16384 at Qwen2-0.5B's 896, never past V."""
+    from kernels.lm_head_triton_fp16x2 import bwd_vocab_rows
+    assert [bwd_vocab_rows(h, 151936) for h in (8192, 4096, 3584, 2048, 1536, 896)] == \
+        [4096, 4096, 4096, 8192, 8192, 16384]
+    assert bwd_vocab_rows(896, 1013) == 1013
+
+
 def bf16_rounding_error(ref):
     """Norm-wise error of the exact result rounded to bf16: the floor for a bf16 gradient."""
     ref = ref.double()

@@ -85,6 +85,7 @@ def test_sync_port_in_use_fails_fast_and_leaves_no_actor(tmp_path, monkeypatch):
     busy.listen()
     port = busy.getsockname()[1]
     conf = to_dataclass(compose_config([f"rollout.sync_port={port}", "rollout.gpu_memory_utilization=0.05",
+                                        "rollout.enforce_eager=true",  # no vLLM compile at start-up
                                         f"output_dir={tmp_path}"]))
     started = not ray.is_initialized()
     if started:

@@ -24,7 +24,8 @@ from tests.rollout.test_rollout_ray import ENV, PROMPTS, check_greedy_matches  #
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 CFG = RolloutConfig(num_engines=2, max_new_tokens=24, max_model_len=256, repetition_window=16,
-                    gpu_memory_utilization=0.1, weight_sync="collective", max_restarts=3)
+                    gpu_memory_utilization=0.1, weight_sync="collective", max_restarts=3,
+                    enforce_eager=True)  # no vLLM compile at each (re)start: 35-100 s each on 2 cores
 
 
 @pytest.fixture(scope="module")

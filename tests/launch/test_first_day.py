@@ -179,7 +179,7 @@ def test_lora_with_the_staged_generation_budget(tmp_path, cache):
         "rollout.max_new_tokens=4", "rollout.length_schedule.stages=[2,4]", "rollout.length_schedule.p99_frac=0.5",
         "rollout.length_schedule.patience=1", "rollout.length_schedule.window=2",
         "rollout.length_schedule.max_slope=100", "model.lora.rank=4", "trainer.lr=0.01", "eval.num_prompts=4",
-        "eval.samples=2", cache=cache)
+        "eval.samples=2", "rollout.enforce_eager=true", cache=cache)  # eager: no vLLM compile at start-up
     metrics = rows(out / "metrics.jsonl")
     limits = [r["rollout/max_new_tokens"] for r in metrics]
     print("budget per step:", limits)

@@ -34,7 +34,8 @@ def test_recipe_pretrains_then_takes_several_updates_per_batch(tmp_path):
     cmd = [sys.executable, "-m", "launch.main", "+experiment=long_addition", f"output_dir={out}",
            "model.path=builtin:tiny-qwen2", "data.difficulty=2", "data.rollout_batch_size=32", "algorithm.group_size=4",
            "trainer.mini_batch_size=8", "trainer.warmup_steps=1", "warmup.steps=300", "warmup.target_pass_rate=0.25", "warmup.check_every=50",
-           "warmup.check_prompts=32", "warmup.examples=2000", "steps=2", "logger.backends=[console,jsonl]"]
+           "warmup.check_prompts=32", "warmup.examples=2000", "steps=2", "logger.backends=[console,jsonl]",
+           "rollout.enforce_eager=true"]  # no vLLM compile at start-up (tests/launch/test_loop_e2e.py SMALL)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode:
         print(proc.stdout[-5000:], proc.stderr[-30000:])

@@ -64,7 +64,9 @@ def cluster():
 
 
 def _cfg(**kw) -> RolloutConfig:
-    base = dict(max_new_tokens=24, max_model_len=256, repetition_window=16, gpu_memory_utilization=0.2)
+    # eager: no vLLM compile at start-up (35-100 s an engine on 2 cores)
+    base = dict(max_new_tokens=24, max_model_len=256, repetition_window=16, gpu_memory_utilization=0.2,
+                enforce_eager=True)
     return RolloutConfig(**{**base, **kw})
 
 

@@ -30,6 +30,8 @@ def _cispo_train(cluster, out: Path, *extra: str) -> str:
         f"cluster.partition={cluster.partition}", "cluster.time_minutes=30",
         # small settings: no warm-start stage, a small batch
         "warmup.steps=0", "data.rollout_batch_size=16", f"output_dir={out}", *extra,
+        # eager engines: vLLM's torch.compile costs 35-100 s at every engine start on 2 cores (the model's path is in its cache key, and each run's is new)
+        "rollout.enforce_eager=true",
     ]
     env = {**cluster.env, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     r = subprocess.run(cmd + args, capture_output=True, text=True, env=env, cwd=out.parent, timeout=300)

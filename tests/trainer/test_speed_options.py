@@ -151,3 +151,36 @@ def test_trainer_update_with_options_equals_plain(tiny_model_path):
     torch.testing.assert_close(fast["old_logprobs"], plain["old_logprobs"], rtol=0, atol=0)
     for name, w in w_plain.items():
         torch.testing.assert_close(w_fast[name], w, rtol=1e-5, atol=1e-8, msg=name)
+
+
+def test_trainer_updates_never_wait_for_the_device_in_deepspeed(tiny_model_path, monkeypatch):
+    """DeepSpeed's own device syncs are off in the trainer's config: its throughput timer
+    calls the accelerator's synchronize() at every forward and step from the third update
+    on, which on a GPU makes the host wait for the queue to drain (three times a 2-micro-batch
+    update: 3% of a Qwen2-0.5B step on an H200, bench/results/gpu_session6_h200.md)."""
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    from cispo.config import AlgorithmConfig
+    from trainer.packing import plan_micro_batches
+    from trainer.worker import TrainerWorker
+
+    cfg = TrainerConfig(num_ranks=1, zero_stage=2, dtype="float32", micro_batch_tokens=40, logprob_chunk_tokens=16)
+    worker = TrainerWorker(0, 1, tiny_model_path, cfg, AlgorithmConfig(), temperature=0.8)
+    acc = get_accelerator()
+    calls = []
+    real = acc.synchronize
+    try:
+        worker.setup(*worker.address())
+        batch = pack(_trajs(worker.hf.config.vocab_size))
+        plans, _ = plan_micro_batches(batch, list(range(batch.num_seqs)), 1, cfg.micro_batch_tokens)
+        monkeypatch.setattr(acc, "synchronize", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+        for _ in range(4):  # the timer starts syncing at its third step
+            worker.train_micro_batches(plans[0], batch.num_loss_tokens, count_loss_seqs(batch.loss_mask, batch.seq_index))
+        assert worker.updates == 4
+        assert not calls, f"{len(calls)} accelerator synchronize() calls in 4 updates"
+    finally:
+        if worker.engine is not None:
+            worker.engine.destroy()
+        if dist.is_initialized():
+            dist.destroy_process_group()
