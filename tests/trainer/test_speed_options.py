@@ -112,14 +112,20 @@ def test_compiled_layers_same_loss_and_grads_one_graph(tiny_model_path, sdpa_pac
 def test_trainer_update_with_options_equals_plain(tiny_model_path):
     """The real trainer path (TrainerWorker: DeepSpeed ZeRO-2, gloo, one in-process rank) with
     varlen + activation checkpointing + compiled layers takes the plain trainer's update:
-    same statistics, gradient norm and weights afterwards."""
+    same statistics, gradient norm and weights afterwards.
+    And DeepSpeed never makes an update wait for the device: its throughput timer (off in the
+    trainer's config) calls the accelerator's synchronize() at every forward and step from
+    its third step on, which on a GPU drains the queue three times a 2-micro-batch update
+    (bench/results/gpu_session6_h200.md). (In this test, not one of its own: a second
+    in-process DeepSpeed start after destroy_process_group finds DeepSpeed's cached groups stale.)"""
     import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
 
     from cispo.config import AlgorithmConfig
     from trainer.packing import plan_micro_batches
     from trainer.worker import TrainerWorker
 
-    def update(**options):
+    def update(count_waits=False, **options):
         # adam_eps=1: the first Adam step is ~lr * g, not lr * sign(g), whose sign flips on
         # near-zero gradients would turn rounding-level differences into +-2 lr.
         cfg = TrainerConfig(num_ranks=1, zero_stage=2, dtype="float32", lr=1e-3, adam_eps=1.0,
@@ -130,15 +136,26 @@ def test_trainer_update_with_options_equals_plain(tiny_model_path):
         batch = pack(_trajs(worker.hf.config.vocab_size))
         plans, _ = plan_micro_batches(batch, list(range(batch.num_seqs)), 1, cfg.micro_batch_tokens)
         assert len(plans[0]) >= 3 and any(mb.num_seqs > 1 for mb in plans[0])  # packed micro-batches
-        out = worker.train_micro_batches(plans[0], batch.num_loss_tokens,
-                                         count_loss_seqs(batch.loss_mask, batch.seq_index), return_logprobs=True)
+        n_seqs = count_loss_seqs(batch.loss_mask, batch.seq_index)
+        out = worker.train_micro_batches(plans[0], batch.num_loss_tokens, n_seqs, return_logprobs=True)
         weights = {n: p.detach().clone() for n, p in worker.hf.named_parameters()}
+        if count_waits:
+            acc, waits = get_accelerator(), []
+            real = acc.synchronize
+            acc.synchronize = lambda *a, **k: (waits.append(1), real(*a, **k))[1]
+            try:
+                for _ in range(3):  # updates 2-4: the timer syncs from its third step on
+                    worker.train_micro_batches(plans[0], batch.num_loss_tokens, n_seqs)
+            finally:
+                del acc.synchronize  # the class's method again
+            assert worker.updates == 4
+            assert not waits, f"{len(waits)} accelerator synchronize() calls in updates 2-4"
         worker.engine.destroy()
         assert any((weights[n] != w).any() for n, w in before.items())  # the update moved the weights
         return out, weights
 
     try:
-        plain, w_plain = update()
+        plain, w_plain = update(count_waits=True)
         fast, w_fast = update(attn_implementation="varlen", activation_checkpointing=True, compile=True)
     finally:
         if dist.is_initialized():
@@ -152,35 +169,3 @@ def test_trainer_update_with_options_equals_plain(tiny_model_path):
     for name, w in w_plain.items():
         torch.testing.assert_close(w_fast[name], w, rtol=1e-5, atol=1e-8, msg=name)
 
-
-def test_trainer_updates_never_wait_for_the_device_in_deepspeed(tiny_model_path, monkeypatch):
-    """DeepSpeed's own device syncs are off in the trainer's config: its throughput timer
-    calls the accelerator's synchronize() at every forward and step from the third update
-    on, which on a GPU makes the host wait for the queue to drain (three times a 2-micro-batch
-    update: 3% of a Qwen2-0.5B step on an H200, bench/results/gpu_session6_h200.md)."""
-    import torch.distributed as dist
-    from deepspeed.accelerator import get_accelerator
-
-    from cispo.config import AlgorithmConfig
-    from trainer.packing import plan_micro_batches
-    from trainer.worker import TrainerWorker
-
-    cfg = TrainerConfig(num_ranks=1, zero_stage=2, dtype="float32", micro_batch_tokens=40, logprob_chunk_tokens=16)
-    worker = TrainerWorker(0, 1, tiny_model_path, cfg, AlgorithmConfig(), temperature=0.8)
-    acc = get_accelerator()
-    calls = []
-    real = acc.synchronize
-    try:
-        worker.setup(*worker.address())
-        batch = pack(_trajs(worker.hf.config.vocab_size))
-        plans, _ = plan_micro_batches(batch, list(range(batch.num_seqs)), 1, cfg.micro_batch_tokens)
-        monkeypatch.setattr(acc, "synchronize", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
-        for _ in range(4):  # the timer starts syncing at its third step
-            worker.train_micro_batches(plans[0], batch.num_loss_tokens, count_loss_seqs(batch.loss_mask, batch.seq_index))
-        assert worker.updates == 4
-        assert not calls, f"{len(calls)} accelerator synchronize() calls in 4 updates"
-    finally:
-        if worker.engine is not None:
-            worker.engine.destroy()
-        if dist.is_initialized():
-            dist.destroy_process_group()
