@@ -169,6 +169,9 @@ def _ensure_installed() -> None:
         pytest.skip(f"apt-get install slurm-wlm munge failed: {r.stderr.strip()[-500:]}")
 
 
+# KillWait (Slurm's SIGKILL after its SIGTERM) is 10 s, not the usual 30: every requeue waits it
+# out (the job script lets Slurm end a requeued attempt), and a driver saves its checkpoint on
+# SIGTERM in about a second here.
 SLURM_CONF = """\
 ClusterName={cluster}
 SlurmctldHost={node}(127.0.0.1)
@@ -199,7 +202,7 @@ SlurmctldDebug=info
 SlurmdDebug=info
 MinJobAge=3600
 FirstJobId={first_job_id}
-KillWait=30
+KillWait=10
 InactiveLimit=0
 SlurmctldTimeout=30
 SlurmdTimeout=60

@@ -1,6 +1,7 @@
 """The real thing: `cispo-train cluster=slurm ...` submits the embedded default run to a
-local Slurm; the job starts Ray, runs the driver attached to it and ends COMPLETED; a
-requeued job resumes from the latest checkpoint in the same output_dir."""
+local Slurm; the job starts Ray, runs the driver attached to it and ends COMPLETED; each
+requeue (the script's own after the time-limit warning, then Slurm's preemption-style one)
+resumes from the latest checkpoint in the same output_dir."""
 
 from __future__ import annotations
 
@@ -77,47 +78,21 @@ class Tail(str):
 
 
 def test_requeued_cispo_train_job_resumes_from_its_checkpoint(slurm_cluster, tmp_path):
-    """Submission through `cispo-train cluster=slurm`, a preemption-style requeue mid-run, and
-    the second attempt completing the run (the plain submit-and-complete path is its second
-    half: one job fewer in CI)."""
-    out = tmp_path / "run"
-    # Steps take ~0.5 s here once the run is up: enough of them that the requeue lands mid-run.
-    job = _cispo_train(slurm_cluster, out, "steps=12", "trainer.save_every=1")
-    _wait_while_live(slurm_cluster, job, out, lambda: _checkpoints(out), "checkpoint", poll=2)
-    slurm_cluster.run("scontrol", "requeue", job)  # as preemption does: SIGTERM now, SIGKILL after KillWait
-    slurm_cluster.release_requeued(job, restarts=1)
-    # The first attempt is ending: its driver may still checkpoint the step it is in (SIGTERM
-    # asks for that) before Slurm's SIGKILL, so this is a lower bound of what the second resumes from.
-    saved = max(_checkpoints(out))
-    steps_before = _metrics_steps(out)
-    info = slurm_cluster.wait_state(job, DONE, timeout=600, poll=5)
-    log = Tail(_log(out, job))
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
-    found = re.search(r"resumed from checkpoint step (\d+)", log)
-    assert found, log
-    resumed_from = int(found.group(1))
-    assert saved <= resumed_from <= len(steps_before) + 1, (saved, resumed_from, steps_before, log)
-    # every step exactly once, in order: none lost, and the rows the first attempt logged past its
-    # checkpoint were redone, not doubled
-    steps = _metrics_steps(out)
-    base = steps[0]  # the number of the first step (0 or 1)
-    assert steps == list(range(base, base + 12)), (steps_before, steps, resumed_from, log)
-    assert max(_checkpoints(out)) == 12
-    assert "SIGTERM from Slurm" in log and "requeueing job" not in log  # Slurm requeued it, not the script
-    assert "Ray cluster ready: 1 node(s)" in log and "attaching to the Ray cluster at" in log, log
-    for attempt in (0, 1):
-        assert (out / "logs" / f"{job}.{attempt}" / f"ray-{slurm_cluster.node}" / "raylet.out").exists()
-    assert not list(Path("/tmp").glob(f"cispo_ray_{job}_*"))
+    """One job, three attempts (one job instead of two in CI: each attempt starts Ray, the
+    trainer and an engine):
 
-
-def test_time_limit_warning_makes_cispo_train_checkpoint_and_the_job_requeue(slurm_cluster, tmp_path):
-    """The driver's SIGTERM contract (docs/slurm_launch.md), end to end: Slurm's warning
-    before the time limit (SIGUSR1 to the batch shell, as --signal=B:USR1@s sends it) ->
-    the script sends SIGTERM to the driver -> the driver checkpoints the step it is in and
-    exits 143 -> the script requeues the job -> the new attempt resumes from that step.
-    No periodic checkpoints (save_every=0): the only checkpoint is the one the signal made."""
+    1. The driver's SIGTERM contract (docs/slurm_launch.md): Slurm's warning before the time
+       limit (SIGUSR1 to the batch shell, as --signal=B:USR1@s sends it) -> the script sends
+       SIGTERM to the driver -> the driver checkpoints the step it is in and exits 143 -> the
+       script requeues the job. No periodic checkpoints (save_every=0): the only checkpoint is
+       the one the signal made.
+    2. The second attempt resumes from that step; then `scontrol requeue`, as preemption does:
+       SIGTERM to every process of the job now (Ray's workers too, so the driver cannot
+       checkpoint), SIGKILL after KillWait.
+    3. The third attempt resumes from the latest checkpoint and completes the run: every step
+       logged exactly once, in order."""
     out = tmp_path / "run"
-    job = _cispo_train(slurm_cluster, out, "steps=20", "trainer.save_every=0")
+    job = _cispo_train(slurm_cluster, out, "steps=16", "trainer.save_every=0")
     _wait_while_live(slurm_cluster, job, out, lambda: _metrics_steps(out), "step", poll=0.3)
     slurm_cluster.run("scancel", "--batch", "--signal=USR1", job)
     slurm_cluster.release_requeued(job, restarts=1, timeout=300)
@@ -127,10 +102,34 @@ def test_time_limit_warning_makes_cispo_train_checkpoint_and_the_job_requeue(slu
     assert "driver exited with 143" in log and saved, (
         "the driver did not checkpoint and exit 143 on SIGTERM (install its handler after ray.init: docs/slurm_launch.md)",
         saved, log)
+    first_saved = max(saved)
+
+    # attempt 1: resumed, then preempted once it has logged a step past the checkpoint
+    def resumed_and_stepping():
+        return f"resumed from checkpoint step {first_saved}" in _log(out, job) and \
+            len(_metrics_steps(out)) > first_saved
+    _wait_while_live(slurm_cluster, job, out, resumed_and_stepping, "resumed step", poll=0.3)
+    slurm_cluster.run("scontrol", "requeue", job)  # SIGTERM now, SIGKILL after KillWait
+    slurm_cluster.release_requeued(job, restarts=2)
+    # the ending attempt's driver may still have saved the step it was in before SIGKILL, so
+    # this is a lower bound of where the third attempt resumes
+    saved = max(_checkpoints(out))
+    steps_before = _metrics_steps(out)
+
     info = slurm_cluster.wait_state(job, DONE, timeout=600, poll=5)
     log = Tail(_log(out, job))
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "2", log
+    resumed = [int(m) for m in re.findall(r"resumed from checkpoint step (\d+)", log)]
+    assert len(resumed) == 2 and resumed[0] == first_saved, log
+    assert saved <= resumed[1] <= len(steps_before) + 1, (saved, resumed, steps_before, log)
+    # every step exactly once, in order: none lost, and the rows an attempt logged past the
+    # checkpoint it is resumed from were redone, not doubled
     steps = _metrics_steps(out)
-    base = steps[0]
-    assert steps[len(steps_before):] == list(range(base + max(saved), base + 20)), (steps_before, steps, saved, log)
-    assert f"resumed from checkpoint step {max(saved)}" in log
+    base = steps[0]  # the number of the first step (0 or 1)
+    assert steps == list(range(base, base + 16)), (steps_before, steps, first_saved, log)
+    assert max(_checkpoints(out)) == 16  # the final checkpoint
+    assert log.count("SIGTERM from Slurm") >= 1 and "requeueing job" in log  # both kinds of requeue
+    assert "Ray cluster ready: 1 node(s)" in log and "attaching to the Ray cluster at" in log, log
+    for attempt in (0, 1, 2):
+        assert (out / "logs" / f"{job}.{attempt}" / f"ray-{slurm_cluster.node}" / "raylet.out").exists()
+    assert not list(Path("/tmp").glob(f"cispo_ray_{job}_*"))

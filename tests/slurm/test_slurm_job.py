@@ -86,5 +86,5 @@ def test_two_node_ray_cluster(slurm_cluster, tmp_path, monkeypatch):
 
 
 # The time-limit contract with the real driver (SIGUSR1 -> SIGTERM -> checkpoint, exit 143 ->
-# requeue -> resume): tests/slurm/test_cispo_train_slurm.py::test_time_limit_warning_makes_cispo_train_checkpoint_and_the_job_requeue
+# requeue -> resume): tests/slurm/test_cispo_train_slurm.py::test_requeued_cispo_train_job_resumes_from_its_checkpoint
 
