@@ -26,6 +26,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.kernels_lm_head import cuda_time  # noqa: E402
+
 # (name, tokens per micro-batch, sequence lengths (None: ragged), q heads, kv heads, head dim)
 SHAPES = [
     ("0.5b-4k", 32768, 4096, 14, 2, 64),
@@ -72,20 +74,6 @@ def reference(q, k, v, bounds, scale):
         outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
                                                    enable_gqa=True)[0].transpose(0, 1))
     return torch.cat(outs)
-
-
-def cuda_ms(fn, reps: int = 10) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
 
 
 def run_shape(name, total, seq, hq, hk, d, methods, check_rows: int) -> list[dict]:
@@ -135,8 +123,8 @@ def run_shape(name, total, seq, hq, hk, d, methods, check_rows: int) -> list[dic
                 o = fn(q, k, v, cu, max_len, scale)
                 torch.autograd.backward(o, go)
 
-            r["fwd_ms"] = cuda_ms(fwd)
-            r["fwd_bwd_ms"] = cuda_ms(fwd_bwd)
+            r["fwd_ms"] = cuda_time(fwd, max_reps=10)
+            r["fwd_bwd_ms"] = cuda_time(fwd_bwd, max_reps=10)
             # causal FLOPs: 4 * sum(n^2 / 2) * hq * d forward, 2.5x that backward
             f = 2.0 * sum(n * n for n in lens) * hq * d
             r["fwd_bwd_tflops"] = 3.5 * f / (r["fwd_bwd_ms"] * 1e-3) / 1e12

@@ -29,7 +29,8 @@ SMALL = [
     "warmup.examples=64",
     "logger.backends=[console,jsonl]",
     "logger.samples_every=1",
-    # eager engines: vLLM's torch.compile costs 35-100 s at every engine start on 2 cores (the model's path is in its cache key, and each run's is new); sampling is the same to ~1e-7 in log p
+    # eager engines: vLLM's torch.compile costs 35-100 s at every engine start on 2 cores (the
+    # model's path is in its cache key, and each run's is new); sampling is the same to ~1e-7 in log p
     "rollout.enforce_eager=true",
 ]
 

@@ -31,7 +31,7 @@ def _cispo_train(cluster, out: Path, *extra: str) -> str:
         f"cluster.partition={cluster.partition}", "cluster.time_minutes=30",
         # small settings: no warm-start stage, a small batch
         "warmup.steps=0", "data.rollout_batch_size=16", f"output_dir={out}", *extra,
-        # eager engines: vLLM's torch.compile costs 35-100 s at every engine start on 2 cores (the model's path is in its cache key, and each run's is new)
+        # eager engines: no vLLM compile at start-up (tests/launch/test_loop_e2e.py SMALL)
         "rollout.enforce_eager=true",
     ]
     env = {**cluster.env, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}

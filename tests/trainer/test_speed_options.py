@@ -168,4 +168,3 @@ def test_trainer_update_with_options_equals_plain(tiny_model_path):
     torch.testing.assert_close(fast["old_logprobs"], plain["old_logprobs"], rtol=0, atol=0)
     for name, w in w_plain.items():
         torch.testing.assert_close(w_fast[name], w, rtol=1e-5, atol=1e-8, msg=name)
-
