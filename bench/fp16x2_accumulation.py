@@ -12,6 +12,8 @@ fp16 for:
             can run while they are in flight
   segN      a fresh accumulator per N K steps (a direct chain inside each segment): 1/N of
             the waits, ~N times blocked's error
+  lo_direct only A @ B_hi^T blocked; A @ B_lo^T (2^-11 of it) summed straight into its
+            own accumulator, issued after (or, _lofirst, before) the hi product
   tma_*     the same sums with operands loaded by the tensor-memory accelerator
   *_ws      the same, with Triton's warp specialization of the K loop (loads and products
             in separate warps)
@@ -32,7 +34,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from kernels.lm_head_triton_common import grouped_tile  # noqa: E402  (the kernels' own tile order)
+from kernels.lm_head_triton_common import add_unfolded, grouped_tile  # noqa: E402  (the kernels' own)
 
 
 @triton.jit
@@ -99,17 +101,45 @@ def _gemm2_tma(a_desc, b_desc, bl_desc, c_ptr, M, N, K, ACC: tl.constexpr, SEG: 
                 part = tl.dot(a, bl_desc.load([on, k0]).T, part)
                 part = tl.dot(a, b_desc.load([on, k0]).T, part)
             acc += part
-    else:
+    elif ACC >= 4:
+        # lo products straight into their own accumulator, only hi x hi blocked
+        # (kernels' LO_SUM_DIRECT): ACC 4 issues hi first, ACC 5 lo first
+        lo = tl.zeros((BM, BN), tl.float32)
         for k0 in tl.range(0, K, BK, warp_specialize=WS):
+            a = a_desc.load([om, k0])
+            b = b_desc.load([on, k0])
+            bl = bl_desc.load([on, k0])
+            if ACC == 5:
+                lo = tl.dot(a, bl.T, lo)
+            part = tl.dot(a, b.T)
+            if ACC == 4:
+                lo = tl.dot(a, bl.T, lo)
+            acc = add_unfolded(acc, part)  # a plain += would be folded into the dot
+        acc += lo
+    else:
+        if ACC == 2:
+            prev = tl.dot(a_desc.load([om, 0]), bl_desc.load([on, 0]).T)
+            prev = tl.dot(a_desc.load([om, 0]), b_desc.load([on, 0]).T, prev)
+            start = BK
+        else:
+            start = 0
+        for k0 in tl.range(start, K, BK, warp_specialize=WS):
             a = a_desc.load([om, k0])
             b = b_desc.load([on, k0])
             bl = bl_desc.load([on, k0])
             if ACC == 0:
                 acc = tl.dot(a, bl.T, acc)
                 acc = tl.dot(a, b.T, acc)
-            else:
+            elif ACC == 1:
                 part = tl.dot(a, bl.T)
                 acc += tl.dot(a, b.T, part)
+            else:
+                cur = tl.dot(a, bl.T)
+                cur = tl.dot(a, b.T, cur)
+                acc += prev
+                prev = cur
+        if ACC == 2:
+            acc += prev
     rm = om + tl.arange(0, BM)
     rn = on + tl.arange(0, BN)
     tl.store(c_ptr + rm[:, None] * N + rn[None, :], acc)
@@ -118,11 +148,14 @@ def _gemm2_tma(a_desc, b_desc, bl_desc, c_ptr, M, N, K, ACC: tl.constexpr, SEG: 
 TILES = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (256, 128, 64, 8, 3),
          (128, 256, 64, 8, 2), (128, 128, 128, 8, 2), (64, 256, 64, 4, 3),
          (128, 128, 64, 4, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
-# (name, loads, ACC, SEG): ACC 0 direct, 1 blocked, 2 pingpong, 3 segmented (SEG K steps a part)
+# (name, loads, ACC, SEG): ACC 0 direct, 1 blocked, 2 pingpong, 3 segmented (SEG K steps a
+# part), 4 / 5 lo direct and hi blocked (hi issued first / lo first; TMA loads only)
 VARIANTS = [("direct", "ptr", 0, 1), ("blocked", "ptr", 1, 1), ("pingpong", "ptr", 2, 1),
             ("seg2", "ptr", 3, 2), ("seg4", "ptr", 3, 4), ("seg8", "ptr", 3, 8),
             ("tma_direct", "tma", 0, 1), ("tma_blocked", "tma", 1, 1),
+            ("tma_pingpong", "tma", 2, 1), ("tma_seg2", "tma", 3, 2),
             ("tma_seg4", "tma", 3, 4), ("tma_seg8", "tma", 3, 8),
+            ("tma_lo_direct", "tma", 4, 1), ("tma_lo_direct_lofirst", "tma", 5, 1),
             ("tma_direct_ws", "tma_ws", 0, 1), ("tma_blocked_ws", "tma_ws", 1, 1)]
 
 

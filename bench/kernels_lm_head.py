@@ -55,10 +55,12 @@ def naive(dtype):
     return f
 
 
-def fused(mode, vocab_chunk=None, bwd_chunks=None):
+def fused(mode, vocab_chunk=None, bwd_chunks=None, lo_direct=True):
     """bwd_chunks: (token-chunk multiple of chunk_tokens, backward vocabulary rows) for fp16x2;
-    the rows are taken as they are at every H (the default scales them: bwd_vocab_rows)."""
+    the rows are taken as they are at every H (the default scales them: bwd_vocab_rows).
+    lo_direct=False: every fp16x2 product summed in blocks (kernels' LO_SUM_DIRECT off)."""
     import kernels.lm_head_triton_fp16x2 as fp16x2
+    import kernels.lm_head_triton_fwd as fwd
     defaults = (fp16x2.VOCAB_CHUNK, fp16x2.BWD_TOKEN_CHUNKS_PER_CHUNK_TOKENS, fp16x2.BWD_VOCAB_CHUNK,
                 fp16x2.BWD_WORK_H)
 
@@ -67,12 +69,14 @@ def fused(mode, vocab_chunk=None, bwd_chunks=None):
         fp16x2.VOCAB_CHUNK = vocab_chunk or defaults[0]
         fp16x2.BWD_TOKEN_CHUNKS_PER_CHUNK_TOKENS, fp16x2.BWD_VOCAB_CHUNK, fp16x2.BWD_WORK_H = \
             (*bwd_chunks, 1) if bwd_chunks else defaults[1:]  # BWD_WORK_H=1: no scaling by H
+        fwd.LO_SUM_DIRECT = lo_direct
         return lm_head_logprobs(h, w, t, mode=mode, impl="triton")[0]
     return f
 
 
-def cuda_time(fn, budget_s=1.5, max_reps=10):
-    """Median ms of fn() with CUDA events; one warm-up, reps bounded by a time budget."""
+def cuda_time(fn, budget_s=1.5, max_reps=10, reps_out=None):
+    """Median ms of fn() with CUDA events; one warm-up, reps bounded by a time budget.
+    reps_out: a list that receives every rep's ms, in order (drift from clocks shows there)."""
     fn()
     torch.cuda.synchronize()
     times = []
@@ -86,6 +90,8 @@ def cuda_time(fn, budget_s=1.5, max_reps=10):
         times.append(a.elapsed_time(b))
         if time.time() - t_start > budget_s:
             break
+    if reps_out is not None:
+        reps_out.extend(times)
     times.sort()
     return times[len(times) // 2]
 
@@ -109,7 +115,8 @@ def measure(method, h, w, t, g, ref_rows, ref_logp, do_bwd=True):
                 wg.grad = None
                 (method(hg, wg, t) * g).sum().backward()
             # Time first: its warm-up run also autotunes, whose trial copies must not count.
-            res["fwd_bwd_ms"] = cuda_time(fb)
+            res["fwd_bwd_reps_ms"] = []
+            res["fwd_bwd_ms"] = cuda_time(fb, reps_out=res["fwd_bwd_reps_ms"])
             hg.grad = None
             wg.grad = None
             torch.cuda.synchronize()
@@ -190,6 +197,10 @@ def main():
                     help="modes whose fwd+bwd is also profiled per kernel (torch.profiler)")
     ap.add_argument("--no-tma", action="store_true",
                     help="fp16x2: pointer loads instead of tensor descriptors (to compare the two)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="time the fused methods this many times, alternating their order")
+    ap.add_argument("--blocked-lo-too", action="store_true",
+                    help="fp16x2: also time every product summed in blocks (fused_fp16x2@blockedlo)")
     ap.add_argument("--memory-trace", nargs="*", default=[],
                     help="modes whose fwd+bwd peak is broken down into the allocations live at it")
     args = ap.parse_args()
@@ -246,6 +257,8 @@ def main():
                     for bc in args.bwd_chunks:
                         mult, vocab = (int(x) for x in bc.split(":"))
                         methods.append((f"fused_fp16x2@bwd{mult}:{vocab}", fused(mode, bwd_chunks=(mult, vocab)), hh, ww))
+                if mode == "fp16x2" and args.blocked_lo_too:
+                    methods.append(("fused_fp16x2@blockedlo", fused(mode, lo_direct=False), hh, ww))
                 if mode == "fp16x2" and args.bf16_weight_too:  # a bf16 model's (tied) head
                     methods.append(("fused_fp16x2_w16", fused(mode), h16, w16))
             if liger is not None:
@@ -258,13 +271,20 @@ def main():
             for mode in args.memory_trace:
                 hh, ww = mode_inputs[mode]
                 memory_trace(fused(mode), hh, ww, t, g, f"T={T} H={H} {mode}")
-            for name, fn, hh, ww in methods:
+            # Later rounds time the fused methods again, in reverse order every other round:
+            # a power-capped GPU runs each method at the clocks its predecessors left it.
+            fused_methods = [m for m in methods if not m[0].startswith("naive")]
+            rounds = [methods] + [fused_methods[::-1] if i % 2 else fused_methods
+                                  for i in range(1, args.rounds)]
+            for rnd, (name, fn, hh, ww) in ((i, m) for i, ms in enumerate(rounds) for m in ms):
                 t0 = time.time()
                 r = dict(name=name, T=T, H=H, **measure(fn, hh, ww, t, g, rows, ref))
                 r["bf16_matmul_ms"] = mm_ms
+                r["round"] = rnd
                 report["results"].append(r)
                 print(f"T={T:6d} H={H:5d} {name:12s} " + " ".join(
-                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                    f"{k}={v:.4g}" if isinstance(v, float) else
+                    f"{k}=[{' '.join(f'{x:.1f}' for x in v)}]" if isinstance(v, list) else f"{k}={v}"
                     for k, v in r.items() if k not in ("name", "T", "H")) + f" ({time.time()-t0:.0f}s)",
                     flush=True)
                 with open(args.out, "w") as f:
@@ -310,6 +330,33 @@ def profile_kernels(method, h, w, t, g, what):
         torch.cuda.synchronize()
     print(f"profile {what}:")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=50))
+    print_gaps(prof)
+
+
+def print_gaps(prof, top=8):
+    """How busy the GPU was between its first and last kernel of the profiled run, and the
+    largest idle gaps with the kernels on either side: where the host, not the GPU, sets
+    the pace."""
+    from torch.autograd import DeviceType
+    evs = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                 if e.device_type == DeviceType.CUDA)
+    if not evs:
+        return
+    gaps, busy, end = [], 0.0, evs[0][0]
+    prev = ""
+    for a, b, name in evs:
+        if a > end:
+            gaps.append((a - end, prev, name))
+        busy += max(0.0, b - max(a, end))
+        end = max(end, b)
+        prev = name
+    span = end - evs[0][0]
+    idle = sum(g[0] for g in gaps)
+    print(f"GPU timeline: span {span / 1e3:.1f} ms, busy {busy / 1e3:.1f} ms ({100 * busy / span:.1f}%), "
+          f"idle {idle / 1e3:.1f} ms in {len(gaps)} gaps, {sum(g[0] for g in gaps if g[0] > 50) / 1e3:.1f} ms "
+          f"in gaps over 50 us")
+    for us, before, after in sorted(gaps, reverse=True)[:top]:
+        print(f"  gap {us:8.1f} us after {before[:60]!r} before {after[:60]!r}")
 
 
 def memory_trace(method, h, w, t, g, what, top=12):

@@ -35,7 +35,7 @@ def _lm_head_fwd_kernel(
     inv_temp, v_per_split, n_split, stride_plane,
     MODE: tl.constexpr, VAX: tl.constexpr, H_PARTS: tl.constexpr, W_PARTS: tl.constexpr, WITH_ENT: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    GROUP_T: tl.constexpr, TMA: tl.constexpr, INTERPRET: tl.constexpr,
+    GROUP_T: tl.constexpr, TMA: tl.constexpr, LO_DIRECT: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """Partial log-sum-exp statistics over the V vocabulary rows held by w_ptr (a chunk of the
     vocabulary in mode fp16x2, all of it otherwise), in base-2 units:
@@ -59,7 +59,7 @@ def _lm_head_fwd_kernel(
         cols = v0 + tl.arange(0, BLOCK_V)
         acc = logits_tile(h_ptr, hl_ptr, w_ptr, wl_ptr, rows, cols, tb * BLOCK_T, v0, T, V, H,
                           stride_ht, stride_hh, stride_wv, stride_wh, MODE, VAX, H_PARTS, W_PARTS,
-                          BLOCK_T, BLOCK_V, BLOCK_H, TMA, INTERPRET)
+                          BLOCK_T, BLOCK_V, BLOCK_H, TMA, LO_DIRECT, INTERPRET)
         y = acc * c
         if v0 + BLOCK_V > v_end:
             # Only the split's last tile is ragged. NEG_BIG, not -inf: 2^(y - m) is then 0
@@ -106,6 +106,9 @@ def make_configs(names, tiles=ALL_TILES, pre_hook=None):
 
 
 USE_TMA = True  # benchmarks switch it off to compare with pointer loads
+# fp16x2: sum the lo products straight in the tensor cores, only hi x hi in blocks
+# (fp16x2_tile's LO_DIRECT); benchmarks switch it off to compare with all-blocked sums.
+LO_SUM_DIRECT = True
 TMA_IN_INTERPRETER = False  # tests set it to run the descriptor path in Triton's CPU interpreter
 
 
@@ -158,7 +161,7 @@ def make_prune(operand_name, names):
 _FWD_NAMES = ["BLOCK_T", "BLOCK_V", "BLOCK_H", "GROUP_T"]
 _lm_head_fwd_tuned = triton.autotune(
     configs=make_configs(_FWD_NAMES, pre_hook=set_block_shapes),
-    key=["H", "MODE", "H_PARTS", "W_PARTS", "WITH_ENT", "TMA"],
+    key=["H", "MODE", "H_PARTS", "W_PARTS", "WITH_ENT", "TMA", "LO_DIRECT"],
     prune_configs_by={"early_config_prune": make_prune("h_ptr", _FWD_NAMES)},
 )(_lm_head_fwd_kernel)
 
@@ -174,7 +177,7 @@ def launch_forward(h, hl, w, wl, part, scale, inv_temp, v_per_split, n_split,
     args = (h, hl, w, wl, part, scale, T, V, H, *strides, inv_temp, v_per_split, n_split,
             part.stride(0))
     meta = dict(MODE=mode_id, VAX=vocab_axis(mode_id), H_PARTS=h_parts, W_PARTS=w_parts,
-                WITH_ENT=with_entropy, TMA=tma)
+                WITH_ENT=with_entropy, TMA=tma, LO_DIRECT=LO_SUM_DIRECT)
     if interpret:
         # Small blocks so that CPU tests cross several blocks in every dimension.
         grid = (triton.cdiv(T, 16) * n_split,)

@@ -243,13 +243,17 @@ def bf16_rounding_error(ref):
 
 @needs_triton
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("impl", ["triton", "torch"])
-def test_fp16x2_with_bf16_hidden_is_fp32_accurate(seed, impl, weight_dtype, small_vocab_chunks):
+@pytest.mark.parametrize("impl,lo_direct", [("triton", True), ("triton", False), ("torch", True)])
+def test_fp16x2_with_bf16_hidden_is_fp32_accurate(seed, impl, lo_direct, weight_dtype,
+                                                  small_vocab_chunks, monkeypatch):
     """The uses in training: bf16 hidden with an fp32 weight (2 products) or a bf16 weight
     (a bf16 model, tied embeddings: 1 product). 4 vocabulary chunks x 3 token chunks in
     backward (chunk_tokens=4 -> 16 tokens, T=37). Log-probs and entropy at fp32 accuracy;
     an fp32 grad_weight too; a gradient that comes back in bf16 is computed from one fp16
-    product, so its error may exceed plain bf16 rounding of the exact gradient by <= 10%."""
+    product, so its error may exceed plain bf16 rounding of the exact gradient by <= 10%.
+    The Triton kernels both with the lo products summed apart (LO_SUM_DIRECT) and in blocks."""
+    import kernels.lm_head_triton_fwd as fwd
+    monkeypatch.setattr(fwd, "LO_SUM_DIRECT", lo_direct)
     h, w, tgt = make_inputs(hidden_dtype=torch.bfloat16, weight_dtype=weight_dtype)
     g_logp, g_ent = torch.randn(T), torch.randn(T)
     lp, ent, gh, gw = run(h, w, tgt, g_logp, g_ent, "fp16x2", impl, chunk_tokens=4)
