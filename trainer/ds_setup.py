@@ -69,6 +69,22 @@ class GuardedLambdaLR(torch.optim.lr_scheduler.LambdaLR):
         return super().step(*args, **kwargs)
 
 
+# DeepSpeed's name for its CPU shared-memory all-reduce op (op_builder/cpu/comm.py)
+SHM_COMM_OP = "deepspeed_shm_comm"
+
+
+def skip_cpu_shm_comm_build() -> None:
+    """Keep `deepspeed.init_distributed` on CPU from JIT-compiling its shared-memory all-reduce
+    op: 50-70 s on 2 cores, at a user's first CPU run and again for every new virtual
+    environment path (its compiler flags name the path, and the build cache is one folder per
+    op name). Only `inference_all_reduce` (tensor-parallel inference) calls it; ZeRO training
+    all-reduces through torch.distributed. An op marked incompatible makes DeepSpeed's
+    `build_shm_op` return None, and DeepSpeed keeps that dict for the process."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
+
+
 def build_optimizer(params, cfg: TrainerConfig) -> torch.optim.Optimizer:
     """torch's AdamW with M1's settings (beta=(0.9, 0.95), eps=1e-15 by default).
 

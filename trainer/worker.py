@@ -22,7 +22,8 @@ from cispo.metrics import accumulate_stats, stats_to_floats
 from cispo.objectives import policy_loss, resolve_algorithm
 from cispo.weight_sync import ParamMeta, create_sync_group, share_bucket, unflatten_bucket
 from trainer import checkpoint as ckpt
-from trainer.ds_setup import build_optimizer, build_scheduler, deepspeed_config, step_unless_nonfinite
+from trainer.ds_setup import (build_optimizer, build_scheduler, deepspeed_config, skip_cpu_shm_comm_build,
+                              step_unless_nonfinite)
 from trainer.lora import apply_lora, is_adapter, merge_lora_state, trainable_summary
 from trainer.device_batch import DeviceMicroBatch, to_device
 from trainer.policy import PolicyModel, load_hf_causal_lm
@@ -86,6 +87,8 @@ class TrainerWorker:
                           LOCAL_RANK="0" if use_cuda else str(self.rank))
         if use_cuda:
             torch.cuda.set_device(0)
+        else:
+            skip_cpu_shm_comm_build()
         deepspeed.init_distributed(dist_backend=dist_backend or ("nccl" if use_cuda else "gloo"))
         torch.manual_seed(self.seed + self.rank)
         if not use_cuda:  # Ray's OMP_NUM_THREADS is the actor's CPU count, 1 by default
