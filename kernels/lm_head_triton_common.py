@@ -181,7 +181,7 @@ def mma(a, b, acc, MODE: tl.constexpr, INTERPRET: tl.constexpr):
             part = dot_bf16(a_lo, b_hi, tl.zeros(acc.shape, tl.float32), INTERPRET)
             part = dot_bf16(a_hi, b_lo, part, INTERPRET)
             part = dot_bf16(a_hi, b_hi, part, INTERPRET)
-        acc += part
+        acc = add_unfolded(acc, part)
     else:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
@@ -194,9 +194,9 @@ def mma(a, b, acc, MODE: tl.constexpr, INTERPRET: tl.constexpr):
             part = tl.dot(a_lo, b_hi, input_precision="ieee")
             part = tl.dot(a_hi, b_lo, part, input_precision="ieee")
             part = tl.dot(a_hi, b_hi, part, input_precision="ieee")
-            acc += part
+            acc = add_unfolded(acc, part)
         else:
-            acc += tl.dot(a, b, input_precision="tf32x3")
+            acc = add_unfolded(acc, tl.dot(a, b, input_precision="tf32x3"))
     return acc
 
 
