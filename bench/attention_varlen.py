@@ -1,7 +1,9 @@
 """Attention over packed sequences on one GPU: torch's flash attention 2 (what
-`trainer.attn_implementation=varlen` runs) against cuDNN's ragged attention (the
-`cum_seq` form of `aten._cudnn_attention_forward`, Hopper wgmma kernels), forward and
-backward, at the trainer's shapes (issue 13: attention is the largest cost after the GEMMs
+`trainer.attn_implementation=varlen` runs for rows of mixed lengths) against cuDNN's ragged
+attention (the `cum_seq` form of `aten._cudnn_attention_forward`, Hopper wgmma kernels),
+cuDNN's dense causal kernel called once per sequence (`cudnn_per_seq`, `_rep`: kv heads
+repeated) and once per row of one length (`cudnn_batched` through sdpa, `trainer_dense`: the
+trainer's direct call), forward and backward, at the trainer's shapes (issue 13: attention is the largest cost after the GEMMs
 at 4k sequences, and the largest at 16k).
 
 Per shape and method: the median ms of forward and of forward+backward (CUDA events), and
@@ -35,6 +37,7 @@ SHAPES = [
     ("0.5b-ragged", 32768, None, 14, 2, 64),
     ("3b-4k", 16384, 4096, 16, 2, 128),
     ("3b-16k", 16384, 16384, 16, 2, 128),
+    ("3b-ragged", 16384, None, 16, 2, 128),
 ]
 
 
@@ -65,6 +68,51 @@ def cudnn_ragged(q, k, v, cu, max_len, scale):
 def cudnn_ragged_gqa(q, k, v, cu, max_len, scale):
     return torch.ops.aten._cudnn_attention_forward(q, k, v, None, cu, cu, max_len, max_len, True, 0.0, True,
                                                    False, scale=scale)[0]
+
+
+def cudnn_per_sequence(q, k, v, cu, max_len, scale, repeat_kv=False):
+    """Dense causal sdpa forced onto cuDNN, one call per sequence ([1, H, n, D] views of the
+    packed rows): the Hopper kernels without the ragged path."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    if repeat_kv and k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k, v = (x.repeat_interleave(rep, dim=1) for x in (k, v))
+    bounds = cu.tolist()
+    outs = []
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            qs, ks, vs = (x[s:e].transpose(0, 1)[None] for x in (q, k, v))
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
+                                               enable_gqa=ks.shape[1] != qs.shape[1])
+            outs.append(o[0].transpose(0, 1))
+    return torch.cat(outs)
+
+
+def cudnn_per_sequence_rep(q, k, v, cu, max_len, scale):
+    return cudnn_per_sequence(q, k, v, cu, max_len, scale, repeat_kv=True)
+
+
+def cudnn_batched(q, k, v, cu, max_len, scale):
+    """Sequences of one length as a dense [B, H, n, D] batch: one cuDNN call."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    T = q.shape[0]
+    if T % max_len:
+        raise ValueError("cudnn_batched needs sequences of one length")
+    b = T // max_len
+    qs, ks, vs = (x.unflatten(0, (b, max_len)).transpose(1, 2) for x in (q, k, v))
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
+                                           enable_gqa=ks.shape[1] != qs.shape[1])
+    return o.transpose(1, 2).flatten(0, 1)
+
+
+def trainer_dense(q, k, v, cu, max_len, scale):
+    """What `trainer.attn_implementation=varlen` runs for a row of one length: cuDNN's op called
+    directly (trainer.attention._dense_causal)."""
+    from trainer.attention import _dense_causal
+    if q.shape[0] % max_len:
+        raise ValueError("the dense batch needs sequences of one length")
+    return _dense_causal(q, k, v, q.shape[0] // max_len, max_len, scale)
 
 
 def reference(q, k, v, bounds, scale):
@@ -155,7 +203,9 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("attention_varlen: needs a CUDA GPU")
-    every = {"fa2_varlen": fa2, "cudnn_ragged_gqa": cudnn_ragged_gqa, "cudnn_ragged_rep": cudnn_ragged}
+    every = {"fa2_varlen": fa2, "cudnn_ragged_gqa": cudnn_ragged_gqa, "cudnn_ragged_rep": cudnn_ragged,
+             "cudnn_per_seq": cudnn_per_sequence, "cudnn_per_seq_rep": cudnn_per_sequence_rep,
+             "cudnn_batched": cudnn_batched, "trainer_dense": trainer_dense}
     methods = {m: every[m] for m in args.methods}
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "cudnn": torch.backends.cudnn.version(), "argv": sys.argv,

@@ -10,7 +10,7 @@ by self GPU time, and a breakdown of GPU time into attention, matmuls (GEMM), FP
 / activations / elementwise, optimizer step, ZeRO gradient bookkeeping (AccumulateGrad hooks),
 copies, communication and other; with the GPU-busy fraction of the step's wall time.
 
-Variants: names joined by "+": an attention (sdpa, varlen, flex, eager; default sdpa), "liger",
+Variants: names joined by "+": an attention (sdpa, varlen, varlen_fa2, flex, eager; default sdpa), "liger",
 "compile", "ac" (activation checkpointing), "mbt16k" (micro_batch_tokens=16384; any "mbt<N>k"),
 "seq16k" (16k-token sequences). Example: base varlen varlen+liger varlen+mbt16k+liger.
 
@@ -41,8 +41,10 @@ import torch  # noqa: E402
 
 from bench.trainer_throughput import (PEAK_FLOPS, make_batch, make_model_folder, model_flops,  # noqa: E402
                                       run_deepspeed, run_torch, scratch_dir, trainer_config)
+from trainer.attention import VARLEN_NAMES  # noqa: E402
 
-ATTN_ALIASES = {"sdpa": "sdpa", "varlen": "varlen", "flex": "flex_attention", "eager": "eager", "fa2": "flash_attention_2"}
+ATTN_ALIASES = {"sdpa": "sdpa", "varlen": "varlen", "varlen_fa2": "varlen_fa2", "flex": "flex_attention",
+                "eager": "eager", "fa2": "flash_attention_2"}
 CATEGORIES = ["attention", "matmul", "fp32_head", "norm_act_elementwise", "optimizer", "zero_grad_hooks",
               "copies", "communication", "other"]
 
@@ -210,30 +212,35 @@ def sync_sites(step, n_top: int = 25) -> list[dict]:
 
 
 def check_varlen(device) -> dict:
-    """The "varlen" kernel path (torch's flash attention over cu_seqlens, GQA) against causal
-    sdpa per sequence in fp32, forward and backward, bf16 inputs: the GPU half of what
+    """The "varlen" kernel paths against causal sdpa per sequence in fp32, forward and backward,
+    bf16 inputs, GQA: torch's flash attention over cu_seqlens (rows of mixed lengths) and the
+    dense batch (rows of one length: cuDNN's kernel on Hopper). The GPU half of what
     tests/trainer/test_speed_options.py checks on CPU (where the per-sequence loop runs)."""
-    from trainer.attention import _flash_varlen, _sdpa_per_sequence
+    from trainer.attention import _dense_causal, _flash_varlen, _sdpa_per_sequence, dense_kernel_ok
 
-    torch.manual_seed(0)
     T, hq, hk, d = 4096, 14, 2, 64
-    bounds = [0, 1000, 1001, 3000, T]
-    cu = torch.tensor(bounds, dtype=torch.int32, device=device)
-    # [H, T, D] leaves seen as [T, H, D] views: the strides the model's attention passes
-    leaves = [torch.randn(h, T, d, device=device, dtype=torch.bfloat16, requires_grad=True) for h in (hq, hk, hk)]
-    go = torch.randn(T, hq, d, device=device)
-    out = _flash_varlen(*(x.transpose(0, 1) for x in leaves), cu, max(b - a for a, b in zip(bounds, bounds[1:])),
-                        d ** -0.5)
-    (out.float() * go).sum().backward()
-    q, k, v = (SimpleNamespace(grad=x.grad.transpose(0, 1)) for x in leaves)
-    q32, k32, v32 = (x.detach().transpose(0, 1).float().requires_grad_() for x in leaves)
-    ref = _sdpa_per_sequence(q32, k32, v32, bounds, d ** -0.5)
-    (ref * go).sum().backward()
-    rel = {name: float((a.float() - b).abs().max() / b.abs().max())
-           for name, a, b in (("out", out, ref), ("grad_q", q.grad, q32.grad), ("grad_k", k.grad, k32.grad),
-                              ("grad_v", v.grad, v32.grad))}
+    paths = {"flash_varlen": ([0, 1000, 1001, 3000, T], lambda q, k, v, cu, n: _flash_varlen(q, k, v, cu, n, d ** -0.5)),
+             "dense": ([0, 1024, 2048, 3072, T], lambda q, k, v, cu, n: _dense_causal(q, k, v, 4, n, d ** -0.5))}
+    report = {}
+    for name, (bounds, fn) in paths.items():
+        torch.manual_seed(0)
+        # [H, T, D] leaves seen as [T, H, D] views: the strides the model's attention passes
+        leaves = [torch.randn(h, T, d, device=device, dtype=torch.bfloat16, requires_grad=True) for h in (hq, hk, hk)]
+        if name == "dense" and not dense_kernel_ok(leaves[0]):
+            continue  # not Hopper: the trainer does not take this path
+        go = torch.randn(T, hq, d, device=device)
+        cu = torch.tensor(bounds, dtype=torch.int32, device=device)
+        out = fn(*(x.transpose(0, 1) for x in leaves), cu, max(b - a for a, b in zip(bounds, bounds[1:])))
+        (out.float() * go).sum().backward()
+        q, k, v = (SimpleNamespace(grad=x.grad.transpose(0, 1)) for x in leaves)
+        q32, k32, v32 = (x.detach().transpose(0, 1).float().requires_grad_() for x in leaves)
+        ref = _sdpa_per_sequence(q32, k32, v32, bounds, d ** -0.5)
+        (ref * go).sum().backward()
+        report[name] = {n: float((a.float() - b).abs().max() / b.abs().max())
+                        for n, a, b in (("out", out, ref), ("grad_q", q.grad, q32.grad), ("grad_k", k.grad, k32.grad),
+                                        ("grad_v", v.grad, v32.grad))}
     # bf16 rounding gives ~1e-2 (grad_k sums 7 query heads); a wrong mask or offset gives O(1)
-    return {"max_abs_err_rel_to_max": rel, "ok": all(x < 5e-2 for x in rel.values())}
+    return {"max_abs_err_rel_to_max": report, "ok": all(x < 5e-2 for r in report.values() for x in r.values())}
 
 
 # ---- one variant ------------------------------------------------------------------------
@@ -415,14 +422,14 @@ def main() -> None:
     plan = [(p, v) for v in args.variants for p in args.presets] if args.order == "interleave" else \
         [(p, v) for p in args.presets for v in args.variants]
     plan = [(p, v.split(":", 1)[1] if ":" in v else v) for p, v in plan if ":" not in v or v.split(":")[0] == p]
-    if device == "cuda" and any(parse_variant(v, args)["attn"] == "varlen" for _, v in plan):
+    if device == "cuda" and any(parse_variant(v, args)["attn"] in VARLEN_NAMES for _, v in plan):
         try:
             report["varlen_check"] = check_varlen(device)
         except Exception as e:  # noqa: BLE001
             report["varlen_check"] = {"ok": False, "error": f"{type(e).__name__}: {e}"}
         print(f"VARLEN CHECK {report['varlen_check']}", flush=True)
         if not report["varlen_check"]["ok"]:  # measure nothing wrong: its variants are left out
-            plan = [(p, v) for p, v in plan if parse_variant(v, args)["attn"] != "varlen"]
+            plan = [(p, v) for p, v in plan if parse_variant(v, args)["attn"] not in VARLEN_NAMES]
     with tempfile.TemporaryDirectory(dir=scratch_dir()) as tmp:
         shapes, last_wall = {}, {}
         for preset, name in plan:

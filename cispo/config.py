@@ -23,7 +23,7 @@ BEHAVIOUR_IS_LEVELS = ("token", "sequence")
 LM_HEAD_MODES = ("auto", "fp16x2", "bf16x3", "tf32x3", "fp32", "bf16")
 # Attention of the trainer's body on packed micro-batches (trainer/attention.py says which
 # build a dense [T, T] mask and which do not).
-ATTN_IMPLEMENTATIONS = ("sdpa", "varlen", "flex_attention", "eager", "flash_attention_2")
+ATTN_IMPLEMENTATIONS = ("sdpa", "varlen", "varlen_fa2", "flex_attention", "eager", "flash_attention_2")
 WEIGHT_SYNC_PATHS = ("collective", "object_store")
 WEIGHT_LOAD_MODES = ("auto", "copy", "direct", "reload")
 RUN_MODES = ("sync", "async")
@@ -165,7 +165,9 @@ class TrainerConfig:
     lm_head_mode: str = "auto"
     # Speed options (trainer/speed.py, bench/trainer_profile.py). "varlen" = flash attention over
     # the packed sequences' boundaries, no [T, T] mask (sdpa builds one when a micro-batch holds
-    # several sequences); "flex_attention" = torch FlexAttention with a document block mask.
+    # several sequences), and cuDNN's dense kernel for a row of sequences of one length on Hopper;
+    # "varlen_fa2" = flash attention for every row; "flex_attention" = torch FlexAttention with a
+    # document block mask.
     attn_implementation: str = "sdpa"
     liger: bool = False  # Liger-Kernel's fused RMSNorm, SwiGLU and rotary (not its cross entropy)
     activation_checkpointing: bool = False  # recompute each decoder layer in backward (non-reentrant)

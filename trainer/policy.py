@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from trainer.attention import VARLEN, attention_kwargs, register_varlen
+from trainer.attention import VARLEN_NAMES, attention_kwargs, register_varlen
 from trainer.fp32_head import install_fp32_head
 from trainer.minimax import attach as attach_moe
 
@@ -35,7 +35,7 @@ def load_hf_causal_lm(path: str, attn_implementation: str | None = None) -> nn.M
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": torch.float32}
-    if attn_implementation == VARLEN:
+    if attn_implementation in VARLEN_NAMES:
         register_varlen()
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation

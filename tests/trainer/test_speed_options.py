@@ -82,6 +82,49 @@ def test_attention_without_dense_mask_keeps_packed_equal_single(tiny_model_path,
             assert (a[2][name] - b[2][name]).abs().max() <= 1e-5 * b[2][name].abs().max(), name
 
 
+@pytest.mark.parametrize("lengths", [[24, 24, 24], [40]])
+def test_varlen_rows_of_one_length_run_as_a_dense_batch(lengths, monkeypatch):
+    """A row whose sequences share one length goes to the dense causal batch (cuDNN on Hopper,
+    sdpa here) without a host sync, with the outputs and gradients of one causal attention per
+    sequence (float64, GQA 4/2); mixed lengths and "varlen_fa2" keep the per-sequence path."""
+    import trainer.attention as att
+
+    seed = 1234
+    print(f"seed {seed}")
+    g = torch.Generator().manual_seed(seed)
+    T, hq, hk, d = sum(lengths), 4, 2, 8
+    bounds = [0]
+    for n in lengths:
+        bounds.append(bounds[-1] + n)
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    go = torch.randn(1, T, hq, d, generator=g, dtype=torch.float64)
+    leaves = [torch.randn(1, h, T, d, generator=g, dtype=torch.float64) for h in (hq, hk, hk)]
+    dense_calls = []
+    dense = att._dense_causal
+    monkeypatch.setattr(att, "_dense_causal", lambda *a: dense_calls.append(a[3:5]) or dense(*a))
+
+    def run(**kw):
+        xs = [x.clone().requires_grad_() for x in leaves]
+        out, _ = att.varlen_attention_forward(torch.nn.Module(), *xs, None, scaling=d ** -0.5,
+                                              cu_seq_lens_q=cu, max_length_q=max(lengths), **kw)
+        (out * go).sum().backward()
+        return out, [x.grad for x in xs]
+
+    out, grads = run()
+    assert dense_calls == [(len(lengths), lengths[0])]
+    ref_out, ref_grads = run(dense_rows=False)
+    assert len(dense_calls) == 1  # varlen_fa2's switch: the per-sequence path
+    torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    if len(lengths) > 1:  # one sequence a token shorter, the next a token longer: mixed lengths
+        mixed = cu.clone()
+        mixed[1] -= 1
+        att.varlen_attention_forward(torch.nn.Module(), *leaves, None, scaling=d ** -0.5, cu_seq_lens_q=mixed,
+                                     max_length_q=lengths[0] + 1)
+        assert len(dense_calls) == 1
+
+
 def test_activation_checkpointing_same_loss_and_grads_and_recomputes(tiny_model_path, sdpa_packed):
     policy = _policy(tiny_model_path, activation_checkpointing=True)
     batch, n_tok, n_seq = _batch(policy)
