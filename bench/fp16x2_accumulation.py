@@ -14,6 +14,8 @@ fp16 for:
             the waits, ~N times blocked's error
   lo_direct only A @ B_hi^T blocked; A @ B_lo^T (2^-11 of it) summed straight into its
             own accumulator, issued after (or, _lofirst, before) the hi product
+  lo_flatN  lo direct, A @ B_hi^T summed straight for N K steps, then added: one flat loop
+            with the add under an `if`, not segN's nested loops
   tma_*     the same sums with operands loaded by the tensor-memory accelerator
   *_ws      the same, with Triton's warp specialization of the K loop (loads and products
             in separate warps)
@@ -101,6 +103,20 @@ def _gemm2_tma(a_desc, b_desc, bl_desc, c_ptr, M, N, K, ACC: tl.constexpr, SEG: 
                 part = tl.dot(a, bl_desc.load([on, k0]).T, part)
                 part = tl.dot(a, b_desc.load([on, k0]).T, part)
             acc += part
+    elif ACC == 6:
+        # lo direct as in ACC 4, hi x hi summed straight for SEG steps in one flat loop, then
+        # one rounded add: the nested loops of ACC 3 break Triton's software pipelining
+        lo = tl.zeros((BM, BN), tl.float32)
+        part = tl.zeros((BM, BN), tl.float32)
+        for i in tl.range(0, tl.cdiv(K, BK), warp_specialize=WS):
+            k0 = i * BK
+            a = a_desc.load([om, k0])
+            part = tl.dot(a, b_desc.load([on, k0]).T, part)
+            lo = tl.dot(a, bl_desc.load([on, k0]).T, lo)
+            if i % SEG == SEG - 1:
+                acc = add_unfolded(acc, part)
+                part = tl.zeros((BM, BN), tl.float32)
+        acc += lo
     elif ACC >= 4:
         # lo products straight into their own accumulator, only hi x hi blocked
         # (kernels' LO_SUM_DIRECT): ACC 4 issues hi first, ACC 5 lo first
@@ -149,14 +165,16 @@ TILES = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (256, 128, 64, 8, 3),
          (128, 256, 64, 8, 2), (128, 128, 128, 8, 2), (64, 256, 64, 4, 3),
          (128, 128, 64, 4, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
 # (name, loads, ACC, SEG): ACC 0 direct, 1 blocked, 2 pingpong, 3 segmented (SEG K steps a
-# part), 4 / 5 lo direct and hi blocked (hi issued first / lo first; TMA loads only)
+# part), 4 / 5 lo direct and hi blocked (hi issued first / lo first; TMA loads only), 6 lo
+# direct and hi blocked per SEG steps in one flat loop (TMA only)
 VARIANTS = [("direct", "ptr", 0, 1), ("blocked", "ptr", 1, 1), ("pingpong", "ptr", 2, 1),
             ("seg2", "ptr", 3, 2), ("seg4", "ptr", 3, 4), ("seg8", "ptr", 3, 8),
             ("tma_direct", "tma", 0, 1), ("tma_blocked", "tma", 1, 1),
             ("tma_pingpong", "tma", 2, 1), ("tma_seg2", "tma", 3, 2),
             ("tma_seg4", "tma", 3, 4), ("tma_seg8", "tma", 3, 8),
             ("tma_lo_direct", "tma", 4, 1), ("tma_lo_direct_lofirst", "tma", 5, 1),
-            ("tma_direct_ws", "tma_ws", 0, 1), ("tma_blocked_ws", "tma_ws", 1, 1)]
+            ("tma_direct_ws", "tma_ws", 0, 1), ("tma_blocked_ws", "tma_ws", 1, 1),
+            ("tma_lo_flat2", "tma", 6, 2), ("tma_lo_flat4", "tma", 6, 4), ("tma_lo_flat8", "tma", 6, 8)]
 
 
 def launcher(loads, acc_mode, seg, tile, a, b, bl, c, M, N, K):

@@ -55,14 +55,17 @@ def naive(dtype):
     return f
 
 
-def fused(mode, vocab_chunk=None, bwd_chunks=None, lo_direct=True):
+def fused(mode, vocab_chunk=None, bwd_chunks=None, lo_direct=True, stack=True, hi_steps=None):
     """bwd_chunks: (token-chunk multiple of chunk_tokens, backward vocabulary rows) for fp16x2;
     the rows are taken as they are at every H (the default scales them: bwd_vocab_rows).
-    lo_direct=False: every fp16x2 product summed in blocks (kernels' LO_SUM_DIRECT off)."""
+    lo_direct=False: every fp16x2 product summed in blocks (kernels' LO_SUM_DIRECT off).
+    stack=False: grad_weight's two fp16x2 products as two cuBLAS calls (STACK_GRAD_W off).
+    hi_steps: K steps of hi x hi summed straight per rounded add (kernels' HI_SUM_STEPS)."""
     import kernels.lm_head_triton_fp16x2 as fp16x2
     import kernels.lm_head_triton_fwd as fwd
     defaults = (fp16x2.VOCAB_CHUNK, fp16x2.BWD_TOKEN_CHUNKS_PER_CHUNK_TOKENS, fp16x2.BWD_VOCAB_CHUNK,
                 fp16x2.BWD_WORK_H)
+    default_hi_steps = fwd.HI_SUM_STEPS
 
     def f(h, w, t):
         # left set: backward reads them after this returns; every method sets all four
@@ -70,6 +73,8 @@ def fused(mode, vocab_chunk=None, bwd_chunks=None, lo_direct=True):
         fp16x2.BWD_TOKEN_CHUNKS_PER_CHUNK_TOKENS, fp16x2.BWD_VOCAB_CHUNK, fp16x2.BWD_WORK_H = \
             (*bwd_chunks, 1) if bwd_chunks else defaults[1:]  # BWD_WORK_H=1: no scaling by H
         fwd.LO_SUM_DIRECT = lo_direct
+        fwd.HI_SUM_STEPS = hi_steps or default_hi_steps
+        fp16x2.STACK_GRAD_W = stack
         return lm_head_logprobs(h, w, t, mode=mode, impl="triton")[0]
     return f
 
@@ -96,7 +101,22 @@ def cuda_time(fn, budget_s=1.5, max_reps=10, reps_out=None):
     return times[len(times) // 2]
 
 
-def measure(method, h, w, t, g, ref_rows, ref_logp, do_bwd=True):
+def naive_grads(h, w, t, g):
+    """(grad_hidden, grad_weight) of naive fp32 at the timed shape: the reference for the
+    gradients' errors (fp32 sums of exact inputs; h is bf16-valued, as every method gets)."""
+    hg = h.float().detach().requires_grad_()
+    wg = w.float().detach().requires_grad_()
+    (naive(torch.float32)(hg, wg, t) * g).sum().backward()
+    return hg.grad, wg.grad
+
+
+def rel_max_err(x, ref):
+    return ((x.float() - ref).abs().max() / ref.abs().max()).item()
+
+
+def measure(method, h, w, t, g, ref_rows, ref_logp, do_bwd=True, grad_ref=None):
+    """grad_ref: naive_grads' pair; the method's gradients from the peak-memory run are then
+    compared with it (max |error| / max |reference|)."""
     res = {}
     try:
         with torch.no_grad():
@@ -126,6 +146,9 @@ def measure(method, h, w, t, g, ref_rows, ref_logp, do_bwd=True):
             fb()
             torch.cuda.synchronize()
             res["peak_extra_gb"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+            if grad_ref is not None:
+                res["grad_h_err"] = rel_max_err(hg.grad, grad_ref[0])
+                res["grad_w_err"] = rel_max_err(wg.grad, grad_ref[1])
             hg.grad = None
             wg.grad = None
     except torch.OutOfMemoryError:
@@ -199,6 +222,12 @@ def main():
                     help="fp16x2: pointer loads instead of tensor descriptors (to compare the two)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="time the fused methods this many times, alternating their order")
+    ap.add_argument("--hi-sum-steps", type=int, nargs="+", default=[],
+                    help="also time fp16x2 with hi x hi summed straight for N K steps per add")
+    ap.add_argument("--unstacked-too", action="store_true",
+                    help="also time fp16x2 with grad_weight's two products as two calls")
+    ap.add_argument("--grad-check", action="store_true",
+                    help="gradient errors of every fused method against naive fp32's at each shape")
     ap.add_argument("--blocked-lo-too", action="store_true",
                     help="fp16x2: also time every product summed in blocks (fused_fp16x2@blockedlo)")
     ap.add_argument("--memory-trace", nargs="*", default=[],
@@ -257,6 +286,11 @@ def main():
                     for bc in args.bwd_chunks:
                         mult, vocab = (int(x) for x in bc.split(":"))
                         methods.append((f"fused_fp16x2@bwd{mult}:{vocab}", fused(mode, bwd_chunks=(mult, vocab)), hh, ww))
+                if mode == "fp16x2":
+                    methods += [(f"fused_fp16x2@hi{n}", fused(mode, hi_steps=n), hh, ww)
+                                for n in args.hi_sum_steps]
+                if mode == "fp16x2" and args.unstacked_too:
+                    methods.append(("fused_fp16x2@unstacked", fused(mode, stack=False), hh, ww))
                 if mode == "fp16x2" and args.blocked_lo_too:
                     methods.append(("fused_fp16x2@blockedlo", fused(mode, lo_direct=False), hh, ww))
                 if mode == "fp16x2" and args.bf16_weight_too:  # a bf16 model's (tied) head
@@ -274,11 +308,13 @@ def main():
             # Later rounds time the fused methods again, in reverse order every other round:
             # a power-capped GPU runs each method at the clocks its predecessors left it.
             fused_methods = [m for m in methods if not m[0].startswith("naive")]
+            grad_ref = naive_grads(h32, w32, t, g) if args.grad_check else None
             rounds = [methods] + [fused_methods[::-1] if i % 2 else fused_methods
                                   for i in range(1, args.rounds)]
             for rnd, (name, fn, hh, ww) in ((i, m) for i, ms in enumerate(rounds) for m in ms):
                 t0 = time.time()
-                r = dict(name=name, T=T, H=H, **measure(fn, hh, ww, t, g, rows, ref))
+                r = dict(name=name, T=T, H=H, **measure(fn, hh, ww, t, g, rows, ref, grad_ref=None if
+                                                        name.startswith("naive") else grad_ref))
                 r["bf16_matmul_ms"] = mm_ms
                 r["round"] = rnd
                 report["results"].append(r)
@@ -289,7 +325,7 @@ def main():
                     flush=True)
                 with open(args.out, "w") as f:
                     json.dump(report, f, indent=1)
-            del w32, w16, h32, h16, t, g, ref, mode_inputs, methods
+            del w32, w16, h32, h16, t, g, ref, mode_inputs, methods, grad_ref
             torch.cuda.empty_cache()
     report["targets"] = target_summary(report)
     with open(args.out, "w") as f:

@@ -39,7 +39,7 @@ def _dlogits_kernel(
     MODE: tl.constexpr, VAX: tl.constexpr, H_PARTS: tl.constexpr, W_PARTS: tl.constexpr, HAS_GENT: tl.constexpr,
     SPLIT_OUT: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    GROUP_T: tl.constexpr, TMA: tl.constexpr, LO_DIRECT: tl.constexpr, INTERPRET: tl.constexpr,
+    GROUP_T: tl.constexpr, TMA: tl.constexpr, HI_STEPS: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """dlogits[t, v] for tokens [0, T) and vocabulary rows [v_base, v_base + V) held by w_ptr,
     stored at dl_ptr + t * stride_dt + v * stride_dv in dl_ptr's dtype; with SPLIT_OUT
@@ -54,7 +54,7 @@ def _dlogits_kernel(
     # with expand_dims(v, VAX), per-column ones with expand_dims(v, 1 - VAX).
     acc = logits_tile(h_ptr, hl_ptr, w_ptr, wl_ptr, rows, cols, tb * BLOCK_T, vb * BLOCK_V, T, V,
                       H, stride_ht, stride_hh, stride_wv, stride_wh, MODE, VAX, H_PARTS, W_PARTS,
-                      BLOCK_T, BLOCK_V, BLOCK_H, TMA, LO_DIRECT, INTERPRET)
+                      BLOCK_T, BLOCK_V, BLOCK_H, TMA, HI_STEPS, INTERPRET)
     z = acc * (inv_temp * tl.load(scale_ptr))
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1) - v_base
@@ -91,7 +91,7 @@ def launch_dlogits(h, hl, w, wl, targets, lse, ent, g_logp, g_ent, dl, dll, scal
     args = (h, hl, w, wl, targets, lse, ent, g_logp, g_ent, dl, dll, scale, dl_scale, T, V, H,
             *strides, dl.stride(0), dl.stride(1), inv_temp, v_base)
     meta = dict(MODE=mode_id, VAX=vocab_axis(mode_id), H_PARTS=h_parts, W_PARTS=w_parts,
-                HAS_GENT=has_gent, SPLIT_OUT=split_out, TMA=tma, LO_DIRECT=fwd.LO_SUM_DIRECT)
+                HAS_GENT=has_gent, SPLIT_OUT=split_out, TMA=tma, HI_STEPS=fwd.hi_steps())
     if interpret:
         grid = (triton.cdiv(T, 16) * triton.cdiv(V, 64),)
         blocks = dict(BLOCK_T=16, BLOCK_V=64, BLOCK_H=32)
@@ -139,7 +139,7 @@ _DL_NAMES = ["BLOCK_T", "BLOCK_V", "BLOCK_H", "GROUP_T"]
 # dl_ptr is written in full by the kernel; the tuner's trial runs only overwrite it.
 _dlogits_tuned = triton.autotune(
     configs=make_configs(_DL_NAMES, pre_hook=set_block_shapes),
-    key=["H", "MODE", "H_PARTS", "W_PARTS", "HAS_GENT", "SPLIT_OUT", "TMA", "LO_DIRECT"],
+    key=["H", "MODE", "H_PARTS", "W_PARTS", "HAS_GENT", "SPLIT_OUT", "TMA", "HI_STEPS"],
     prune_configs_by={"early_config_prune": make_prune("h_ptr", _DL_NAMES)},
 )(_dlogits_kernel)
 

@@ -205,7 +205,7 @@ def logits_tile(h_ptr, hl_ptr, w_ptr, wl_ptr, rows, cols, row0, col0, T, V, H,
                 stride_ht, stride_hh, stride_wv, stride_wh,
                 MODE: tl.constexpr, VAX: tl.constexpr, H_PARTS: tl.constexpr,
                 W_PARTS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr,
-                BLOCK_H: tl.constexpr, TMA: tl.constexpr, LO_DIRECT: tl.constexpr,
+                BLOCK_H: tl.constexpr, TMA: tl.constexpr, HI_STEPS: tl.constexpr,
                 INTERPRET: tl.constexpr):
     """fp32 tile of hidden[rows] @ weight[cols]^T reduced over all of H; vocabulary on axis VAX.
 
@@ -230,7 +230,7 @@ def logits_tile(h_ptr, hl_ptr, w_ptr, wl_ptr, rows, cols, row0, col0, T, V, H,
         # (an else branch, not an early return: Triton compiles what follows a return too)
         acc = fp16x2_tile(h_ptr, hl_ptr, w_ptr, wl_ptr, rows, cols, row_ok, col_ok, row0, col0,
                           H, stride_ht, stride_hh, stride_wv, stride_wh, acc, H_PARTS, W_PARTS,
-                          BLOCK_H, TMA, LO_DIRECT, INTERPRET)
+                          BLOCK_H, TMA, HI_STEPS, INTERPRET)
     else:
         for k0 in range(0, H, BLOCK_H):
             k = k0 + ks
@@ -263,7 +263,7 @@ def add_unfolded(acc, part):
 def fp16x2_tile(h_ptr, hl_ptr, w_ptr, wl_ptr, rows, cols, row_ok, col_ok, row0, col0, H,
                 stride_ht, stride_hh, stride_wv, stride_wh, acc,
                 H_PARTS: tl.constexpr, W_PARTS: tl.constexpr, BLOCK_H: tl.constexpr,
-                TMA: tl.constexpr, LO_DIRECT: tl.constexpr, INTERPRET: tl.constexpr):
+                TMA: tl.constexpr, HI_STEPS: tl.constexpr, INTERPRET: tl.constexpr):
     """acc + [h @ w_lo^T] [+ h_lo @ w^T] + h @ w^T over all of H, fp16 parts (see logits_tile).
 
     Blocked summation: each K step's products go to a fresh accumulator, added to acc with
@@ -275,14 +275,21 @@ def fp16x2_tile(h_ptr, hl_ptr, w_ptr, wl_ptr, rows, cols, row_ok, col_ok, row0, 
     TMA: tiles come by the tensor-memory accelerator (no address arithmetic or address
     registers per thread, zeros past the edges): 552 against 500 TFLOP/s for these sums
     on an H200 (bench/fp16x2_accumulation.py, tma_blocked against blocked).
-    LO_DIRECT: only the hi x hi product is summed in blocks; the lo products (2^-11 of it)
+    HI_STEPS > 0: only the hi x hi product is summed in blocks; the lo products (2^-11 of it)
     go straight into their own accumulator, whose tensor-core sum error (~1e-5 of the lo
     terms) is ~1e-8 of the tile. Measured in the head on an H200: forward+backward 4% faster
     at H=4096, 2% at H=896, the same log p error (bench/results/gpu_session7_h200.md); the
     products alone are not faster, so the gain is in how the loop fits the kernels' tiles.
+    HI_STEPS = n > 1: hi x hi is summed straight in the tensor cores for n K steps, then
+    added with one rounded add: 1/n of the adds, and the error of an n-step chain. One flat
+    loop with the add under an `if` (nested loops, segN in bench/fp16x2_accumulation.py, broke
+    Triton's pipelining). n=8 on an H200: the head 2.7% faster than n=1 at H=4096, max
+    |d log p| 4.9e-6 against 2.0e-6; n=4 no faster than 1 (gpu_session9_h200.md).
+    HI_STEPS = 0: every product summed in blocks.
     """
     ks = tl.arange(0, BLOCK_H)
-    lo = tl.zeros(acc.shape, tl.float32)  # the lo products' direct sum (LO_DIRECT)
+    lo = tl.zeros(acc.shape, tl.float32)  # the lo products' direct sum (HI_STEPS > 0)
+    hi = tl.zeros(acc.shape, tl.float32)  # hi x hi's direct sum within a segment (HI_STEPS > 1)
     for k0 in range(0, H, BLOCK_H):
         if TMA:
             h = h_ptr.load([row0, k0])
@@ -306,13 +313,20 @@ def fp16x2_tile(h_ptr, hl_ptr, w_ptr, wl_ptr, rows, cols, row_ok, col_ok, row0, 
                 h_lo = hl_ptr.load([row0, k0])
             else:
                 h_lo = tl.load(hl_ptr + h_off, mask=h_mask, other=0.0)
-        if LO_DIRECT:
+        if HI_STEPS == 1:
             part = dot_fp16(h, w, tl.zeros(acc.shape, tl.float32), INTERPRET)
+        elif HI_STEPS > 1:
+            hi = dot_fp16(h, w, hi, INTERPRET)
+        if HI_STEPS > 0:
             if W_PARTS == 2:
                 lo = dot_fp16(h, w_lo, lo, INTERPRET)
             if H_PARTS == 2:
                 lo = dot_fp16(h_lo, w, lo, INTERPRET)
-            acc = add_unfolded(acc, part)
+            if HI_STEPS == 1:
+                acc = add_unfolded(acc, part)
+            elif (k0 // BLOCK_H) % HI_STEPS == HI_STEPS - 1:
+                acc = add_unfolded(acc, hi)
+                hi = tl.zeros(acc.shape, tl.float32)
         else:
             part = tl.zeros(acc.shape, tl.float32)
             if W_PARTS == 2:
@@ -320,7 +334,9 @@ def fp16x2_tile(h_ptr, hl_ptr, w_ptr, wl_ptr, rows, cols, row_ok, col_ok, row0, 
             if H_PARTS == 2:
                 part = dot_fp16(h_lo, w, part, INTERPRET)
             acc = add_unfolded(acc, dot_fp16(h, w, part, INTERPRET))  # part is 0 with one part each
-    if LO_DIRECT and H_PARTS + W_PARTS > 2:
+    if HI_STEPS > 1:
+        acc = add_unfolded(acc, hi)  # the last segment, shorter when HI_STEPS does not divide the steps
+    if HI_STEPS > 0 and H_PARTS + W_PARTS > 2:
         acc += lo
     return acc
 

@@ -15,13 +15,14 @@ Products per fp32 product:
   a bf16 weight, as in a bf16 model with tied embeddings, needs no W_lo: 1).
 * backward, per (vocabulary chunk, token chunk): the dlogits kernel recomputes the logits
   the same way and writes dlogits as scaled fp16 hi/lo parts; then cuBLAS (`mm_into`) forms
-  grad_W += dl_hi^T @ h + dl_lo^T @ h (2 products: the weight is fp32), and
+  grad_W += dl_hi^T @ h + dl_lo^T @ h (2 products: the weight is fp32; one cuBLAS call with
+  K doubled, STACK_GRAD_W), and
   grad_h += dl_hi @ W_hi (1 product) when grad_h goes back in bf16/fp16: its error (~2^-12)
   is 8x under the final bf16 rounding; 3 products (+ dl_hi @ W_lo + dl_lo @ W_hi) when fp32.
   The same rule for grad_W: one product dl_hi^T @ h when the weight is bf16.
-  The logits (forward and recomputed) sum their hi x hi product in blocks and the lo
-  products (2^-11 of it) straight in the tensor cores (fp16x2_tile, LO_DIRECT): log p stays
-  fp32-accurate. The gradient products are summed by cuBLAS in the tensor cores: ~6e-6 of
+  The logits (forward and recomputed) sum their hi x hi product in blocks of 8 K steps
+  (HI_SUM_STEPS) and the lo products (2^-11 of it) straight in the tensor cores
+  (fp16x2_tile, HI_STEPS): log p stays fp32-accurate. The gradient products are summed by cuBLAS in the tensor cores: ~6e-6 of
   the largest element at K=4096 instead of ~4e-7, for 23% less time (mm_into).
 
 Memory: the weight is split one vocabulary chunk at a time (VOCAB_CHUNK rows x H x 2 parts
@@ -31,7 +32,7 @@ more at smaller H: bwd_vocab_rows) inner, so its
 working memory is per chunk, not per T: the chunk's fp16 hidden parts (C x H x 2 bytes each),
 its fp32 grad_h accumulator (C x H x 4), two fp16 dlogits buffers (C x BWD_VOCAB_CHUNK x 2
 each) and the weight chunk's parts (BWD_VOCAB_CHUNK x H x 2 each): 224 MiB at C=4096, H=4096
-(with an fp32 weight), against the fp32 grad_weight of 2.3 GiB every method returns. The price
+(with an fp32 weight; 32 MiB more for the stacked hidden rows, STACK_GRAD_W), against the fp32 grad_weight of 2.3 GiB every method returns. The price
 is that the weight is split again for every token chunk (T/C extra reads of it, ~1 ms each on
 an H100/H200 at V=152k, H=4096) and grad_weight is accumulated T/C times.
 """
@@ -50,6 +51,11 @@ BWD_WORK_H = 4096       # below this width backward takes more rows a chunk (bwd
 BWD_TOKEN_CHUNKS_PER_CHUNK_TOKENS = 4  # backward token chunk = this x chunk_tokens rows
 
 SMS_TO_FILL = 264     # forward programs per launch to aim for (2 waves on an H100's 132 SMs)
+# An fp32 grad_weight from a 16-bit hidden takes its two products as one cuBLAS call with K
+# doubled, grad_W += [dl_lo; dl_hi]^T @ [h; h]: one read and write of the fp32 accumulator
+# instead of two, and a longer K per call (backward_fp16x2). lo rows first, so the small
+# terms are summed before the large ones join the chain. Benchmarks switch it off for an A/B.
+STACK_GRAD_W = True
 
 
 def max_abs(x):
@@ -208,15 +214,17 @@ def backward_fp16x2(hidden, weight, targets, lse, ent, g_logp, g_ent, inv_temp, 
     n_vc = bwd_vocab_rows(H, V)  # reads the constants at call time: tests shrink VOCAB_CHUNK
     C = min(T, max(16, BWD_TOKEN_CHUNKS_PER_CHUNK_TOKENS * chunk_tokens))
     new = (lambda *a, **k: torch.full(*a, float("nan"), **k)) if interpret else torch.empty  # noqa: E731
-    dl_hi = new((C, n_vc), device=dev, dtype=torch.float16)
-    dl_lo = new((C, n_vc), device=dev, dtype=torch.float16)
-    h_hi_buf = new((C, H), device=dev, dtype=torch.float16)
-    h_lo_buf = new((C, H), device=dev, dtype=torch.float16) if ops.h_parts == 2 else None
     # A gradient returned in 16 bits takes the hi parts only: one product, whose ~2^-12
     # error is 8x under the final bf16 rounding. An fp32 gradient takes every product but
     # lo x lo: ~2^-22 in the parts, then cuBLAS's sums (mm_into).
     w_full = weight.element_size() > 2   # grad_weight returned in fp32
     h_full = hidden.element_size() > 2   # grad_hidden returned in fp32
+    # Stacked (STACK_GRAD_W): chunk rows [0, n) of dl_buf hold dl_lo, [n, 2n) dl_hi, and
+    # rows [n, 2n) of h_buf repeat h_hi, so grad_W's two products are one call over 2n rows.
+    stack = STACK_GRAD_W and need_grad_weight and w_full and ops.h_parts == 1
+    dl_buf = new((2 * C, n_vc), device=dev, dtype=torch.float16)
+    h_buf = new((2 * C if stack else C, H), device=dev, dtype=torch.float16)
+    h_lo_buf = new((C, H), device=dev, dtype=torch.float16) if ops.h_parts == 2 else None
     grad_hidden = grad_h32 = None
     if need_grad_hidden:
         grad_hidden = new((T, H), device=dev, dtype=hidden.dtype)
@@ -225,12 +233,14 @@ def backward_fp16x2(hidden, weight, targets, lse, ent, g_logp, g_ent, inv_temp, 
     for t0 in range(0, T, C):
         t1 = min(t0 + C, T)
         n = t1 - t0
-        h_hi = h_hi_buf[:n]
+        h_hi = h_buf[:n]
         h_lo = h_lo_buf[:n] if h_lo_buf is not None else None
         ops.split_hidden(hidden[t0:t1], h_hi, h_lo)
+        if stack:
+            h_buf[n:2 * n].copy_(h_hi)
         for v0, w_hi, w_lo in vocab_chunks(weight, ops.w_scale, ops.w_parts == 2, n_vc):
             nv = w_hi.shape[0]
-            d_hi, d_lo = dl_hi[:n, :nv], dl_lo[:n, :nv]
+            d_lo, d_hi = dl_buf[:n, :nv], dl_buf[n:2 * n, :nv]  # the same strides: one kernel offset
             launch_dlogits(h_hi, h_lo if h_lo is not None else h_hi, w_hi, w_lo, targets[t0:t1],
                            lse[t0:t1], ent[t0:t1], g_logp[t0:t1],
                            (g_ent if has_gent else g_logp)[t0:t1], d_hi, d_lo, descale,
@@ -239,8 +249,11 @@ def backward_fp16x2(hidden, weight, targets, lse, ent, g_logp, g_ent, inv_temp, 
             # Sums of scaled parts; the scales are undone once at the end (powers of two: exact).
             if need_grad_weight:
                 gw = grad_w32[v0:v0 + nv]
-                mm_into(gw, d_hi.t(), h_hi, t0 > 0)
-                if w_full:
+                if stack:
+                    mm_into(gw, dl_buf[:2 * n, :nv].t(), h_buf[:2 * n], t0 > 0)
+                else:
+                    mm_into(gw, d_hi.t(), h_hi, t0 > 0)
+                if w_full and not stack:
                     mm_into(gw, d_lo.t(), h_hi, True)
                     if h_lo is not None:
                         mm_into(gw, d_hi.t(), h_lo, True)

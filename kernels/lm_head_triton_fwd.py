@@ -35,7 +35,7 @@ def _lm_head_fwd_kernel(
     inv_temp, v_per_split, n_split, stride_plane,
     MODE: tl.constexpr, VAX: tl.constexpr, H_PARTS: tl.constexpr, W_PARTS: tl.constexpr, WITH_ENT: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    GROUP_T: tl.constexpr, TMA: tl.constexpr, LO_DIRECT: tl.constexpr, INTERPRET: tl.constexpr,
+    GROUP_T: tl.constexpr, TMA: tl.constexpr, HI_STEPS: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """Partial log-sum-exp statistics over the V vocabulary rows held by w_ptr (a chunk of the
     vocabulary in mode fp16x2, all of it otherwise), in base-2 units:
@@ -59,7 +59,7 @@ def _lm_head_fwd_kernel(
         cols = v0 + tl.arange(0, BLOCK_V)
         acc = logits_tile(h_ptr, hl_ptr, w_ptr, wl_ptr, rows, cols, tb * BLOCK_T, v0, T, V, H,
                           stride_ht, stride_hh, stride_wv, stride_wh, MODE, VAX, H_PARTS, W_PARTS,
-                          BLOCK_T, BLOCK_V, BLOCK_H, TMA, LO_DIRECT, INTERPRET)
+                          BLOCK_T, BLOCK_V, BLOCK_H, TMA, HI_STEPS, INTERPRET)
         y = acc * c
         if v0 + BLOCK_V > v_end:
             # Only the split's last tile is ragged. NEG_BIG, not -inf: 2^(y - m) is then 0
@@ -90,7 +90,8 @@ def _lm_head_fwd_kernel(
 BF16_TILES = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4)]
 FP32_TILES = [(128, 128, 32, 8, 3), (64, 128, 32, 4, 3)]
 FP16X2_TILES = [(128, 128, 64, 8, 2), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4),
-                (256, 128, 64, 8, 2), (256, 128, 64, 8, 3), (128, 256, 64, 8, 2)]
+                (256, 128, 64, 8, 2), (256, 128, 64, 8, 3), (128, 256, 64, 8, 2),
+                (128, 64, 64, 4, 4)]
 ALL_TILES = list(dict.fromkeys(BF16_TILES + FP32_TILES + FP16X2_TILES))
 SMEM_BUDGET = 200 * 1024  # of the H100's 227 KB per block; the rest for layout conversions
 
@@ -107,8 +108,17 @@ def make_configs(names, tiles=ALL_TILES, pre_hook=None):
 
 USE_TMA = True  # benchmarks switch it off to compare with pointer loads
 # fp16x2: sum the lo products straight in the tensor cores, only hi x hi in blocks
-# (fp16x2_tile's LO_DIRECT); benchmarks switch it off to compare with all-blocked sums.
+# (fp16x2_tile's HI_STEPS > 0); benchmarks switch it off to compare with all-blocked sums.
 LO_SUM_DIRECT = True
+# ... and hi x hi straight for this many 64-deep K steps per rounded add (fp16x2_tile). 8 on
+# an H200 (bench/results/gpu_session9_h200.md): forward+backward 2.7% faster than 1 at
+# T=16k, H=4096 and 2.9% at H=896; max |d log p| 4.9e-6 against 2.0e-6 (naive fp32: 9.9e-6).
+HI_SUM_STEPS = 8
+
+
+def hi_steps() -> int:
+    """fp16x2_tile's HI_STEPS from the two switches above."""
+    return HI_SUM_STEPS if LO_SUM_DIRECT else 0
 TMA_IN_INTERPRETER = False  # tests set it to run the descriptor path in Triton's CPU interpreter
 
 
@@ -161,7 +171,7 @@ def make_prune(operand_name, names):
 _FWD_NAMES = ["BLOCK_T", "BLOCK_V", "BLOCK_H", "GROUP_T"]
 _lm_head_fwd_tuned = triton.autotune(
     configs=make_configs(_FWD_NAMES, pre_hook=set_block_shapes),
-    key=["H", "MODE", "H_PARTS", "W_PARTS", "WITH_ENT", "TMA", "LO_DIRECT"],
+    key=["H", "MODE", "H_PARTS", "W_PARTS", "WITH_ENT", "TMA", "HI_STEPS"],
     prune_configs_by={"early_config_prune": make_prune("h_ptr", _FWD_NAMES)},
 )(_lm_head_fwd_kernel)
 
@@ -177,7 +187,7 @@ def launch_forward(h, hl, w, wl, part, scale, inv_temp, v_per_split, n_split,
     args = (h, hl, w, wl, part, scale, T, V, H, *strides, inv_temp, v_per_split, n_split,
             part.stride(0))
     meta = dict(MODE=mode_id, VAX=vocab_axis(mode_id), H_PARTS=h_parts, W_PARTS=w_parts,
-                WITH_ENT=with_entropy, TMA=tma, LO_DIRECT=LO_SUM_DIRECT)
+                WITH_ENT=with_entropy, TMA=tma, HI_STEPS=hi_steps())
     if interpret:
         # Small blocks so that CPU tests cross several blocks in every dimension.
         grid = (triton.cdiv(T, 16) * n_split,)

@@ -243,17 +243,20 @@ def bf16_rounding_error(ref):
 
 @needs_triton
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("impl,lo_direct", [("triton", True), ("triton", False), ("torch", True)])
-def test_fp16x2_with_bf16_hidden_is_fp32_accurate(seed, impl, lo_direct, weight_dtype,
+@pytest.mark.parametrize("impl,hi_steps", [("triton", 1), ("triton", 2), ("triton", 0), ("torch", 1)])
+def test_fp16x2_with_bf16_hidden_is_fp32_accurate(seed, impl, hi_steps, weight_dtype,
                                                   small_vocab_chunks, monkeypatch):
     """The uses in training: bf16 hidden with an fp32 weight (2 products) or a bf16 weight
     (a bf16 model, tied embeddings: 1 product). 4 vocabulary chunks x 3 token chunks in
     backward (chunk_tokens=4 -> 16 tokens, T=37). Log-probs and entropy at fp32 accuracy;
     an fp32 grad_weight too; a gradient that comes back in bf16 is computed from one fp16
     product, so its error may exceed plain bf16 rounding of the exact gradient by <= 10%.
-    The Triton kernels both with the lo products summed apart (LO_SUM_DIRECT) and in blocks."""
+    The Triton kernels with the lo products summed apart (LO_SUM_DIRECT) and hi x hi added
+    every K step or every 2 (HI_SUM_STEPS; H=72 is 3 steps of 32, so the last segment is
+    short), and with every product in blocks (hi_steps 0)."""
     import kernels.lm_head_triton_fwd as fwd
-    monkeypatch.setattr(fwd, "LO_SUM_DIRECT", lo_direct)
+    monkeypatch.setattr(fwd, "LO_SUM_DIRECT", hi_steps > 0)
+    monkeypatch.setattr(fwd, "HI_SUM_STEPS", max(hi_steps, 1))
     h, w, tgt = make_inputs(hidden_dtype=torch.bfloat16, weight_dtype=weight_dtype)
     g_logp, g_ent = torch.randn(T), torch.randn(T)
     lp, ent, gh, gw = run(h, w, tgt, g_logp, g_ent, "fp16x2", impl, chunk_tokens=4)
@@ -271,6 +274,29 @@ def test_fp16x2_with_bf16_hidden_is_fp32_accurate(seed, impl, lo_direct, weight_
     for name, g, g0 in grads:
         err = ((g.double() - g0).norm() / g0.norm()).item()
         assert err <= 1.1 * bf16_rounding_error(g0), f"{name}: {err:.3g} seed={seed}"
+
+
+@needs_triton
+def test_fp16x2_grad_weight_in_one_stacked_product(seed, small_vocab_chunks, monkeypatch):
+    """STACK_GRAD_W: an fp32 grad_weight's two products (dl_hi^T h + dl_lo^T h) as one product
+    over stacked rows [dl_lo; dl_hi]^T @ [h; h]. Three token chunks, the last ragged (T=37,
+    chunk 16): grad_weight at fp32 accuracy against float64 and equal to the separate products
+    up to fp32 rounding; the other outputs bit for bit the same. Buffers start as NaN under
+    the interpreter, so a row left unwritten in the stack shows up as NaN."""
+    import kernels.lm_head_triton_fp16x2 as fp16x2
+    h, w, tgt = make_inputs(hidden_dtype=torch.bfloat16, weight_dtype=torch.float32)
+    g_logp, g_ent = torch.randn(T), torch.randn(T)
+    got = {}
+    for stack in (True, False):
+        monkeypatch.setattr(fp16x2, "STACK_GRAD_W", stack)
+        got[stack] = run(h, w, tgt, g_logp, g_ent, "fp16x2", "triton", chunk_tokens=4)
+    gw0 = float64_reference(h, w, tgt, g_logp, g_ent)[3]
+    gw = got[True][3]
+    assert not torch.isnan(gw).any(), f"NaN in the stacked grad_weight seed={seed}"
+    assert rel_to_max(gw, gw0) <= 1e-5, f"{rel_to_max(gw, gw0):.3g} seed={seed}"
+    assert rel_to_max(gw, got[False][3]) <= 1e-6, f"{rel_to_max(gw, got[False][3]):.3g} seed={seed}"
+    for name, a, b in zip(("logp", "entropy", "grad_hidden"), got[True], got[False]):
+        assert torch.equal(a, b), f"{name}: max diff {max_abs(a, b):.3g} seed={seed}"
 
 
 @needs_triton
