@@ -55,6 +55,17 @@ def naive(dtype):
     return f
 
 
+def tuned_tiles():
+    """{kernel: {autotune key: chosen tile}} of the fused kernels' autotuners, so far."""
+    import kernels.lm_head_triton_bwd as bwd
+    import kernels.lm_head_triton_fwd as fwd
+    out = {}
+    for name, tuner, names in (("forward", fwd._lm_head_fwd_tuned, fwd._FWD_NAMES),
+                               ("dlogits", bwd._dlogits_tuned, bwd._DL_NAMES)):
+        out[name] = {str(k): fwd.tile_of(c, names) for k, c in getattr(tuner, "cache", {}).items()}
+    return out
+
+
 def fused(mode, vocab_chunk=None, bwd_chunks=None, lo_direct=True, stack=True, hi_steps=None):
     """bwd_chunks: (token-chunk multiple of chunk_tokens, backward vocabulary rows) for fp16x2;
     the rows are taken as they are at every H (the default scales them: bwd_vocab_rows).
@@ -327,6 +338,8 @@ def main():
                     json.dump(report, f, indent=1)
             del w32, w16, h32, h16, t, g, ref, mode_inputs, methods, grad_ref
             torch.cuda.empty_cache()
+    report["tuned_tiles"] = tuned_tiles()
+    print("tuned tiles:", json.dumps(report["tuned_tiles"]))
     report["targets"] = target_summary(report)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)

@@ -89,9 +89,10 @@ def _lm_head_fwd_kernel(
 #   prune keeps those whose pipeline fits in shared memory (`fp16x2_smem`).
 BF16_TILES = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4)]
 FP32_TILES = [(128, 128, 32, 8, 3), (64, 128, 32, 4, 3)]
+# One-warpgroup tiles ((128, 64, 64, 4, 2..4), (64, 128, 64, 4, 3)), which let two programs
+# share an SM, were never chosen by the autotuner on an H200 (gpu_session9_h200.md, call 4).
 FP16X2_TILES = [(128, 128, 64, 8, 2), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4),
-                (256, 128, 64, 8, 2), (256, 128, 64, 8, 3), (128, 256, 64, 8, 2),
-                (128, 64, 64, 4, 4)]
+                (256, 128, 64, 8, 2), (256, 128, 64, 8, 3), (128, 256, 64, 8, 2)]
 ALL_TILES = list(dict.fromkeys(BF16_TILES + FP32_TILES + FP16X2_TILES))
 SMEM_BUDGET = 200 * 1024  # of the H100's 227 KB per block; the rest for layout conversions
 
@@ -154,7 +155,8 @@ def make_prune(operand_name, names):
     def prune(configs, named_args, **kwargs):
         mode = kwargs.get("MODE", named_args.get("MODE"))
         if mode == MODE_FP16X2:
-            keep = [c for c in configs if c.kwargs[names[2]] == 64 and fp16x2_smem(
+            # the fp16x2 family, where its pipeline fits in shared memory
+            keep = [c for c in configs if tile_of(c, names) in FP16X2_TILES and fp16x2_smem(
                 c.num_stages, 64, kwargs["H_PARTS"] * c.kwargs[names[0]],
                 kwargs["W_PARTS"] * c.kwargs[names[1]]) <= SMEM_BUDGET]
             return keep or configs[:1]
@@ -162,10 +164,14 @@ def make_prune(operand_name, names):
             family = BF16_TILES
         else:
             family = FP32_TILES
-        keep = [c for c in configs
-                if (*(c.kwargs[n] for n in names[:3]), c.num_warps, c.num_stages) in family]
+        keep = [c for c in configs if tile_of(c, names) in family]
         return keep or configs[:1]
     return prune
+
+
+def tile_of(config, names):
+    """(BLOCK_a, BLOCK_b, BLOCK_K, num_warps, num_stages) of an autotune config, as in the lists."""
+    return (*(config.kwargs[n] for n in names[:3]), config.num_warps, config.num_stages)
 
 
 _FWD_NAMES = ["BLOCK_T", "BLOCK_V", "BLOCK_H", "GROUP_T"]
