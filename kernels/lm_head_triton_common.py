@@ -283,7 +283,7 @@ def fp16x2_tile(h_ptr, hl_ptr, w_ptr, wl_ptr, rows, cols, row_ok, col_ok, row0, 
     HI_STEPS = n > 1: hi x hi is summed straight in the tensor cores for n K steps, then
     added with one rounded add: 1/n of the adds, and the error of an n-step chain. One flat
     loop with the add under an `if` (nested loops, segN in bench/fp16x2_accumulation.py, broke
-    Triton's pipelining). n=8 on an H200: the head 2.7% faster than n=1 at H=4096, max
+    Triton's pipelining). n=8 on an H200: the head 1.6-2.7% faster than n=1 at H=4096, max
     |d log p| 4.9e-6 against 2.0e-6; n=4 no faster than 1 (gpu_session9_h200.md).
     HI_STEPS = 0: every product summed in blocks.
     """

@@ -112,8 +112,9 @@ USE_TMA = True  # benchmarks switch it off to compare with pointer loads
 # (fp16x2_tile's HI_STEPS > 0); benchmarks switch it off to compare with all-blocked sums.
 LO_SUM_DIRECT = True
 # ... and hi x hi straight for this many 64-deep K steps per rounded add (fp16x2_tile). 8 on
-# an H200 (bench/results/gpu_session9_h200.md): forward+backward 2.7% faster than 1 at
-# T=16k, H=4096 and 2.9% at H=896; max |d log p| 4.9e-6 against 2.0e-6 (naive fp32: 9.9e-6).
+# an H200 (bench/results/gpu_session9_h200.md): forward+backward 1.6-2.7% faster than 1 at
+# T=16k, H=4096 and 2.4-2.9% at H=896 (three calls); max |d log p| 4.9e-6 against 2.0e-6
+# (naive fp32: 9.9e-6).
 HI_SUM_STEPS = 8
 
 
