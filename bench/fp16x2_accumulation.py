@@ -119,7 +119,7 @@ def _gemm2_tma(a_desc, b_desc, bl_desc, c_ptr, M, N, K, ACC: tl.constexpr, SEG: 
         acc += lo
     elif ACC >= 4:
         # lo products straight into their own accumulator, only hi x hi blocked
-        # (kernels' LO_SUM_DIRECT): ACC 4 issues hi first, ACC 5 lo first
+        # (kernels' HI_SUM_STEPS = 1): ACC 4 issues hi first, ACC 5 lo first
         lo = tl.zeros((BM, BN), tl.float32)
         for k0 in tl.range(0, K, BK, warp_specialize=WS):
             a = a_desc.load([om, k0])

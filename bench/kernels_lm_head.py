@@ -66,12 +66,12 @@ def tuned_tiles():
     return out
 
 
-def fused(mode, vocab_chunk=None, bwd_chunks=None, lo_direct=True, stack=True, hi_steps=None):
+def fused(mode, vocab_chunk=None, bwd_chunks=None, stack=True, hi_steps=None):
     """bwd_chunks: (token-chunk multiple of chunk_tokens, backward vocabulary rows) for fp16x2;
     the rows are taken as they are at every H (the default scales them: bwd_vocab_rows).
-    lo_direct=False: every fp16x2 product summed in blocks (kernels' LO_SUM_DIRECT off).
     stack=False: grad_weight's two fp16x2 products as two cuBLAS calls (STACK_GRAD_W off).
-    hi_steps: K steps of hi x hi summed straight per rounded add (kernels' HI_SUM_STEPS)."""
+    hi_steps: K steps of hi x hi summed straight per rounded add, 0 for every product summed
+    in blocks (kernels' HI_SUM_STEPS; None: its default)."""
     import kernels.lm_head_triton_fp16x2 as fp16x2
     import kernels.lm_head_triton_fwd as fwd
     defaults = (fp16x2.VOCAB_CHUNK, fp16x2.BWD_TOKEN_CHUNKS_PER_CHUNK_TOKENS, fp16x2.BWD_VOCAB_CHUNK,
@@ -83,8 +83,7 @@ def fused(mode, vocab_chunk=None, bwd_chunks=None, lo_direct=True, stack=True, h
         fp16x2.VOCAB_CHUNK = vocab_chunk or defaults[0]
         fp16x2.BWD_TOKEN_CHUNKS_PER_CHUNK_TOKENS, fp16x2.BWD_VOCAB_CHUNK, fp16x2.BWD_WORK_H = \
             (*bwd_chunks, 1) if bwd_chunks else defaults[1:]  # BWD_WORK_H=1: no scaling by H
-        fwd.LO_SUM_DIRECT = lo_direct
-        fwd.HI_SUM_STEPS = hi_steps or default_hi_steps
+        fwd.HI_SUM_STEPS = default_hi_steps if hi_steps is None else hi_steps
         fp16x2.STACK_GRAD_W = stack
         return lm_head_logprobs(h, w, t, mode=mode, impl="triton")[0]
     return f
@@ -303,7 +302,7 @@ def main():
                 if mode == "fp16x2" and args.unstacked_too:
                     methods.append(("fused_fp16x2@unstacked", fused(mode, stack=False), hh, ww))
                 if mode == "fp16x2" and args.blocked_lo_too:
-                    methods.append(("fused_fp16x2@blockedlo", fused(mode, lo_direct=False), hh, ww))
+                    methods.append(("fused_fp16x2@blockedlo", fused(mode, hi_steps=0), hh, ww))
                 if mode == "fp16x2" and args.bf16_weight_too:  # a bf16 model's (tied) head
                     methods.append(("fused_fp16x2_w16", fused(mode), h16, w16))
             if liger is not None:

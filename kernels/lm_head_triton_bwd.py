@@ -91,7 +91,7 @@ def launch_dlogits(h, hl, w, wl, targets, lse, ent, g_logp, g_ent, dl, dll, scal
     args = (h, hl, w, wl, targets, lse, ent, g_logp, g_ent, dl, dll, scale, dl_scale, T, V, H,
             *strides, dl.stride(0), dl.stride(1), inv_temp, v_base)
     meta = dict(MODE=mode_id, VAX=vocab_axis(mode_id), H_PARTS=h_parts, W_PARTS=w_parts,
-                HAS_GENT=has_gent, SPLIT_OUT=split_out, TMA=tma, HI_STEPS=fwd.hi_steps())
+                HAS_GENT=has_gent, SPLIT_OUT=split_out, TMA=tma, HI_STEPS=fwd.HI_SUM_STEPS)
     if interpret:
         grid = (triton.cdiv(T, 16) * triton.cdiv(V, 64),)
         blocks = dict(BLOCK_T=16, BLOCK_V=64, BLOCK_H=32)

@@ -22,8 +22,9 @@ Products per fp32 product:
   The same rule for grad_W: one product dl_hi^T @ h when the weight is bf16.
   The logits (forward and recomputed) sum their hi x hi product in blocks of 8 K steps
   (HI_SUM_STEPS) and the lo products (2^-11 of it) straight in the tensor cores
-  (fp16x2_tile, HI_STEPS): log p stays fp32-accurate. The gradient products are summed by cuBLAS in the tensor cores: ~6e-6 of
-  the largest element at K=4096 instead of ~4e-7, for 23% less time (mm_into).
+  (fp16x2_tile, HI_STEPS): log p stays fp32-accurate. The gradient products are summed by
+  cuBLAS in the tensor cores: ~6e-6 of the largest element at K=4096 instead of ~4e-7, for
+  23% less time (mm_into).
 
 Memory: the weight is split one vocabulary chunk at a time (VOCAB_CHUNK rows x H x 2 parts
 x 2 bytes: 256 MiB at H=4096 in forward), never all at once. Backward runs token chunks of
@@ -32,7 +33,8 @@ more at smaller H: bwd_vocab_rows) inner, so its
 working memory is per chunk, not per T: the chunk's fp16 hidden parts (C x H x 2 bytes each),
 its fp32 grad_h accumulator (C x H x 4), two fp16 dlogits buffers (C x BWD_VOCAB_CHUNK x 2
 each) and the weight chunk's parts (BWD_VOCAB_CHUNK x H x 2 each): 224 MiB at C=4096, H=4096
-(with an fp32 weight; 32 MiB more for the stacked hidden rows, STACK_GRAD_W), against the fp32 grad_weight of 2.3 GiB every method returns. The price
+(with an fp32 weight; 32 MiB more for the stacked hidden rows, STACK_GRAD_W), against the
+fp32 grad_weight of 2.3 GiB every method returns. The price
 is that the weight is split again for every token chunk (T/C extra reads of it, ~1 ms each on
 an H100/H200 at V=152k, H=4096) and grad_weight is accumulated T/C times.
 """
@@ -253,10 +255,10 @@ def backward_fp16x2(hidden, weight, targets, lse, ent, g_logp, g_ent, inv_temp, 
                     mm_into(gw, dl_buf[:2 * n, :nv].t(), h_buf[:2 * n], t0 > 0)
                 else:
                     mm_into(gw, d_hi.t(), h_hi, t0 > 0)
-                if w_full and not stack:
-                    mm_into(gw, d_lo.t(), h_hi, True)
-                    if h_lo is not None:
-                        mm_into(gw, d_hi.t(), h_lo, True)
+                    if w_full:
+                        mm_into(gw, d_lo.t(), h_hi, True)
+                        if h_lo is not None:
+                            mm_into(gw, d_hi.t(), h_lo, True)
             if need_grad_hidden:
                 gh = grad_h32[:n]
                 mm_into(gh, d_hi, w_hi, v0 > 0)

@@ -108,19 +108,12 @@ def make_configs(names, tiles=ALL_TILES, pre_hook=None):
 
 
 USE_TMA = True  # benchmarks switch it off to compare with pointer loads
-# fp16x2: sum the lo products straight in the tensor cores, only hi x hi in blocks
-# (fp16x2_tile's HI_STEPS > 0); benchmarks switch it off to compare with all-blocked sums.
-LO_SUM_DIRECT = True
-# ... and hi x hi straight for this many 64-deep K steps per rounded add (fp16x2_tile). 8 on
-# an H200 (bench/results/gpu_session9_h200.md): forward+backward 1.6-2.7% faster than 1 at
-# T=16k, H=4096 and 2.4-2.9% at H=896 (three calls); max |d log p| 4.9e-6 against 2.0e-6
-# (naive fp32: 9.9e-6).
+# fp16x2 (fp16x2_tile's HI_STEPS): the lo products summed straight in the tensor cores, and
+# hi x hi straight for this many 64-deep K steps per rounded add; 0 sums every product in
+# blocks (benchmarks set it to compare). 8 on an H200 (bench/results/gpu_session9_h200.md):
+# forward+backward 1.6-2.7% faster than 1 at T=16k, H=4096 and 2.4-2.9% at H=896 (three
+# calls); max |d log p| 4.9e-6 against 2.0e-6 (naive fp32: 9.9e-6).
 HI_SUM_STEPS = 8
-
-
-def hi_steps() -> int:
-    """fp16x2_tile's HI_STEPS from the two switches above."""
-    return HI_SUM_STEPS if LO_SUM_DIRECT else 0
 TMA_IN_INTERPRETER = False  # tests set it to run the descriptor path in Triton's CPU interpreter
 
 
@@ -194,7 +187,7 @@ def launch_forward(h, hl, w, wl, part, scale, inv_temp, v_per_split, n_split,
     args = (h, hl, w, wl, part, scale, T, V, H, *strides, inv_temp, v_per_split, n_split,
             part.stride(0))
     meta = dict(MODE=mode_id, VAX=vocab_axis(mode_id), H_PARTS=h_parts, W_PARTS=w_parts,
-                WITH_ENT=with_entropy, TMA=tma, HI_STEPS=hi_steps())
+                WITH_ENT=with_entropy, TMA=tma, HI_STEPS=HI_SUM_STEPS)
     if interpret:
         # Small blocks so that CPU tests cross several blocks in every dimension.
         grid = (triton.cdiv(T, 16) * n_split,)

@@ -251,12 +251,11 @@ def test_fp16x2_with_bf16_hidden_is_fp32_accurate(seed, impl, hi_steps, weight_d
     backward (chunk_tokens=4 -> 16 tokens, T=37). Log-probs and entropy at fp32 accuracy;
     an fp32 grad_weight too; a gradient that comes back in bf16 is computed from one fp16
     product, so its error may exceed plain bf16 rounding of the exact gradient by <= 10%.
-    The Triton kernels with the lo products summed apart (LO_SUM_DIRECT) and hi x hi added
-    every K step or every 2 (HI_SUM_STEPS; H=72 is 3 steps of 32, so the last segment is
-    short), and with every product in blocks (hi_steps 0)."""
+    The Triton kernels with the lo products summed apart and hi x hi added every K step or
+    every 2 (HI_SUM_STEPS; H=72 is 3 steps of 32, so the last segment is short), and with
+    every product in blocks (HI_SUM_STEPS = 0)."""
     import kernels.lm_head_triton_fwd as fwd
-    monkeypatch.setattr(fwd, "LO_SUM_DIRECT", hi_steps > 0)
-    monkeypatch.setattr(fwd, "HI_SUM_STEPS", max(hi_steps, 1))
+    monkeypatch.setattr(fwd, "HI_SUM_STEPS", hi_steps)
     h, w, tgt = make_inputs(hidden_dtype=torch.bfloat16, weight_dtype=weight_dtype)
     g_logp, g_ent = torch.randn(T), torch.randn(T)
     lp, ent, gh, gw = run(h, w, tgt, g_logp, g_ent, "fp16x2", impl, chunk_tokens=4)
