@@ -66,17 +66,28 @@ def tuned_tiles():
     return out
 
 
-def fused(mode, vocab_chunk=None, bwd_chunks=None, stack=True, hi_steps=None):
+TILE_WALKS = ("flat", "persist", "tmastore")
+
+
+def fused(mode, vocab_chunk=None, bwd_chunks=None, stack=True, hi_steps=None, walks=None):
     """bwd_chunks: (token-chunk multiple of chunk_tokens, backward vocabulary rows) for fp16x2;
     the rows are taken as they are at every H (the default scales them: bwd_vocab_rows).
     stack=False: grad_weight's two fp16x2 products as two cuBLAS calls (STACK_GRAD_W off).
     hi_steps: K steps of hi x hi summed straight per rounded add, 0 for every product summed
-    in blocks (kernels' HI_SUM_STEPS; None: its default)."""
+    in blocks (kernels' HI_SUM_STEPS; None: its default).
+    walks: None for the kernels' defaults, else the subset of TILE_WALKS switched on (the rest
+    off): flat = Triton's loop flattening (FLATTEN_TILE_LOOPS: the forward's vocabulary loop,
+    persistent dlogits' tile loop), persist = persistent dlogits (PERSISTENT_DLOGITS),
+    tmastore = dlogits' parts stored by TMA (DLOGITS_TMA_STORE)."""
+    import kernels.lm_head_triton_bwd as bwd
     import kernels.lm_head_triton_fp16x2 as fp16x2
     import kernels.lm_head_triton_fwd as fwd
     defaults = (fp16x2.VOCAB_CHUNK, fp16x2.BWD_TOKEN_CHUNKS_PER_CHUNK_TOKENS, fp16x2.BWD_VOCAB_CHUNK,
                 fp16x2.BWD_WORK_H)
     default_hi_steps = fwd.HI_SUM_STEPS
+    default_walks = [w for w, on in zip(TILE_WALKS, (fwd.FLATTEN_TILE_LOOPS, bwd.PERSISTENT_DLOGITS,
+                                                     bwd.DLOGITS_TMA_STORE)) if on]
+    walks = default_walks if walks is None else walks
 
     def f(h, w, t):
         # left set: backward reads them after this returns; every method sets all four
@@ -85,6 +96,9 @@ def fused(mode, vocab_chunk=None, bwd_chunks=None, stack=True, hi_steps=None):
             (*bwd_chunks, 1) if bwd_chunks else defaults[1:]  # BWD_WORK_H=1: no scaling by H
         fwd.HI_SUM_STEPS = default_hi_steps if hi_steps is None else hi_steps
         fp16x2.STACK_GRAD_W = stack
+        fwd.FLATTEN_TILE_LOOPS = "flat" in walks
+        bwd.PERSISTENT_DLOGITS = "persist" in walks
+        bwd.DLOGITS_TMA_STORE = "tmastore" in walks
         return lm_head_logprobs(h, w, t, mode=mode, impl="triton")[0]
     return f
 
@@ -236,6 +250,11 @@ def main():
                     help="also time fp16x2 with hi x hi summed straight for N K steps per add")
     ap.add_argument("--unstacked-too", action="store_true",
                     help="also time fp16x2 with grad_weight's two products as two calls")
+    ap.add_argument("--tile-walks", nargs="+", default=[], metavar="A+B",
+                    help=f"fp16x2: also time with these '+'-joined sets of {TILE_WALKS} on, the rest off "
+                         "('none': all off), as fused_fp16x2@A+B")
+    ap.add_argument("--fp16x2-tiles", nargs="+", default=[], metavar="T,V,K,WARPS,STAGES",
+                    help="fp16x2: autotune over these tiles only (fewer compiles), e.g. 128,128,64,8,3")
     ap.add_argument("--grad-check", action="store_true",
                     help="gradient errors of every fused method against naive fp32's at each shape")
     ap.add_argument("--blocked-lo-too", action="store_true",
@@ -248,9 +267,14 @@ def main():
         return
 
     import triton
+
+    import kernels.lm_head_triton_fwd as fwd
     if args.no_tma:
-        import kernels.lm_head_triton_fwd as fwd
         fwd.USE_TMA = False
+    if args.fp16x2_tiles:
+        fwd.FP16X2_TILES = [tuple(int(x) for x in tile.split(",")) for tile in args.fp16x2_tiles]
+        unknown = set(fwd.FP16X2_TILES) - set(fwd.ALL_TILES)
+        assert not unknown, f"--fp16x2-tiles {unknown}: not among the configs {fwd.ALL_TILES}"
     dev = torch.cuda.get_device_name()
     report = dict(device=dev, torch=torch.__version__, triton=triton.__version__,
                   python=platform.python_version(), V=args.V, argv=sys.argv, tma=not args.no_tma,
@@ -299,6 +323,11 @@ def main():
                 if mode == "fp16x2":
                     methods += [(f"fused_fp16x2@hi{n}", fused(mode, hi_steps=n), hh, ww)
                                 for n in args.hi_sum_steps]
+                if mode == "fp16x2":
+                    for tw in args.tile_walks:
+                        on = [] if tw == "none" else tw.split("+")
+                        assert set(on) <= set(TILE_WALKS), f"--tile-walks {tw}: not in {TILE_WALKS}"
+                        methods.append((f"fused_fp16x2@{tw}", fused(mode, walks=on), hh, ww))
                 if mode == "fp16x2" and args.unstacked_too:
                     methods.append(("fused_fp16x2@unstacked", fused(mode, stack=False), hh, ww))
                 if mode == "fp16x2" and args.blocked_lo_too:
@@ -321,10 +350,21 @@ def main():
             grad_ref = naive_grads(h32, w32, t, g) if args.grad_check else None
             rounds = [methods] + [fused_methods[::-1] if i % 2 else fused_methods
                                   for i in range(1, args.rounds)]
+            failed = set()
             for rnd, (name, fn, hh, ww) in ((i, m) for i, ms in enumerate(rounds) for m in ms):
+                if name in failed:
+                    continue
                 t0 = time.time()
-                r = dict(name=name, T=T, H=H, **measure(fn, hh, ww, t, g, rows, ref, grad_ref=None if
-                                                        name.startswith("naive") else grad_ref))
+                try:
+                    r = dict(name=name, T=T, H=H, **measure(fn, hh, ww, t, g, rows, ref, grad_ref=None if
+                                                            name.startswith("naive") else grad_ref))
+                except Exception as e:  # a variant that does not compile: reported, the rest go on
+                    if "@" not in name:
+                        raise
+                    failed.add(name)
+                    report.setdefault("failed", []).append(dict(name=name, T=T, H=H, error=repr(e)[:2000]))
+                    print(f"T={T:6d} H={H:5d} {name:12s} FAILED {e!r}"[:3000], flush=True)
+                    continue
                 r["bf16_matmul_ms"] = mm_ms
                 r["round"] = rnd
                 report["results"].append(r)

@@ -25,32 +25,39 @@ import triton
 import triton.language as tl
 
 from . import lm_head_triton_fwd as fwd
-from .lm_head_triton_common import grouped_tile, logits_tile, mma, vocab_axis
-from .lm_head_triton_fwd import (BF16_TILES, FP32_TILES, make_configs, make_prune, set_block_shapes,
-                                 tma_operands)
+from .lm_head_triton_common import MODE_FP16X2, grouped_tile, logits_tile, mma, vocab_axis
+from .lm_head_triton_fwd import (BF16_TILES, FP32_TILES, descriptor, make_configs, make_prune,
+                                 set_block_shapes, tma_ok, tma_operands)
+
+# How mode fp16x2's dlogits kernel walks its tiles (the other modes: one tile a program, not
+# measured otherwise). On an H200, with the forward's loop flattened too (FLATTEN_TILE_LOOPS),
+# forward+backward 1.2-2.0% faster at T=16k, H=4096 and 2.4-3.5% at T=28k, H=896 than one
+# tile a program with pointer stores (bench/results/gpu_session10_h200.md). Benchmarks switch
+# them off for an A/B (bench/kernels_lm_head.py --tile-walks).
+PERSISTENT_DLOGITS = True  # one program per SM walks the tiles (the loop in _dlogits_kernel)
+DLOGITS_TMA_STORE = True    # its fp16 parts stored by the tensor-memory accelerator
 
 
 @triton.jit
-def _dlogits_kernel(
-    h_ptr, hl_ptr, w_ptr, wl_ptr, tgt_ptr, lse_ptr, ent_ptr, glogp_ptr, gent_ptr,
+def _dlogits_tile(
+    tile, h_ptr, hl_ptr, w_ptr, wl_ptr, tgt_ptr, lse_ptr, ent_ptr, glogp_ptr, gent_ptr,
     dl_ptr, dll_ptr, scale_ptr, dl_scale_ptr,
     T, V, H, stride_ht, stride_hh, stride_wv, stride_wh, stride_dt, stride_dv,
     inv_temp, v_base,
     MODE: tl.constexpr, VAX: tl.constexpr, H_PARTS: tl.constexpr, W_PARTS: tl.constexpr, HAS_GENT: tl.constexpr,
     SPLIT_OUT: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    GROUP_T: tl.constexpr, TMA: tl.constexpr, HI_STEPS: tl.constexpr, INTERPRET: tl.constexpr,
+    GROUP_T: tl.constexpr, TMA: tl.constexpr, HI_STEPS: tl.constexpr, TMA_STORE: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
-    """dlogits[t, v] for tokens [0, T) and vocabulary rows [v_base, v_base + V) held by w_ptr,
-    stored at dl_ptr + t * stride_dt + v * stride_dv in dl_ptr's dtype; with SPLIT_OUT
-    (mode fp16x2) as fp16 hi (dl_ptr) and lo (dll_ptr) parts of dlogits * dl_scale_ptr[0]."""
-    # Grouped order: consecutive programs share a vocabulary block across GROUP_T token blocks.
-    tb, vb = grouped_tile(tl.program_id(0), tl.cdiv(T, BLOCK_T), tl.cdiv(V, BLOCK_V), GROUP_T)
+    """One [BLOCK_T, BLOCK_V] tile of dlogits (see _dlogits_kernel); tile numbers run in
+    grouped order: consecutive tiles share a vocabulary block across GROUP_T token blocks."""
+    tb, vb = grouped_tile(tile, tl.cdiv(T, BLOCK_T), tl.cdiv(V, BLOCK_V), GROUP_T)
 
     rows = tb * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = vb * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rows < T
-    # Vocabulary on axis VAX of the tile (see logits_tile); per-token vectors broadcast
+    # Vocabulary on axis VAX of the tile (see logits_tile): per-token vectors broadcast
     # with expand_dims(v, VAX), per-column ones with expand_dims(v, 1 - VAX).
     acc = logits_tile(h_ptr, hl_ptr, w_ptr, wl_ptr, rows, cols, tb * BLOCK_T, vb * BLOCK_V, T, V,
                       H, stride_ht, stride_hh, stride_wv, stride_wh, MODE, VAX, H_PARTS, W_PARTS,
@@ -70,15 +77,59 @@ def _dlogits_kernel(
         ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
         dz -= tl.expand_dims(ge, VAX) * p * (zc + tl.expand_dims(ent, VAX))
     dl = dz * inv_temp
-    offs = rows_b * stride_dt + cols_b * stride_dv
-    mask = (cols_b < V) & (rows_b < T)
     if SPLIT_OUT:
         dl = dl * tl.load(dl_scale_ptr)
         hi = dl.to(tl.float16)
-        tl.store(dl_ptr + offs, hi, mask=mask)
-        tl.store(dll_ptr + offs, (dl - hi.to(tl.float32)).to(tl.float16), mask=mask)
+        lo = (dl - hi.to(tl.float32)).to(tl.float16)
+        if TMA_STORE:
+            # Through shared memory by the tensor-memory accelerator, which drops what lies
+            # past the views' edges: no masks, no per-element addresses.
+            dl_ptr.store([tb * BLOCK_T, vb * BLOCK_V], hi)
+            dll_ptr.store([tb * BLOCK_T, vb * BLOCK_V], lo)
+        else:
+            offs = rows_b * stride_dt + cols_b * stride_dv
+            mask = (cols_b < V) & (rows_b < T)
+            tl.store(dl_ptr + offs, hi, mask=mask)
+            tl.store(dll_ptr + offs, lo, mask=mask)
     else:
+        offs = rows_b * stride_dt + cols_b * stride_dv
+        mask = (cols_b < V) & (rows_b < T)
         tl.store(dl_ptr + offs, dl.to(dl_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dlogits_kernel(
+    h_ptr, hl_ptr, w_ptr, wl_ptr, tgt_ptr, lse_ptr, ent_ptr, glogp_ptr, gent_ptr,
+    dl_ptr, dll_ptr, scale_ptr, dl_scale_ptr,
+    T, V, H, stride_ht, stride_hh, stride_wv, stride_wh, stride_dt, stride_dv,
+    inv_temp, v_base,
+    MODE: tl.constexpr, VAX: tl.constexpr, H_PARTS: tl.constexpr, W_PARTS: tl.constexpr, HAS_GENT: tl.constexpr,
+    SPLIT_OUT: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    GROUP_T: tl.constexpr, TMA: tl.constexpr, HI_STEPS: tl.constexpr, TMA_STORE: tl.constexpr,
+    PERSISTENT: tl.constexpr, FLATTEN: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """dlogits[t, v] for tokens [0, T) and vocabulary rows [v_base, v_base + V) held by w_ptr,
+    stored at dl_ptr + t * stride_dt + v * stride_dv in dl_ptr's dtype; with SPLIT_OUT
+    (mode fp16x2) as fp16 hi (dl_ptr) and lo (dll_ptr) parts of dlogits * dl_scale_ptr[0]
+    (TMA_STORE: dl_ptr, dll_ptr are tensor descriptors of those [T, V] views).
+    PERSISTENT: one program per SM walks the tiles (tile = program, program + grid, ...);
+    FLATTEN lets Triton's pipeliner run that walk and the K loop as one loop, so the next
+    tile's first loads are issued during this tile's epilogue. Otherwise one tile a program."""
+    if PERSISTENT:
+        n_tiles = tl.cdiv(T, BLOCK_T) * tl.cdiv(V, BLOCK_V)
+        for tile in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), flatten=FLATTEN):
+            _dlogits_tile(tile, h_ptr, hl_ptr, w_ptr, wl_ptr, tgt_ptr, lse_ptr, ent_ptr,
+                          glogp_ptr, gent_ptr, dl_ptr, dll_ptr, scale_ptr, dl_scale_ptr, T, V, H,
+                          stride_ht, stride_hh, stride_wv, stride_wh, stride_dt, stride_dv,
+                          inv_temp, v_base, MODE, VAX, H_PARTS, W_PARTS, HAS_GENT, SPLIT_OUT,
+                          BLOCK_T, BLOCK_V, BLOCK_H, GROUP_T, TMA, HI_STEPS, TMA_STORE, INTERPRET)
+    else:
+        _dlogits_tile(tl.program_id(0), h_ptr, hl_ptr, w_ptr, wl_ptr, tgt_ptr, lse_ptr, ent_ptr,
+                      glogp_ptr, gent_ptr, dl_ptr, dll_ptr, scale_ptr, dl_scale_ptr, T, V, H,
+                      stride_ht, stride_hh, stride_wv, stride_wh, stride_dt, stride_dv,
+                      inv_temp, v_base, MODE, VAX, H_PARTS, W_PARTS, HAS_GENT, SPLIT_OUT,
+                      BLOCK_T, BLOCK_V, BLOCK_H, GROUP_T, TMA, HI_STEPS, TMA_STORE, INTERPRET)
 
 
 def launch_dlogits(h, hl, w, wl, targets, lse, ent, g_logp, g_ent, dl, dll, scale, dl_scale,
@@ -86,19 +137,33 @@ def launch_dlogits(h, hl, w, wl, targets, lse, ent, g_logp, g_ent, dl, dll, scal
     """One dlogits launch: dl (and dll) are [T, V]-shaped views, any strides."""
     T, H = h.shape
     V = w.shape[0]
+    dev = h.device
     strides = (h.stride(0), h.stride(1), w.stride(0), w.stride(1))
+    dl_strides = (dl.stride(0), dl.stride(1))
     h, hl, w, wl, tma = tma_operands(mode_id, interpret, h, hl, w, wl)
+    fp16x2 = mode_id == MODE_FP16X2
+    tma_store = split_out and tma and DLOGITS_TMA_STORE and tma_ok(dl) and tma_ok(dll)
+    persistent = PERSISTENT_DLOGITS and fp16x2
+    if tma_store:
+        dl, dll = (descriptor(x) for x in (dl, dll))
     args = (h, hl, w, wl, targets, lse, ent, g_logp, g_ent, dl, dll, scale, dl_scale, T, V, H,
-            *strides, dl.stride(0), dl.stride(1), inv_temp, v_base)
+            *strides, *dl_strides, inv_temp, v_base)
     meta = dict(MODE=mode_id, VAX=vocab_axis(mode_id), H_PARTS=h_parts, W_PARTS=w_parts,
-                HAS_GENT=has_gent, SPLIT_OUT=split_out, TMA=tma, HI_STEPS=fwd.HI_SUM_STEPS)
+                HAS_GENT=has_gent, SPLIT_OUT=split_out, TMA=tma, HI_STEPS=fwd.HI_SUM_STEPS,
+                TMA_STORE=tma_store, PERSISTENT=persistent,
+                FLATTEN=fwd.FLATTEN_TILE_LOOPS and fp16x2)
     if interpret:
-        grid = (triton.cdiv(T, 16) * triton.cdiv(V, 64),)
         blocks = dict(BLOCK_T=16, BLOCK_V=64, BLOCK_H=32)
-        set_block_shapes(dict(h_ptr=h, hl_ptr=hl, w_ptr=w, wl_ptr=wl, **blocks))
+        n_tiles = triton.cdiv(T, 16) * triton.cdiv(V, 64)
+        grid = (min(n_tiles, 3) if persistent else n_tiles,)  # 3: programs walk tiles
+        set_block_shapes(dict(h_ptr=h, hl_ptr=hl, w_ptr=w, wl_ptr=wl, dl_ptr=dl, dll_ptr=dll, **blocks))
         _dlogits_kernel[grid](*args, **meta, **blocks, GROUP_T=2, INTERPRET=True)
     else:
-        grid = lambda m: (triton.cdiv(T, m["BLOCK_T"]) * triton.cdiv(V, m["BLOCK_V"]),)  # noqa: E731
+        n_sms = torch.cuda.get_device_properties(dev).multi_processor_count
+
+        def grid(m):
+            n_tiles = triton.cdiv(T, m["BLOCK_T"]) * triton.cdiv(V, m["BLOCK_V"])
+            return (min(n_tiles, n_sms) if persistent else n_tiles,)
         _dlogits_tuned[grid](*args, **meta, INTERPRET=False)
 
 
@@ -139,7 +204,8 @@ _DL_NAMES = ["BLOCK_T", "BLOCK_V", "BLOCK_H", "GROUP_T"]
 # dl_ptr is written in full by the kernel; the tuner's trial runs only overwrite it.
 _dlogits_tuned = triton.autotune(
     configs=make_configs(_DL_NAMES, pre_hook=set_block_shapes),
-    key=["H", "MODE", "H_PARTS", "W_PARTS", "HAS_GENT", "SPLIT_OUT", "TMA", "HI_STEPS"],
+    key=["H", "MODE", "H_PARTS", "W_PARTS", "HAS_GENT", "SPLIT_OUT", "TMA", "HI_STEPS", "TMA_STORE",
+         "PERSISTENT", "FLATTEN"],
     prune_configs_by={"early_config_prune": make_prune("h_ptr", _DL_NAMES)},
 )(_dlogits_kernel)
 

@@ -35,7 +35,8 @@ def _lm_head_fwd_kernel(
     inv_temp, v_per_split, n_split, stride_plane,
     MODE: tl.constexpr, VAX: tl.constexpr, H_PARTS: tl.constexpr, W_PARTS: tl.constexpr, WITH_ENT: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    GROUP_T: tl.constexpr, TMA: tl.constexpr, HI_STEPS: tl.constexpr, INTERPRET: tl.constexpr,
+    GROUP_T: tl.constexpr, TMA: tl.constexpr, HI_STEPS: tl.constexpr, FLATTEN: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     """Partial log-sum-exp statistics over the V vocabulary rows held by w_ptr (a chunk of the
     vocabulary in mode fp16x2, all of it otherwise), in base-2 units:
@@ -55,7 +56,7 @@ def _lm_head_fwd_kernel(
     m = tl.full((BLOCK_T,), NEG_BIG, tl.float32)   # running max of y
     s = tl.zeros((BLOCK_T,), tl.float32)           # sum 2^(y - m)
     s1 = tl.zeros((BLOCK_T,), tl.float32)          # sum 2^(y - m) * (y - m)
-    for v0 in range(v_start, v_end, BLOCK_V):
+    for v0 in tl.range(v_start, v_end, BLOCK_V, flatten=FLATTEN):
         cols = v0 + tl.arange(0, BLOCK_V)
         acc = logits_tile(h_ptr, hl_ptr, w_ptr, wl_ptr, rows, cols, tb * BLOCK_T, v0, T, V, H,
                           stride_ht, stride_hh, stride_wv, stride_wh, MODE, VAX, H_PARTS, W_PARTS,
@@ -94,7 +95,10 @@ FP32_TILES = [(128, 128, 32, 8, 3), (64, 128, 32, 4, 3)]
 FP16X2_TILES = [(128, 128, 64, 8, 2), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4),
                 (256, 128, 64, 8, 2), (256, 128, 64, 8, 3), (128, 256, 64, 8, 2)]
 ALL_TILES = list(dict.fromkeys(BF16_TILES + FP32_TILES + FP16X2_TILES))
-SMEM_BUDGET = 200 * 1024  # of the H100's 227 KB per block; the rest for layout conversions
+SMEM_BLOCK_MAX = 227 * 1024  # what one block may hold on an H100/H200
+SMEM_BUDGET = 200 * 1024  # for a pipeline; the rest for layout conversions
+# (dlogits' stores by the tensor-memory accelerator, TMA_STORE, stage its two fp16 output
+# tiles in shared memory instead, and need no conversion: budget SMEM_BLOCK_MAX)
 
 
 def fp16x2_smem(stages, block_k, rows_a, rows_b):
@@ -114,6 +118,11 @@ USE_TMA = True  # benchmarks switch it off to compare with pointer loads
 # forward+backward 1.6-2.7% faster than 1 at T=16k, H=4096 and 2.4-2.9% at H=896 (three
 # calls); max |d log p| 4.9e-6 against 2.0e-6 (naive fp32: 9.9e-6).
 HI_SUM_STEPS = 8
+# Mode fp16x2: Triton's loop flattening for the loops that walk tiles (the forward's
+# vocabulary loop, persistent dlogits' tile loop): the pipeliner then sees one loop and issues
+# the next tile's first loads during this tile's epilogue. On an H200 the forward alone
+# 2.5-3.0 ms faster at T=16k, H=4096 (bench/results/gpu_session10_h200.md).
+FLATTEN_TILE_LOOPS = True
 TMA_IN_INTERPRETER = False  # tests set it to run the descriptor path in Triton's CPU interpreter
 
 
@@ -127,21 +136,33 @@ def tma_operands(mode_id, interpret, h, hl, w, wl):
         device_ok = TMA_IN_INTERPRETER
     else:
         device_ok = h.is_cuda and torch.cuda.get_device_capability(h.device)[0] >= 9
-    if not (USE_TMA and mode_id == MODE_FP16X2 and device_ok and all(
-            t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
-            and t.data_ptr() % 16 == 0 for t in ops)):
+    if not (USE_TMA and mode_id == MODE_FP16X2 and device_ok and all(tma_ok(t) for t in ops)):
         return (*ops, False)
+    return (*(descriptor(t) for t in ops), True)
+
+
+def tma_ok(t):
+    """Whether the tensor-memory accelerator can address the 2-D tensor t: unit column
+    stride, 16-byte aligned base and row stride."""
+    return (t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
+            and t.data_ptr() % 16 == 0)
+
+
+def descriptor(t):
+    """A tensor descriptor of t; its block shape is set per tile config (set_block_shapes)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
-    return (*(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1]) for t in ops), True)
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1])
 
 
 def set_block_shapes(nargs):
-    """Autotune pre-hook: a tile config's block shapes onto the operands' descriptors."""
-    if not hasattr(nargs["h_ptr"], "block_shape"):  # pointers: nothing to set
-        return
-    for name, rows in (("h_ptr", "BLOCK_T"), ("hl_ptr", "BLOCK_T"), ("w_ptr", "BLOCK_V"),
-                       ("wl_ptr", "BLOCK_V")):
-        nargs[name].block_shape = [nargs[rows], nargs["BLOCK_H"]]
+    """Autotune pre-hook: a tile config's block shapes onto the operands' descriptors (and
+    onto dlogits' outputs when they are descriptors too: [BLOCK_T, BLOCK_V])."""
+    shapes = (("h_ptr", "BLOCK_T", "BLOCK_H"), ("hl_ptr", "BLOCK_T", "BLOCK_H"),
+              ("w_ptr", "BLOCK_V", "BLOCK_H"), ("wl_ptr", "BLOCK_V", "BLOCK_H"),
+              ("dl_ptr", "BLOCK_T", "BLOCK_V"), ("dll_ptr", "BLOCK_T", "BLOCK_V"))
+    for name, rows, cols in shapes:
+        if hasattr(nargs.get(name), "block_shape"):  # pointers: nothing to set
+            nargs[name].block_shape = [nargs[rows], nargs[cols]]
 
 
 def make_prune(operand_name, names):
@@ -150,9 +171,12 @@ def make_prune(operand_name, names):
         mode = kwargs.get("MODE", named_args.get("MODE"))
         if mode == MODE_FP16X2:
             # the fp16x2 family, where its pipeline fits in shared memory
+            tma_store = kwargs.get("TMA_STORE", False)
+            budget = SMEM_BLOCK_MAX if tma_store else SMEM_BUDGET
             keep = [c for c in configs if tile_of(c, names) in FP16X2_TILES and fp16x2_smem(
                 c.num_stages, 64, kwargs["H_PARTS"] * c.kwargs[names[0]],
-                kwargs["W_PARTS"] * c.kwargs[names[1]]) <= SMEM_BUDGET]
+                kwargs["W_PARTS"] * c.kwargs[names[1]])
+                + tma_store * 4 * c.kwargs[names[0]] * c.kwargs[names[1]] <= budget]
             return keep or configs[:1]
         elif mode == MODE_BF16 and named_args[operand_name].element_size() == 2:
             family = BF16_TILES
@@ -171,7 +195,7 @@ def tile_of(config, names):
 _FWD_NAMES = ["BLOCK_T", "BLOCK_V", "BLOCK_H", "GROUP_T"]
 _lm_head_fwd_tuned = triton.autotune(
     configs=make_configs(_FWD_NAMES, pre_hook=set_block_shapes),
-    key=["H", "MODE", "H_PARTS", "W_PARTS", "WITH_ENT", "TMA", "HI_STEPS"],
+    key=["H", "MODE", "H_PARTS", "W_PARTS", "WITH_ENT", "TMA", "HI_STEPS", "FLATTEN"],
     prune_configs_by={"early_config_prune": make_prune("h_ptr", _FWD_NAMES)},
 )(_lm_head_fwd_kernel)
 
@@ -187,7 +211,8 @@ def launch_forward(h, hl, w, wl, part, scale, inv_temp, v_per_split, n_split,
     args = (h, hl, w, wl, part, scale, T, V, H, *strides, inv_temp, v_per_split, n_split,
             part.stride(0))
     meta = dict(MODE=mode_id, VAX=vocab_axis(mode_id), H_PARTS=h_parts, W_PARTS=w_parts,
-                WITH_ENT=with_entropy, TMA=tma, HI_STEPS=HI_SUM_STEPS)
+                WITH_ENT=with_entropy, TMA=tma, HI_STEPS=HI_SUM_STEPS,
+                FLATTEN=FLATTEN_TILE_LOOPS and mode_id == MODE_FP16X2)
     if interpret:
         # Small blocks so that CPU tests cross several blocks in every dimension.
         grid = (triton.cdiv(T, 16) * n_split,)

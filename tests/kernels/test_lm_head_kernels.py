@@ -320,6 +320,30 @@ def test_fp16x2_descriptor_loads_equal_pointer_loads(seed, weight_dtype, small_v
 
 
 @needs_triton
+@pytest.mark.parametrize("persistent,tma_store", [(True, False), (False, True), (True, True)])
+def test_fp16x2_dlogits_tile_walks_equal_one_tile_per_program(seed, persistent, tma_store,
+                                                              small_vocab_chunks, monkeypatch):
+    """dlogits' variants (PERSISTENT_DLOGITS: 3 programs walk all tiles in the interpreter;
+    DLOGITS_TMA_STORE: its fp16 parts stored through descriptors, which drop what lies past
+    the ragged edges of T=37 tokens and 256-row vocabulary chunks of V=1013) must give the
+    one-tile-per-program kernel's results bit for bit. Descriptor loads on, in both runs
+    (the stores need them); buffers start as NaN, so a tile no program walks shows up."""
+    import kernels.lm_head_triton_bwd as bwd
+    import kernels.lm_head_triton_fwd as fwd
+    monkeypatch.setattr(fwd, "TMA_IN_INTERPRETER", True)
+    h, w, tgt = make_inputs(hidden_dtype=torch.bfloat16, weight_dtype=torch.float32)
+    g_logp, g_ent = torch.randn(T), torch.randn(T)
+    got = {}
+    for variant in (False, True):
+        monkeypatch.setattr(bwd, "PERSISTENT_DLOGITS", persistent and variant)
+        monkeypatch.setattr(bwd, "DLOGITS_TMA_STORE", tma_store and variant)
+        got[variant] = run(h, w, tgt, g_logp, g_ent, "fp16x2", "triton", chunk_tokens=4)
+    for name, a, b in zip(("logp", "entropy", "grad_hidden", "grad_weight"), got[False], got[True]):
+        assert not torch.isnan(b).any(), f"NaN in {name} (a tile not walked?) seed={seed}"
+        assert torch.equal(a, b), f"{name}: max diff {max_abs(a, b):.3g} seed={seed}"
+
+
+@needs_triton
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_fp16x2_scales_operands_outside_fp16_range(seed, impl, small_vocab_chunks):
     """Hidden values up to ~4e5 (fp16 overflows at 65504) and weights ~1e-7 (fp16 subnormal):
