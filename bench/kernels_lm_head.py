@@ -411,6 +411,7 @@ def profile_kernels(method, h, w, t, g, what):
     """Per-kernel GPU time of one forward+backward (after a warm-up that autotunes)."""
     hg, wg = h.detach().requires_grad_(), w.detach().requires_grad_()
     (method(hg, wg, t) * g).sum().backward()
+    hg.grad = wg.grad = None  # else the profiled run adds its gradients to these: not the method's work
     torch.cuda.synchronize()
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:

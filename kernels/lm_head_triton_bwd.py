@@ -31,8 +31,9 @@ from .lm_head_triton_fwd import (BF16_TILES, FP32_TILES, descriptor, make_config
 
 # How mode fp16x2's dlogits kernel walks its tiles (the other modes: one tile a program, not
 # measured otherwise). On an H200, with the forward's loop flattened too (FLATTEN_TILE_LOOPS),
-# forward+backward 1.2-2.0% faster at T=16k, H=4096 and 2.4-3.5% at T=28k, H=896 than one
-# tile a program with pointer stores (bench/results/gpu_session10_h200.md). Benchmarks switch
+# forward+backward 1.1-2.2% faster at T=16k, H=4096 and 3.4-3.9% at T=28k, H=896 than one
+# tile a program with pointer stores, three calls (bench/results/gpu_session10_h200.md). The
+# TMA stores alone, without the persistent walk, were 4% slower. Benchmarks switch
 # them off for an A/B (bench/kernels_lm_head.py --tile-walks).
 PERSISTENT_DLOGITS = True  # one program per SM walks the tiles (the loop in _dlogits_kernel)
 DLOGITS_TMA_STORE = True    # its fp16 parts stored by the tensor-memory accelerator

@@ -121,7 +121,7 @@ HI_SUM_STEPS = 8
 # Mode fp16x2: Triton's loop flattening for the loops that walk tiles (the forward's
 # vocabulary loop, persistent dlogits' tile loop): the pipeliner then sees one loop and issues
 # the next tile's first loads during this tile's epilogue. On an H200 the forward alone
-# 2.5-3.0 ms faster at T=16k, H=4096 (bench/results/gpu_session10_h200.md).
+# 1.5-2.4 ms faster at T=16k, H=4096 (bench/results/gpu_session10_h200.md).
 FLATTEN_TILE_LOOPS = True
 TMA_IN_INTERPRETER = False  # tests set it to run the descriptor path in Triton's CPU interpreter
 
