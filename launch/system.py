@@ -29,6 +29,14 @@ def _not_on_shared_gpus(engines: list[int]) -> None:
                              "last checkpoint", engines)
 
 
+def _cpus_hold(layout: placement.Layout) -> bool:
+    """Whether the Ray cluster's CPUs hold every trainer rank and engine of a CPU layout at once."""
+    import ray
+
+    wanted = sum(slot.num_cpus for slot in layout.trainer + layout.rollout)
+    return wanted <= ray.cluster_resources().get("CPU", 0)
+
+
 class RLSystem:
     def __init__(self, conf: Config, model_path: str):
         self.conf = conf
@@ -55,21 +63,36 @@ class RLSystem:
                  conf.rollout.num_engines, layout.describe())
         # asynchronous: the engines generate while the trainer steps, so each keeps its own core
         trainer_cfg = dataclasses.replace(conf.trainer, cpu_threads=1) if conf.mode == "async" else conf.trainer
+        lora = dataclasses.asdict(conf.model.lora) if conf.model.lora.rank else None
+
+        def start_rollout(wait_ready: bool) -> RolloutGroup:
+            return RolloutGroup(
+                model_path, conf.rollout, dtype=conf.model.dtype, num_cpus=layout.rollout[0].num_cpus,
+                num_gpus=layout.rollout[0].num_gpus,
+                engine_kwargs={"enable_sleep_mode": True} if layout.colocated else None,
+                scheduling=res.rollout_strategies() if res else None, lora=lora, wait_ready=wait_ready,
+            )
+
+        # The engines start while the trainer ranks do (each start is seconds to minutes of
+        # imports and set-up) when both have resources of their own. Not colocated (the engines
+        # measure the GPU memory the ranks leave free), nor when the CPUs do not hold every actor
+        # at once: an engine waiting for a CPU then fails with a clear start-up error, where a
+        # trainer rank waiting for one would wait for ever.
+        side_by_side = not layout.colocated and (layout.on_gpu or _cpus_hold(layout))
+        if side_by_side:
+            self.rollout = start_rollout(wait_ready=False)  # assigned first: a failed start shuts it down
         self.trainer = TrainerGroup(
             model_path, trainer_cfg, conf.algorithm, num_ranks=conf.trainer.num_ranks,
             temperature=conf.rollout.temperature, seed=conf.seed, num_cpus_per_rank=layout.trainer[0].num_cpus,
             num_gpus_per_rank=layout.trainer[0].num_gpus, scheduling=res.trainer_strategies() if res else None,
             lora=conf.model.lora,
         )
-        if layout.colocated and conf.placement.offload_optimizer:
-            self.trainer.offload_states()  # the engines measure free memory at start-up
-        lora = dataclasses.asdict(conf.model.lora) if conf.model.lora.rank else None
-        self.rollout = RolloutGroup(
-            model_path, conf.rollout, dtype=conf.model.dtype, num_cpus=layout.rollout[0].num_cpus,
-            num_gpus=layout.rollout[0].num_gpus,
-            engine_kwargs={"enable_sleep_mode": True} if layout.colocated else None,
-            scheduling=res.rollout_strategies() if res else None, lora=lora,
-        )
+        if side_by_side:
+            self.rollout.wait_ready()
+        else:
+            if layout.colocated and conf.placement.offload_optimizer:
+                self.trainer.offload_states()  # the engines measure free memory at start-up
+            self.rollout = start_rollout(wait_ready=True)
         if layout.colocated:
             self.colocated = Colocated(self.trainer, self.rollout, conf.placement.offload_optimizer,
                                        conf.rollout.sync_bucket_mb)
