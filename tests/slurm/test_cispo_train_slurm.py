@@ -21,6 +21,9 @@ REPO = Path(__file__).resolve().parents[2]
 DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
 
 
+STEPS = 8  # of the requeued run
+
+
 def _cispo_train(cluster, out: Path, *extra: str) -> str:
     """Submit through the project's own entry point; return the Slurm job id."""
     exe = Path(sys.executable).with_name("cispo-train")
@@ -92,7 +95,8 @@ def test_requeued_cispo_train_job_resumes_from_its_checkpoint(slurm_cluster, tmp
     3. The third attempt resumes from the latest checkpoint and completes the run: every step
        logged exactly once, in order."""
     out = tmp_path / "run"
-    job = _cispo_train(slurm_cluster, out, "steps=16", "trainer.save_every=0")
+    # 8 steps: each attempt is stopped a step or two in, so the last one runs ~6 steps (~4 s each)
+    job = _cispo_train(slurm_cluster, out, f"steps={STEPS}", "trainer.save_every=0")
     _wait_while_live(slurm_cluster, job, out, lambda: _metrics_steps(out), "step", poll=0.3)
     slurm_cluster.run("scancel", "--batch", "--signal=USR1", job)
     slurm_cluster.release_requeued(job, restarts=1, timeout=300)
@@ -126,8 +130,8 @@ def test_requeued_cispo_train_job_resumes_from_its_checkpoint(slurm_cluster, tmp
     # checkpoint it is resumed from were redone, not doubled
     steps = _metrics_steps(out)
     base = steps[0]  # the number of the first step (0 or 1)
-    assert steps == list(range(base, base + 16)), (steps_before, steps, first_saved, log)
-    assert max(_checkpoints(out)) == 16  # the final checkpoint
+    assert steps == list(range(base, base + STEPS)), (steps_before, steps, first_saved, log)
+    assert max(_checkpoints(out)) == STEPS  # the final checkpoint
     assert log.count("SIGTERM from Slurm") >= 1 and "requeueing job" in log  # both kinds of requeue
     assert "Ray cluster ready: 1 node(s)" in log and "attaching to the Ray cluster at" in log, log
     for attempt in (0, 1, 2):
