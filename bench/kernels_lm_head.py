@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from kernels import lm_head_logprobs  # noqa: E402
 from kernels.lm_head_reference import lm_head_logprobs_naive  # noqa: E402
+from bench.gpu_breakdown import memory_trace, profile_kernels  # noqa: E402
 
 V_DEFAULT = 151_936
 torch.backends.cuda.matmul.allow_tf32 = False  # naive fp32 must really be fp32
@@ -405,79 +406,6 @@ def target_summary(report):
                         peak_vs_naive=(r.get("peak_extra_gb") or float("nan")) / (n.get("peak_extra_gb") or float("nan")),
                         floor_7_products_ms=7 * r["bf16_matmul_ms"] if r.get("bf16_matmul_ms") else None))
     return out
-
-
-def profile_kernels(method, h, w, t, g, what):
-    """Per-kernel GPU time of one forward+backward (after a warm-up that autotunes)."""
-    hg, wg = h.detach().requires_grad_(), w.detach().requires_grad_()
-    (method(hg, wg, t) * g).sum().backward()
-    hg.grad = wg.grad = None  # else the profiled run adds its gradients to these: not the method's work
-    torch.cuda.synchronize()
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        (method(hg, wg, t) * g).sum().backward()
-        torch.cuda.synchronize()
-    print(f"profile {what}:")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=50))
-    print_gaps(prof)
-
-
-def print_gaps(prof, top=8):
-    """How busy the GPU was between its first and last kernel of the profiled run, and the
-    largest idle gaps with the kernels on either side: where the host, not the GPU, sets
-    the pace."""
-    from torch.autograd import DeviceType
-    evs = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
-                 if e.device_type == DeviceType.CUDA)
-    if not evs:
-        return
-    gaps, busy, end = [], 0.0, evs[0][0]
-    prev = ""
-    for a, b, name in evs:
-        if a > end:
-            gaps.append((a - end, prev, name))
-        busy += max(0.0, b - max(a, end))
-        end = max(end, b)
-        prev = name
-    span = end - evs[0][0]
-    idle = sum(g[0] for g in gaps)
-    print(f"GPU timeline: span {span / 1e3:.1f} ms, busy {busy / 1e3:.1f} ms ({100 * busy / span:.1f}%), "
-          f"idle {idle / 1e3:.1f} ms in {len(gaps)} gaps, {sum(g[0] for g in gaps if g[0] > 50) / 1e3:.1f} ms "
-          f"in gaps over 50 us")
-    for us, before, after in sorted(gaps, reverse=True)[:top]:
-        print(f"  gap {us:8.1f} us after {before[:60]!r} before {after[:60]!r}")
-
-
-def memory_trace(method, h, w, t, g, what, top=12):
-    """The allocations live at the peak of one forward+backward (after a warm-up), largest
-    first, each with the innermost frame of this repository that made it."""
-    hg, wg = h.detach().requires_grad_(), w.detach().requires_grad_()
-    (method(hg, wg, t) * g).sum().backward()
-    hg.grad = wg.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.memory._record_memory_history(max_entries=200000)
-    (method(hg, wg, t) * g).sum().backward()
-    torch.cuda.synchronize()
-    snap = torch.cuda.memory._snapshot()
-    torch.cuda.memory._record_memory_history(enabled=None)
-    live, total, peak, at_peak = {}, 0, 0, {}
-    for ev in snap["device_traces"][0]:
-        if ev["action"] == "alloc":
-            live[ev["addr"]] = ev
-            total += ev["size"]
-            if total > peak:
-                peak, at_peak = total, dict(live)
-        elif ev["action"] == "free_completed" and ev["addr"] in live:
-            total -= live.pop(ev["addr"])["size"]
-
-    def origin(ev):
-        frames = [f for f in ev.get("frames", []) if "/kernels/" in f["filename"] or "/bench/" in f["filename"]]
-        f = frames[0] if frames else (ev.get("frames") or [{"filename": "?", "line": 0, "name": "?"}])[0]
-        return f"{os.path.basename(f['filename'])}:{f['line']} {f['name']}"
-    print(f"memory at the peak of fwd+bwd, {what}: {peak / 2**30:.3f} GiB allocated during it")
-    for ev in sorted(at_peak.values(), key=lambda e: -e["size"])[:top]:
-        print(f"  {ev['size'] / 2**20:10.1f} MiB  {origin(ev)}")
-    hg.grad = wg.grad = None
 
 
 # (hidden, weight) bytes per element each method gets: for the "of which not grads" column.
