@@ -67,10 +67,29 @@ def tuned_tiles():
     return out
 
 
-TILE_WALKS = ("flat", "persist", "tmastore")
+TILE_WALKS = {"flat": "fwd.FLATTEN_TILE_LOOPS", "persist": "bwd.PERSISTENT_DLOGITS",
+              "tmastore": "bwd.DLOGITS_TMA_STORE"}
 
 
-def fused(mode, vocab_chunk=None, bwd_chunks=None, stack=True, hi_steps=None, walks=None):
+def knob_modules():
+    import kernels.lm_head_triton_bwd as bwd
+    import kernels.lm_head_triton_fp16x2 as fp16x2
+    import kernels.lm_head_triton_fwd as fwd
+    return dict(fwd=fwd, bwd=bwd, fp16x2=fp16x2)
+
+
+def knob_defaults():
+    """The kernel modules' switches and sizes as they are now ('mod.NAME' -> value): every
+    method puts them back before it sets its own, since they are module globals."""
+    return {f"{m}.{k}": v for m, mod in knob_modules().items() for k, v in vars(mod).items()
+            if k.isupper() and type(v) in (bool, int)}
+
+
+KNOB_DEFAULTS = {}  # filled by main() once its global flags (--no-tma) are applied
+
+
+def fused(mode, vocab_chunk=None, bwd_chunks=None, stack=True, hi_steps=None, walks=None,
+          knobs=None):
     """bwd_chunks: (token-chunk multiple of chunk_tokens, backward vocabulary rows) for fp16x2;
     the rows are taken as they are at every H (the default scales them: bwd_vocab_rows).
     stack=False: grad_weight's two fp16x2 products as two cuBLAS calls (STACK_GRAD_W off).
@@ -79,29 +98,41 @@ def fused(mode, vocab_chunk=None, bwd_chunks=None, stack=True, hi_steps=None, wa
     walks: None for the kernels' defaults, else the subset of TILE_WALKS switched on (the rest
     off): flat = Triton's loop flattening (FLATTEN_TILE_LOOPS: the forward's vocabulary loop,
     persistent dlogits' tile loop), persist = persistent dlogits (PERSISTENT_DLOGITS),
-    tmastore = dlogits' parts stored by TMA (DLOGITS_TMA_STORE)."""
-    import kernels.lm_head_triton_bwd as bwd
-    import kernels.lm_head_triton_fp16x2 as fp16x2
-    import kernels.lm_head_triton_fwd as fwd
-    defaults = (fp16x2.VOCAB_CHUNK, fp16x2.BWD_TOKEN_CHUNKS_PER_CHUNK_TOKENS, fp16x2.BWD_VOCAB_CHUNK,
-                fp16x2.BWD_WORK_H)
-    default_hi_steps = fwd.HI_SUM_STEPS
-    default_walks = [w for w, on in zip(TILE_WALKS, (fwd.FLATTEN_TILE_LOOPS, bwd.PERSISTENT_DLOGITS,
-                                                     bwd.DLOGITS_TMA_STORE)) if on]
-    walks = default_walks if walks is None else walks
+    tmastore = dlogits' parts stored by TMA (DLOGITS_TMA_STORE).
+    knobs: any other switches, {'mod.NAME': value} (mod: fwd, bwd, fp16x2; --variant)."""
+    own = dict(knobs or {})
+    if vocab_chunk:
+        own["fp16x2.VOCAB_CHUNK"] = vocab_chunk
+    if bwd_chunks:  # BWD_WORK_H=1: no scaling by H
+        own.update({"fp16x2.BWD_TOKEN_CHUNKS_PER_CHUNK_TOKENS": bwd_chunks[0],
+                    "fp16x2.BWD_VOCAB_CHUNK": bwd_chunks[1], "fp16x2.BWD_WORK_H": 1})
+    if hi_steps is not None:
+        own["fwd.HI_SUM_STEPS"] = hi_steps
+    if not stack:
+        own["fp16x2.STACK_GRAD_W"] = False
+    if walks is not None:
+        own.update({knob: name in walks for name, knob in TILE_WALKS.items()})
+    mods = knob_modules()
+    unknown = set(own) - set(KNOB_DEFAULTS or knob_defaults())
+    assert not unknown, f"unknown kernel switches {sorted(unknown)}"
 
     def f(h, w, t):
-        # left set: backward reads them after this returns; every method sets all four
-        fp16x2.VOCAB_CHUNK = vocab_chunk or defaults[0]
-        fp16x2.BWD_TOKEN_CHUNKS_PER_CHUNK_TOKENS, fp16x2.BWD_VOCAB_CHUNK, fp16x2.BWD_WORK_H = \
-            (*bwd_chunks, 1) if bwd_chunks else defaults[1:]  # BWD_WORK_H=1: no scaling by H
-        fwd.HI_SUM_STEPS = default_hi_steps if hi_steps is None else hi_steps
-        fp16x2.STACK_GRAD_W = stack
-        fwd.FLATTEN_TILE_LOOPS = "flat" in walks
-        bwd.PERSISTENT_DLOGITS = "persist" in walks
-        bwd.DLOGITS_TMA_STORE = "tmastore" in walks
+        # left set: backward reads them after this returns; every method sets all of them
+        for key, value in {**KNOB_DEFAULTS, **own}.items():
+            m, name = key.split(".")
+            setattr(mods[m], name, value)
         return lm_head_logprobs(h, w, t, mode=mode, impl="triton")[0]
     return f
+
+
+def parse_variant(text):
+    """'NAME:mod.KNOB=value,mod.KNOB=value' -> (NAME, {knob: int value})."""
+    name, _, sets = text.partition(":")
+    knobs = {}
+    for item in filter(None, sets.split(",")):
+        key, _, value = item.partition("=")
+        knobs[key] = int(value)
+    return name, knobs
 
 
 def cuda_time(fn, budget_s=1.5, max_reps=10, reps_out=None):
@@ -252,8 +283,11 @@ def main():
     ap.add_argument("--unstacked-too", action="store_true",
                     help="also time fp16x2 with grad_weight's two products as two calls")
     ap.add_argument("--tile-walks", nargs="+", default=[], metavar="A+B",
-                    help=f"fp16x2: also time with these '+'-joined sets of {TILE_WALKS} on, the rest off "
+                    help=f"fp16x2: also time with these '+'-joined sets of {list(TILE_WALKS)} on, the rest off "
                          "('none': all off), as fused_fp16x2@A+B")
+    ap.add_argument("--variant", nargs="+", default=[], metavar="NAME:mod.KNOB=V,...",
+                    help="fp16x2: also time with these kernel switches set (mod: fwd, bwd, fp16x2; "
+                         "booleans as 0/1), as fused_fp16x2@NAME, e.g. nolo:fwd.LO_IN_SEGMENTS=0")
     ap.add_argument("--fp16x2-tiles", nargs="+", default=[], metavar="T,V,K,WARPS,STAGES",
                     help="fp16x2: autotune over these tiles only (fewer compiles), e.g. 128,128,64,8,3")
     ap.add_argument("--grad-check", action="store_true",
@@ -276,6 +310,7 @@ def main():
         fwd.FP16X2_TILES = [tuple(int(x) for x in tile.split(",")) for tile in args.fp16x2_tiles]
         unknown = set(fwd.FP16X2_TILES) - set(fwd.ALL_TILES)
         assert not unknown, f"--fp16x2-tiles {unknown}: not among the configs {fwd.ALL_TILES}"
+    KNOB_DEFAULTS.update(knob_defaults())
     dev = torch.cuda.get_device_name()
     report = dict(device=dev, torch=torch.__version__, triton=triton.__version__,
                   python=platform.python_version(), V=args.V, argv=sys.argv, tma=not args.no_tma,
@@ -327,8 +362,10 @@ def main():
                 if mode == "fp16x2":
                     for tw in args.tile_walks:
                         on = [] if tw == "none" else tw.split("+")
-                        assert set(on) <= set(TILE_WALKS), f"--tile-walks {tw}: not in {TILE_WALKS}"
+                        assert set(on) <= set(TILE_WALKS), f"--tile-walks {tw}: not in {list(TILE_WALKS)}"
                         methods.append((f"fused_fp16x2@{tw}", fused(mode, walks=on), hh, ww))
+                    for name, knobs in map(parse_variant, args.variant):
+                        methods.append((f"fused_fp16x2@{name}", fused(mode, knobs=knobs), hh, ww))
                 if mode == "fp16x2" and args.unstacked_too:
                     methods.append(("fused_fp16x2@unstacked", fused(mode, stack=False), hh, ww))
                 if mode == "fp16x2" and args.blocked_lo_too:

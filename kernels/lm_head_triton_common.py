@@ -286,6 +286,10 @@ def fp16x2_tile(h_ptr, hl_ptr, w_ptr, wl_ptr, rows, cols, row_ok, col_ok, row0, 
     Triton's pipelining). n=8 on an H200: the head 1.6-2.7% faster than n=1 at H=4096, max
     |d log p| 4.9e-6 against 2.0e-6; n=4 no faster than 1 (gpu_session9_h200.md).
     HI_STEPS = 0: every product summed in blocks.
+    Tried and dropped: the lo products summed into hi x hi's segment chain, which saves one
+    accumulator tile of registers, made forward+backward 11% slower on an H200 (274 against
+    248 ms at T=16k, H=4096): products chained on one accumulator wait for each other, two
+    chains interleave (bench/results/gpu_session11_h200.md).
     """
     ks = tl.arange(0, BLOCK_H)
     lo = tl.zeros(acc.shape, tl.float32)  # the lo products' direct sum (HI_STEPS > 0)

@@ -58,6 +58,12 @@ SMS_TO_FILL = 264     # forward programs per launch to aim for (2 waves on an H1
 # instead of two, and a longer K per call (backward_fp16x2). lo rows first, so the small
 # terms are summed before the large ones join the chain. Benchmarks switch it off for an A/B.
 STACK_GRAD_W = True
+# The scales of the gradient products are undone by cuBLAS's alpha (a power of two: exact, the
+# same rounding) instead of by a pass over the fp32 results afterwards (grad_weight: 2.3 GiB
+# at V=152k, H=4096). The price is one host sync per backward, to read the three exponents.
+# On an H200 forward+backward 1.3 ms faster at T=16k, H=4096 (two calls,
+# bench/results/gpu_session11_h200.md). Benchmarks switch it off for an A/B.
+DESCALE_IN_PRODUCTS = True
 
 
 def max_abs(x):
@@ -94,20 +100,19 @@ def split_fp16(x, scale, two_parts, hi, lo):
                         TWO_PARTS=two_parts, BLOCK_R=32, BLOCK_C=128)
 
 
-def mm_into(c, a, b, accumulate):
-    """c (+)= a @ b for fp16 a, b and an fp32 c, every sum in fp32. On CUDA one cuBLAS fp16
+def mm_into(c, a, b, accumulate, alpha=1.0):
+    """c (+)= alpha a @ b for fp16 a, b and an fp32 c, every sum in fp32. On CUDA one cuBLAS fp16
     product with fp32 output, in place (measured on an H200: 630-670 TFLOP/s at 4096^3, the
     Triton kernel with blocked sums 500). cuBLAS sums a whole K in the tensor cores: 5.7e-6 of
     max |c| at K=4096 (bench/fp16x2_accumulation.py --cublas), ~300x under grad_hidden's bf16
     rounding and ~16x over blocked sums (3.6e-7) for an fp32 grad_weight: the price of 23% less
     time in these products (91.8 against 119.1 ms at T=16k, H=4096, V=152k on an H200).
     Elsewhere (the CPU tests) the same products in fp32: products of fp16 values are exact there."""
+    beta = 1 if accumulate else 0  # 0: c's old contents (NaN under the interpreter) ignored
     if c.is_cuda:
-        torch.addmm(c, a, b, beta=1 if accumulate else 0, out_dtype=torch.float32, out=c)
-    elif accumulate:
-        c.addmm_(a.float(), b.float())
+        torch.addmm(c, a, b, beta=beta, alpha=alpha, out_dtype=torch.float32, out=c)
     else:
-        torch.mm(a.float(), b.float(), out=c)
+        torch.addmm(c, a.float(), b.float(), beta=beta, alpha=alpha, out=c)
 
 
 def n_parts(x):
@@ -135,13 +140,27 @@ class _Operands:
         split_fp16(rows, self.h_scale, self.h_parts == 2, hi, hi if lo is None else lo)
 
 
-def vocab_chunks(weight, scale, two_parts, vocab_chunk):
+def part_buffers(weight, two_parts, vocab_chunk):
+    """(w_hi, w_lo): fp16 buffers for one chunk of weight rows (w_lo is w_hi when two_parts
+    is False)."""
+    n = min(vocab_chunk, weight.shape[0])
+    w_hi = torch.empty((n, weight.shape[1]), device=weight.device, dtype=torch.float16)
+    return w_hi, (torch.empty_like(w_hi) if two_parts else w_hi)
+
+
+def vocab_chunks(weight, scale, two_parts, vocab_chunk, buffers=None):
     """Yield (v0, w_hi, w_lo) for each chunk of weight rows, split into reused buffers
-    (w_lo is w_hi, unused, when two_parts is False)."""
-    V, H = weight.shape
+    (w_lo is w_hi, unused, when two_parts is False). buffers: part_buffers' pair to split into,
+    for a caller that walks the weight several times. Else each walk allocates its own, and
+    the previous walk's stay alive as long as its loop variables hold slices of them
+    (backward held two pairs at its peak that way: 64 MiB at H=4096).
+    Tried and dropped: splitting the next chunk on a side stream into a second pair while
+    this chunk's kernels run. On an H200 it gained 0.6 ms of 247 (within the noise) for
+    64 MiB more (bench/results/gpu_session11_h200.md): the products fill every SM, so the
+    split only runs in their tails."""
+    V = weight.shape[0]
     n = min(vocab_chunk, V)
-    w_hi = torch.empty((n, H), device=weight.device, dtype=torch.float16)
-    w_lo = torch.empty_like(w_hi) if two_parts else w_hi
+    w_hi, w_lo = buffers or part_buffers(weight, two_parts, vocab_chunk)
     for v0 in range(0, V, n):
         v1 = min(v0 + n, V)
         split_fp16(weight[v0:v1], scale, two_parts, w_hi[:v1 - v0], w_lo[:v1 - v0])
@@ -211,8 +230,13 @@ def backward_fp16x2(hidden, weight, targets, lse, ent, g_logp, g_ent, inv_temp, 
     dl_scale = exp2(dl_exp)
     # The three products undo: dlogits' logits scale, grad_W's (dl, h) and grad_h's (dl, W).
     descale = exp2(-(ops.h_exp + ops.w_exp))
-    alpha_w = exp2(-(dl_exp + ops.h_exp))
-    alpha_h = exp2(-(dl_exp + ops.w_exp))
+    if DESCALE_IN_PRODUCTS:  # in cuBLAS's alpha: the exponents on the host (one sync)
+        e_dl, e_h, e_w = torch.stack([dl_exp, ops.h_exp, ops.w_exp]).tolist()
+        alpha_w, alpha_h = 2.0 ** -(e_dl + e_h), 2.0 ** -(e_dl + e_w)
+        post_w = post_h = None
+    else:                    # by one pass over each fp32 result
+        alpha_w = alpha_h = 1.0
+        post_w, post_h = exp2(-(dl_exp + ops.h_exp)), exp2(-(dl_exp + ops.w_exp))
     n_vc = bwd_vocab_rows(H, V)  # reads the constants at call time: tests shrink VOCAB_CHUNK
     C = min(T, max(16, BWD_TOKEN_CHUNKS_PER_CHUNK_TOKENS * chunk_tokens))
     new = (lambda *a, **k: torch.full(*a, float("nan"), **k)) if interpret else torch.empty  # noqa: E731
@@ -232,6 +256,7 @@ def backward_fp16x2(hidden, weight, targets, lse, ent, g_logp, g_ent, inv_temp, 
         grad_hidden = new((T, H), device=dev, dtype=hidden.dtype)
         grad_h32 = new((C, H), device=dev, dtype=torch.float32)  # one token chunk's accumulator
     grad_w32 = new((V, H), device=dev, dtype=torch.float32) if need_grad_weight else None
+    w_bufs = part_buffers(weight, ops.w_parts == 2, n_vc)  # one pair for every token chunk's walk
     for t0 in range(0, T, C):
         t1 = min(t0 + C, T)
         n = t1 - t0
@@ -240,7 +265,7 @@ def backward_fp16x2(hidden, weight, targets, lse, ent, g_logp, g_ent, inv_temp, 
         ops.split_hidden(hidden[t0:t1], h_hi, h_lo)
         if stack:
             h_buf[n:2 * n].copy_(h_hi)
-        for v0, w_hi, w_lo in vocab_chunks(weight, ops.w_scale, ops.w_parts == 2, n_vc):
+        for v0, w_hi, w_lo in vocab_chunks(weight, ops.w_scale, ops.w_parts == 2, n_vc, w_bufs):
             nv = w_hi.shape[0]
             d_lo, d_hi = dl_buf[:n, :nv], dl_buf[n:2 * n, :nv]  # the same strides: one kernel offset
             launch_dlogits(h_hi, h_lo if h_lo is not None else h_hi, w_hi, w_lo, targets[t0:t1],
@@ -248,27 +273,30 @@ def backward_fp16x2(hidden, weight, targets, lse, ent, g_logp, g_ent, inv_temp, 
                            (g_ent if has_gent else g_logp)[t0:t1], d_hi, d_lo, descale,
                            dl_scale, inv_temp, v0, MODE_FP16X2, ops.h_parts, has_gent, True,
                            interpret, ops.w_parts)
-            # Sums of scaled parts; the scales are undone once at the end (powers of two: exact).
+            # Sums of scaled parts; the scales are undone by alpha or at the end (powers of two:
+            # exact).
             if need_grad_weight:
                 gw = grad_w32[v0:v0 + nv]
                 if stack:
-                    mm_into(gw, dl_buf[:2 * n, :nv].t(), h_buf[:2 * n], t0 > 0)
+                    mm_into(gw, dl_buf[:2 * n, :nv].t(), h_buf[:2 * n], t0 > 0, alpha_w)
                 else:
-                    mm_into(gw, d_hi.t(), h_hi, t0 > 0)
+                    mm_into(gw, d_hi.t(), h_hi, t0 > 0, alpha_w)
                     if w_full:
-                        mm_into(gw, d_lo.t(), h_hi, True)
+                        mm_into(gw, d_lo.t(), h_hi, True, alpha_w)
                         if h_lo is not None:
-                            mm_into(gw, d_hi.t(), h_lo, True)
+                            mm_into(gw, d_hi.t(), h_lo, True, alpha_w)
             if need_grad_hidden:
                 gh = grad_h32[:n]
-                mm_into(gh, d_hi, w_hi, v0 > 0)
+                mm_into(gh, d_hi, w_hi, v0 > 0, alpha_h)
                 if h_full:
-                    mm_into(gh, d_lo, w_hi, True)
+                    mm_into(gh, d_lo, w_hi, True, alpha_h)
                     if ops.w_parts == 2:
-                        mm_into(gh, d_hi, w_lo, True)
+                        mm_into(gh, d_hi, w_lo, True, alpha_h)
         if need_grad_hidden:
-            grad_hidden[t0:t1] = grad_h32[:n].mul_(alpha_h)  # cast to hidden's dtype
+            gh = grad_h32[:n] if post_h is None else grad_h32[:n].mul_(post_h)
+            grad_hidden[t0:t1] = gh  # cast to hidden's dtype
     grad_weight = None
     if need_grad_weight:
-        grad_weight = grad_w32.mul_(alpha_w).to(weight.dtype)  # no copy when the weight is fp32
+        gw = grad_w32 if post_w is None else grad_w32.mul_(post_w)
+        grad_weight = gw.to(weight.dtype)  # no copy when the weight is fp32
     return grad_hidden, grad_weight

@@ -344,6 +344,53 @@ def test_fp16x2_dlogits_tile_walks_equal_one_tile_per_program(seed, persistent, 
 
 
 @needs_triton
+def test_fp16x2_backward_splits_the_weight_into_one_pair_of_buffers(seed, small_vocab_chunks,
+                                                                   monkeypatch):
+    """Backward walks the weight once per token chunk (3 here). Each walk used to allocate
+    its own fp16 part buffers while the previous walk's were still held by the loop's
+    variables: two pairs alive at the peak (64 MiB at H=4096 on a GPU). One pair now, for
+    every walk, and the results stay fp32-accurate."""
+    import kernels.lm_head_triton_fp16x2 as fp16x2
+    calls = []
+    real = fp16x2.part_buffers
+
+    def counted(weight, two_parts, vocab_chunk):
+        calls.append(vocab_chunk)
+        return real(weight, two_parts, vocab_chunk)
+    monkeypatch.setattr(fp16x2, "part_buffers", counted)
+    h, w, tgt = make_inputs()  # fp32 both: every product, fp32 gradients
+    g_logp, g_ent = torch.randn(T), torch.randn(T)
+    got = run(h, w, tgt, g_logp, g_ent, "fp16x2", "triton", chunk_tokens=4)
+    assert len(calls) == 2, f"part buffers allocated {len(calls)} times (forward 1, backward 1)"
+    check_all(got, float64_reference(h, w, tgt, g_logp, g_ent), 1e-5, 1e-5, seed, "fp16x2 walks")
+
+
+@needs_triton
+@pytest.mark.parametrize("hidden_dtype", [torch.bfloat16, torch.float32])
+def test_fp16x2_descale_in_products_equals_a_pass_after(seed, hidden_dtype, small_vocab_chunks,
+                                                        monkeypatch):
+    """DESCALE_IN_PRODUCTS: the gradient products' power-of-two scales undone by the
+    products' alpha, not by a pass over the fp32 results afterwards. Scaling by a power of two
+    commutes with rounding, so both must give the same gradients bit for bit; the scales are
+    far from 1 here (hidden ~1e5, weight ~1e-5, gradients ~1e-3), so a wrong or doubled
+    alpha shows. Three token chunks, the last ragged; bf16 hidden (one grad_hidden product,
+    stacked grad_weight) and fp32 hidden (every product)."""
+    import kernels.lm_head_triton_fp16x2 as fp16x2
+    h, w, tgt = make_inputs(hidden_dtype=hidden_dtype, weight_dtype=torch.float32)
+    h, w = (h.float() * 1e5).to(hidden_dtype), w * 1e-5
+    g_logp, g_ent = torch.randn(T) * 1e-3, torch.randn(T) * 1e-3
+    got = {}
+    for fold in (False, True):
+        monkeypatch.setattr(fp16x2, "DESCALE_IN_PRODUCTS", fold)
+        got[fold] = run(h, w, tgt, g_logp, g_ent, "fp16x2", "triton", chunk_tokens=4)
+    ref = float64_reference(h, w, tgt, g_logp, g_ent)
+    assert rel_to_max(got[True][3], ref[3]) <= 1e-5, f"{rel_to_max(got[True][3], ref[3]):.3g} seed={seed}"
+    for name, a, b in zip(("logp", "entropy", "grad_hidden", "grad_weight"), got[False], got[True]):
+        assert not torch.isnan(b).any(), f"NaN in {name} seed={seed}"
+        assert torch.equal(a, b), f"{name}: max diff {max_abs(a, b):.3g} seed={seed}"
+
+
+@needs_triton
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_fp16x2_scales_operands_outside_fp16_range(seed, impl, small_vocab_chunks):
     """Hidden values up to ~4e5 (fp16 overflows at 65504) and weights ~1e-7 (fp16 subnormal):
