@@ -32,7 +32,7 @@ C = 4 x chunk_tokens rows outer and vocabulary chunks of BWD_VOCAB_CHUNK rows (a
 more at smaller H: bwd_vocab_rows) inner, so its
 working memory is per chunk, not per T: the chunk's fp16 hidden parts (C x H x 2 bytes each),
 its fp32 grad_h accumulator (C x H x 4), two fp16 dlogits buffers (C x BWD_VOCAB_CHUNK x 2
-each) and the weight chunk's parts (BWD_VOCAB_CHUNK x H x 2 each): 224 MiB at C=4096, H=4096
+each) and the weight chunk's parts (BWD_VOCAB_CHUNK x H x 2 each): 288 MiB at C=4096, H=4096
 (with an fp32 weight; 32 MiB more for the stacked hidden rows, STACK_GRAD_W), against the
 fp32 grad_weight of 2.3 GiB every method returns. The price
 is that the weight is split again for every token chunk (T/C extra reads of it, ~1 ms each on
@@ -48,11 +48,19 @@ from .lm_head_triton_common import MODE_FP16X2
 from .lm_head_triton_fwd import VSPLIT_ALIGN, combine_partials, launch_forward
 
 VOCAB_CHUNK = 16384   # weight rows split to fp16 at a time (a multiple of VSPLIT_ALIGN)
-BWD_VOCAB_CHUNK = 4096  # the same in backward at H >= BWD_WORK_H: sizes its working memory
+# The same in backward at H >= BWD_WORK_H: sizes its working memory. 6144 rather than 4096:
+# grad_hidden's products get K = 6144 and each token chunk walks 25 chunks, not 38; on an H200
+# forward+backward 1.8 ms faster at T=16k, H=4096 for 64 MiB more (9.91% of naive's peak;
+# bench/results/gpu_session11_h200.md).
+BWD_VOCAB_CHUNK = 6144
 BWD_WORK_H = 4096       # below this width backward takes more rows a chunk (bwd_vocab_rows)
 BWD_TOKEN_CHUNKS_PER_CHUNK_TOKENS = 4  # backward token chunk = this x chunk_tokens rows
 
-SMS_TO_FILL = 264     # forward programs per launch to aim for (2 waves on an H100's 132 SMs)
+# Forward programs per launch to aim for: ~8 waves on 132 SMs. Shorter programs than 2 waves
+# (264) end closer together: on an H200 forward+backward 3.6-4.5 ms faster at T=16k, H=4096
+# and 1.4 ms at T=28k, H=896 (bench/results/gpu_session11_h200.md; 528 gained half that,
+# 2112 and 4224 no more).
+SMS_TO_FILL = 1056
 # An fp32 grad_weight from a 16-bit hidden takes its two products as one cuBLAS call with K
 # doubled, grad_W += [dl_lo; dl_hi]^T @ [h; h]: one read and write of the fp32 accumulator
 # instead of two, and a longer K per call (backward_fp16x2). lo rows first, so the small
@@ -203,6 +211,16 @@ def bwd_vocab_rows(H, V):
     return min(VOCAB_CHUNK, V, BWD_VOCAB_CHUNK * max(1, BWD_WORK_H // H))
 
 
+def token_chunk_rows(T, most):
+    """Rows per backward token chunk: at most `most` (at least 16), as few chunks as that
+    allows, and those chunks as even as 128-row token blocks make them (16,384 tokens at most
+    6,144 a chunk: 3 chunks of 5,504 rows, not 6,144 + 6,144 + 4,096): each chunk costs a walk
+    over the weight, and the buffers are sized by the largest."""
+    most = min(T, max(16, most))
+    even = triton.cdiv(triton.cdiv(T, triton.cdiv(T, most)), 128) * 128
+    return min(most, even)
+
+
 def dlogits_exponent(g_logp, g_ent, ent, inv_temp):
     """Power of two for dlogits: |dlogits| <= (|g_logp| + |g_ent| (1/e + entropy)) / temperature,
     since |onehot - p| <= 1 and p |log p + entropy| <= 1/e + p * entropy."""
@@ -238,7 +256,7 @@ def backward_fp16x2(hidden, weight, targets, lse, ent, g_logp, g_ent, inv_temp, 
         alpha_w = alpha_h = 1.0
         post_w, post_h = exp2(-(dl_exp + ops.h_exp)), exp2(-(dl_exp + ops.w_exp))
     n_vc = bwd_vocab_rows(H, V)  # reads the constants at call time: tests shrink VOCAB_CHUNK
-    C = min(T, max(16, BWD_TOKEN_CHUNKS_PER_CHUNK_TOKENS * chunk_tokens))
+    C = token_chunk_rows(T, BWD_TOKEN_CHUNKS_PER_CHUNK_TOKENS * chunk_tokens)
     new = (lambda *a, **k: torch.full(*a, float("nan"), **k)) if interpret else torch.empty  # noqa: E731
     # A gradient returned in 16 bits takes the hi parts only: one product, whose ~2^-12
     # error is 8x under the final bf16 rounding. An fp32 gradient takes every product but

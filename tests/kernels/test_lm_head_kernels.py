@@ -228,11 +228,20 @@ def small_vocab_chunks(monkeypatch):
 
 def test_fp16x2_backward_takes_more_vocabulary_rows_at_small_widths():
     """The same GPU work per inner backward iteration at every width (host overhead per
-    iteration is fixed): 4096 rows at H>=4096, 16384 at Qwen2-0.5B's 896, never past V."""
+    iteration is fixed): 6144 rows at H>=4096, 16384 at Qwen2-0.5B's 896, never past V."""
     from kernels.lm_head_triton_fp16x2 import bwd_vocab_rows
     assert [bwd_vocab_rows(h, 151936) for h in (8192, 4096, 3584, 2048, 1536, 896)] == \
-        [4096, 4096, 4096, 8192, 8192, 16384]
+        [6144, 6144, 6144, 12288, 12288, 16384]
     assert bwd_vocab_rows(896, 1013) == 1013
+
+
+@pytest.mark.parametrize("T,most,rows,chunks", [(16384, 4096, 4096, 4), (16384, 6144, 5504, 3), (37, 16, 16, 3),
+                                                 (28672, 6144, 5760, 5), (5000, 4096, 2560, 2), (100, 4096, 100, 1)])
+def test_fp16x2_backward_token_chunks_are_as_few_and_as_even_as_allowed(T, most, rows, chunks):
+    """Each token chunk costs backward a walk over the weight and the buffers are sized by
+    the largest chunk: as few chunks as `most` rows allow, evened out in 128-row blocks."""
+    from kernels.lm_head_triton_fp16x2 import token_chunk_rows
+    assert token_chunk_rows(T, most) == rows and -(-T // rows) == chunks
 
 
 def bf16_rounding_error(ref):

@@ -159,7 +159,9 @@ def test_cispo_eval_on_the_export_matches_the_final_in_training_eval(readme_run,
     ev = tmp_path / "eval"
     run("launch.eval_main", f"model.path={out / 'hf_model'}", "data=jsonl", f"data.path={data}", "reward=math",
         f"eval.path={data}", "eval.num_prompts=6", "eval.samples=3", "rollout.max_new_tokens=6", f"output_dir={ev}",
-        cache=cache)
+        # eager: no vLLM compile at start-up (35-100 s on 2 cores); the run's compiled engines
+        # and this eager one agree to ~1e-7 in log p, so greedy picks the same tokens
+        "rollout.enforce_eager=true", cache=cache)
     got = json.loads((ev / "eval.json").read_text())
     final = rows(out / "metrics.jsonl")[-1]
     # greedy decoding of the same weights on the same prompts: the same responses
