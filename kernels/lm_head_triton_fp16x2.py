@@ -50,16 +50,16 @@ from .lm_head_triton_fwd import VSPLIT_ALIGN, combine_partials, launch_forward
 VOCAB_CHUNK = 16384   # weight rows split to fp16 at a time (a multiple of VSPLIT_ALIGN)
 # The same in backward at H >= BWD_WORK_H: sizes its working memory. 6144 rather than 4096:
 # grad_hidden's products get K = 6144 and each token chunk walks 25 chunks, not 38; on an H200
-# forward+backward 1.8 ms faster at T=16k, H=4096 for 64 MiB more (9.91% of naive's peak;
-# bench/results/gpu_session11_h200.md).
+# forward+backward 1.8-2.7 ms faster at T=16k, H=4096 (two calls) for 64 MiB more (9.91% of
+# naive's peak; bench/results/gpu_session11_h200.md).
 BWD_VOCAB_CHUNK = 6144
 BWD_WORK_H = 4096       # below this width backward takes more rows a chunk (bwd_vocab_rows)
 BWD_TOKEN_CHUNKS_PER_CHUNK_TOKENS = 4  # backward token chunk = this x chunk_tokens rows
 
 # Forward programs per launch to aim for: ~8 waves on 132 SMs. Shorter programs than 2 waves
 # (264) end closer together: on an H200 forward+backward 3.6-4.5 ms faster at T=16k, H=4096
-# and 1.4 ms at T=28k, H=896 (bench/results/gpu_session11_h200.md; 528 gained half that,
-# 2112 and 4224 no more).
+# and 1.4 ms at T=28k, H=896 in one call (bench/results/gpu_session11_h200.md; 528 gained half
+# that, 2112 and 4224 no more).
 SMS_TO_FILL = 1056
 # An fp32 grad_weight from a 16-bit hidden takes its two products as one cuBLAS call with K
 # doubled, grad_W += [dl_lo; dl_hi]^T @ [h; h]: one read and write of the fp32 accumulator
