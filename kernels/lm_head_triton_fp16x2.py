@@ -26,17 +26,16 @@ Products per fp32 product:
   cuBLAS in the tensor cores: ~6e-6 of the largest element at K=4096 instead of ~4e-7, for
   23% less time (mm_into).
 
-Memory: the weight is split one vocabulary chunk at a time (VOCAB_CHUNK rows x H x 2 parts
-x 2 bytes: 256 MiB at H=4096 in forward), never all at once. Backward runs token chunks of
-C = 4 x chunk_tokens rows outer and vocabulary chunks of BWD_VOCAB_CHUNK rows (at H=4096;
-more at smaller H: bwd_vocab_rows) inner, so its
-working memory is per chunk, not per T: the chunk's fp16 hidden parts (C x H x 2 bytes each),
-its fp32 grad_h accumulator (C x H x 4), two fp16 dlogits buffers (C x BWD_VOCAB_CHUNK x 2
-each) and the weight chunk's parts (BWD_VOCAB_CHUNK x H x 2 each): 288 MiB at C=4096, H=4096
-(with an fp32 weight; 32 MiB more for the stacked hidden rows, STACK_GRAD_W), against the
-fp32 grad_weight of 2.3 GiB every method returns. The price
-is that the weight is split again for every token chunk (T/C extra reads of it, ~1 ms each on
-an H100/H200 at V=152k, H=4096) and grad_weight is accumulated T/C times.
+Memory: the weight is split one vocabulary chunk at a time (VOCAB_CHUNK rows x H x 2 parts x 2
+bytes: 256 MiB at H=4096 in forward), never all at once. Backward runs token chunks of C <= 4 x
+chunk_tokens rows outer (evened out: token_chunk_rows) and vocabulary chunks of BWD_VOCAB_CHUNK
+rows (at H=4096; more at smaller H: bwd_vocab_rows) inner, so its working memory is per chunk,
+not per T: the chunk's fp16 hidden parts (C x H x 2 bytes each), its fp32 grad_h accumulator (C
+x H x 4), two fp16 dlogits buffers (C x BWD_VOCAB_CHUNK x 2 each) and the weight chunk's parts
+(BWD_VOCAB_CHUNK x H x 2 each): 288 MiB at C=4096, H=4096 (with an fp32 weight; 32 MiB more for
+the stacked hidden rows, STACK_GRAD_W), against the fp32 grad_weight of 2.3 GiB every method
+returns. The price is that the weight is split again for every token chunk (T/C extra reads of
+it, ~1 ms each on an H100/H200 at V=152k, H=4096) and grad_weight is accumulated T/C times.
 """
 import torch
 import triton
@@ -54,7 +53,7 @@ VOCAB_CHUNK = 16384   # weight rows split to fp16 at a time (a multiple of VSPLI
 # naive's peak; bench/results/gpu_session11_h200.md).
 BWD_VOCAB_CHUNK = 6144
 BWD_WORK_H = 4096       # below this width backward takes more rows a chunk (bwd_vocab_rows)
-BWD_TOKEN_CHUNKS_PER_CHUNK_TOKENS = 4  # backward token chunk = this x chunk_tokens rows
+BWD_TOKEN_CHUNKS_PER_CHUNK_TOKENS = 4  # backward token chunks: at most this x chunk_tokens rows
 
 # Forward programs per launch to aim for: ~8 waves on 132 SMs. Shorter programs than 2 waves
 # (264) end closer together: on an H200 forward+backward 3.6-4.5 ms faster at T=16k, H=4096
