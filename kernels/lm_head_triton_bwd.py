@@ -39,6 +39,33 @@ PERSISTENT_DLOGITS = True  # one program per SM walks the tiles (the loop in _dl
 DLOGITS_TMA_STORE = True    # its fp16 parts stored by the tensor-memory accelerator
 
 
+LOG2E = tl.constexpr(1.4426950408889634)  # globals read inside kernels must be constexpr
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _row_terms(rows, row_ok, tgt_ptr, lse_ptr, ent_ptr, glogp_ptr, gent_ptr, dl_scale_ptr,
+               inv_temp, v_base, HAS_GENT: tl.constexpr):
+    """Per-token factors of dlogits, folded so that the per-element work is a few FMAs.
+    With y = log2 p = z log2(e) - lse log2(e), k = dl_scale / temperature (dl_scale: the
+    power of two of mode fp16x2's output parts, 1 otherwise):
+        dlogits k = onehot g k - p (a + b y),  a = (g + g_ent ent) k,  b = g_ent ln(2) k.
+    Returns (lse log2(e), target column in this chunk, g k, a, b)."""
+    k = inv_temp * tl.load(dl_scale_ptr)
+    lse2 = tl.load(lse_ptr + rows, mask=row_ok, other=0.0) * LOG2E
+    tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1) - v_base
+    gk = tl.load(glogp_ptr + rows, mask=row_ok, other=0.0) * k
+    if HAS_GENT:
+        ge = tl.load(gent_ptr + rows, mask=row_ok, other=0.0) * k
+        ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
+        a = gk + ge * ent
+        b = ge * LN2
+    else:
+        a = gk
+        b = gk  # unused
+    return lse2, tgt, gk, a, b
+
+
 @triton.jit
 def _dlogits_tile(
     tile, h_ptr, hl_ptr, w_ptr, wl_ptr, tgt_ptr, lse_ptr, ent_ptr, glogp_ptr, gent_ptr,
@@ -63,23 +90,25 @@ def _dlogits_tile(
     acc = logits_tile(h_ptr, hl_ptr, w_ptr, wl_ptr, rows, cols, tb * BLOCK_T, vb * BLOCK_V, T, V,
                       H, stride_ht, stride_hh, stride_wv, stride_wh, MODE, VAX, H_PARTS, W_PARTS,
                       BLOCK_T, BLOCK_V, BLOCK_H, TMA, HI_STEPS, INTERPRET)
-    z = acc * (inv_temp * tl.load(scale_ptr))
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1) - v_base
-    g = tl.load(glogp_ptr + rows, mask=row_ok, other=0.0)
+    # Per-token terms after the products: loaded before them, they held registers through
+    # the K loop (fp16x2 uses all 255) and forward+backward was 3% slower on an H200
+    # (252.6 against 244.2 ms at T=16k, H=4096; bench/results/gpu_session12_h200.md).
+    lse2, tgt, gk, a, b = _row_terms(rows, row_ok, tgt_ptr, lse_ptr, ent_ptr, glogp_ptr,
+                                     gent_ptr, dl_scale_ptr, inv_temp, v_base, HAS_GENT)
     cols_b = tl.expand_dims(cols, 1 - VAX)
     rows_b = tl.expand_dims(rows, VAX)
-    zc = z - tl.expand_dims(lse, VAX)          # log p
-    p = tl.exp(zc)
-    onehot = (cols_b == tl.expand_dims(tgt, VAX)).to(tl.float32)
-    dz = tl.expand_dims(g, VAX) * (onehot - p)
+    # Per element: an FMA, an exp2, a select and one or two FMAs, every per-token factor
+    # folded in _row_terms: the epilogue does not overlap the products, so each op counts
+    # (20% fewer epilogue instructions than the formula written out; on an H200 0.8 ms of
+    # 245, within the noise, bench/results/gpu_session12_h200.md).
+    y = tl.fma(acc, inv_temp * tl.load(scale_ptr) * LOG2E, -tl.expand_dims(lse2, VAX))  # log2 p
+    p = tl.exp2(y)
+    dl = tl.where(cols_b == tl.expand_dims(tgt, VAX), tl.expand_dims(gk, VAX), 0.0)
     if HAS_GENT:
-        ge = tl.load(gent_ptr + rows, mask=row_ok, other=0.0)
-        ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
-        dz -= tl.expand_dims(ge, VAX) * p * (zc + tl.expand_dims(ent, VAX))
-    dl = dz * inv_temp
+        dl = tl.fma(-p, tl.fma(y, tl.expand_dims(b, VAX), tl.expand_dims(a, VAX)), dl)
+    else:
+        dl = tl.fma(-p, tl.expand_dims(a, VAX), dl)
     if SPLIT_OUT:
-        dl = dl * tl.load(dl_scale_ptr)
         hi = dl.to(tl.float16)
         lo = (dl - hi.to(tl.float32)).to(tl.float16)
         if TMA_STORE:

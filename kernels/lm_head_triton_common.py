@@ -284,7 +284,9 @@ def fp16x2_tile(h_ptr, hl_ptr, w_ptr, wl_ptr, rows, cols, row_ok, col_ok, row0, 
     added with one rounded add: 1/n of the adds, and the error of an n-step chain. One flat
     loop with the add under an `if` (nested loops, segN in bench/fp16x2_accumulation.py, broke
     Triton's pipelining). n=8 on an H200: the head 1.6-2.7% faster than n=1 at H=4096, max
-    |d log p| 4.9e-6 against 2.0e-6; n=4 no faster than 1 (gpu_session9_h200.md).
+    |d log p| 4.9e-6 against 2.0e-6; n=4 no faster than 1 (gpu_session9_h200.md); n=16 1.1%
+    faster than 8, 6.4e-6 (gpu_session12_h200.md). Each add waits for its chain of products,
+    so fewer adds leave fewer gaps between them.
     HI_STEPS = 0: every product summed in blocks.
     Tried and dropped: the lo products summed into hi x hi's segment chain, which saves one
     accumulator tile of registers, made forward+backward 11% slower on an H200 (274 against

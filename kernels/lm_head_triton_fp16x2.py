@@ -20,7 +20,7 @@ Products per fp32 product:
   grad_h += dl_hi @ W_hi (1 product) when grad_h goes back in bf16/fp16: its error (~2^-12)
   is 8x under the final bf16 rounding; 3 products (+ dl_hi @ W_lo + dl_lo @ W_hi) when fp32.
   The same rule for grad_W: one product dl_hi^T @ h when the weight is bf16.
-  The logits (forward and recomputed) sum their hi x hi product in blocks of 8 K steps
+  The logits (forward and recomputed) sum their hi x hi product in blocks of 16 K steps
   (HI_SUM_STEPS) and the lo products (2^-11 of it) straight in the tensor cores
   (fp16x2_tile, HI_STEPS): log p stays fp32-accurate. The gradient products are summed by
   cuBLAS in the tensor cores: ~6e-6 of the largest element at K=4096 instead of ~4e-7, for

@@ -92,6 +92,9 @@ BF16_TILES = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4)]
 FP32_TILES = [(128, 128, 32, 8, 3), (64, 128, 32, 4, 3)]
 # One-warpgroup tiles ((128, 64, 64, 4, 2..4), (64, 128, 64, 4, 3)), which let two programs
 # share an SM, were never chosen by the autotuner on an H200 (gpu_session9_h200.md, call 4).
+# Forced, with two programs per SM in the persistent dlogits walk (so that one's epilogue
+# runs beside the other's products), forward+backward was 8% slower with them in dlogits
+# and 13% in both kernels (gpu_session12_h200.md).
 FP16X2_TILES = [(128, 128, 64, 8, 2), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4),
                 (256, 128, 64, 8, 2), (256, 128, 64, 8, 3), (128, 256, 64, 8, 2)]
 ALL_TILES = list(dict.fromkeys(BF16_TILES + FP32_TILES + FP16X2_TILES))
@@ -114,10 +117,11 @@ def make_configs(names, tiles=ALL_TILES, pre_hook=None):
 USE_TMA = True  # benchmarks switch it off to compare with pointer loads
 # fp16x2 (fp16x2_tile's HI_STEPS): the lo products summed straight in the tensor cores, and
 # hi x hi straight for this many 64-deep K steps per rounded add; 0 sums every product in
-# blocks (benchmarks set it to compare). 8 on an H200 (bench/results/gpu_session9_h200.md):
-# forward+backward 1.6-2.7% faster than 1 at T=16k, H=4096 and 2.4-2.9% at H=896 (three
-# calls); max |d log p| 4.9e-6 against 2.0e-6 (naive fp32: 9.9e-6).
-HI_SUM_STEPS = 8
+# blocks (benchmarks set it to compare). 16 on an H200: forward+backward 2.6 ms (1.1%) faster
+# than 8 at T=16k, H=4096 in three calls (gpu_session11_h200.md call 12,
+# gpu_session12_h200.md), max |d log p| 6.4e-6 against 4.5e-6 (naive fp32: 9.9e-6, the
+# target 1e-5); 8 was 1.6-2.7% faster than 1 (2.0e-6, gpu_session9_h200.md).
+HI_SUM_STEPS = 16
 # Mode fp16x2: Triton's loop flattening for the loops that walk tiles (the forward's
 # vocabulary loop, persistent dlogits' tile loop): the pipeliner then sees one loop and issues
 # the next tile's first loads during this tile's epilogue. On an H200 the forward alone
