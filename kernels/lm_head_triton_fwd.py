@@ -118,9 +118,9 @@ USE_TMA = True  # benchmarks switch it off to compare with pointer loads
 # fp16x2 (fp16x2_tile's HI_STEPS): the lo products summed straight in the tensor cores, and
 # hi x hi straight for this many 64-deep K steps per rounded add; 0 sums every product in
 # blocks (benchmarks set it to compare). 16 on an H200: forward+backward 2.6 ms (1.1%) faster
-# than 8 at T=16k, H=4096 in three calls (gpu_session11_h200.md call 12,
-# gpu_session12_h200.md), max |d log p| 6.4e-6 against 4.5e-6 (naive fp32: 9.9e-6, the
-# target 1e-5); 8 was 1.6-2.7% faster than 1 (2.0e-6, gpu_session9_h200.md).
+# than 8 at T=16k, H=4096 in four calls (gpu_session11_h200.md call 12,
+# gpu_session12_h200.md), 0.9 ms at H=896; max |d log p| 6.4e-6 against 4.5e-6 (naive fp32:
+# 9.9e-6, the target 1e-5); 8 was 1.6-2.7% faster than 1 (2.0e-6, gpu_session9_h200.md).
 HI_SUM_STEPS = 16
 # Mode fp16x2: Triton's loop flattening for the loops that walk tiles (the forward's
 # vocabulary loop, persistent dlogits' tile loop): the pipeliner then sees one loop and issues
