@@ -8,14 +8,15 @@ pipe use are what bench/kernels_lm_head.py's times cannot show). Example (one H2
     ncu -i head.ncu-rep --page details
 """
 import argparse
-import math
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from bench.kernels_lm_head import KNOB_DEFAULTS, fused, knob_defaults, parse_variant  # noqa: E402
+from bench.gpu_breakdown import warmed_up  # noqa: E402
+from bench.kernels_lm_head import (KNOB_DEFAULTS, bench_inputs, fused, knob_defaults,  # noqa: E402
+                                   parse_variant)
 
 
 def main():
@@ -27,17 +28,9 @@ def main():
     args = ap.parse_args()
     KNOB_DEFAULTS.update(knob_defaults())
     knobs = parse_variant(f"x:{args.knobs}")[1] if args.knobs else {}
-    torch.manual_seed(args.H)  # the inputs of bench/kernels_lm_head.py at this shape
-    w = torch.randn(args.V, args.H, device="cuda") * (2 / math.sqrt(args.H))
-    h = torch.randn(args.T, args.H, device="cuda").to(torch.bfloat16)
-    t = torch.randint(0, args.V, (args.T,), device="cuda")
-    g = torch.randn(args.T, device="cuda")
+    w, h, t, g = bench_inputs(args.T, args.H, args.V)  # bench/kernels_lm_head.py's at this shape
     method = fused("fp16x2", knobs=knobs)
-    hg, wg = h.detach().requires_grad_(), w.detach().requires_grad_()
-    for _ in range(2):  # autotune, then a warm run
-        (method(hg, wg, t) * g).sum().backward()
-        hg.grad = wg.grad = None
-    torch.cuda.synchronize()
+    hg, wg = warmed_up(method, h, w, t, g)  # autotuned outside the profiled range
     torch.cuda.profiler.start()
     (method(hg, wg, t) * g).sum().backward()
     torch.cuda.synchronize()

@@ -26,8 +26,8 @@ import triton.language as tl
 
 from . import lm_head_triton_fwd as fwd
 from .lm_head_triton_common import MODE_FP16X2, grouped_tile, logits_tile, mma, vocab_axis
-from .lm_head_triton_fwd import (BF16_TILES, FP32_TILES, descriptor, make_configs, make_prune,
-                                 set_block_shapes, tma_ok, tma_operands)
+from .lm_head_triton_fwd import (BF16_TILES, FP32_TILES, LN2_IN_KERNELS, LOG2E, descriptor,
+                                 make_configs, make_prune, set_block_shapes, tma_ok, tma_operands)
 
 # How mode fp16x2's dlogits kernel walks its tiles (the other modes: one tile a program, not
 # measured otherwise). On an H200, with the forward's loop flattened too (FLATTEN_TILE_LOOPS),
@@ -37,10 +37,6 @@ from .lm_head_triton_fwd import (BF16_TILES, FP32_TILES, descriptor, make_config
 # them off for an A/B (bench/kernels_lm_head.py --tile-walks).
 PERSISTENT_DLOGITS = True  # one program per SM walks the tiles (the loop in _dlogits_kernel)
 DLOGITS_TMA_STORE = True    # its fp16 parts stored by the tensor-memory accelerator
-
-
-LOG2E = tl.constexpr(1.4426950408889634)  # globals read inside kernels must be constexpr
-LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -59,7 +55,7 @@ def _row_terms(rows, row_ok, tgt_ptr, lse_ptr, ent_ptr, glogp_ptr, gent_ptr, dl_
         ge = tl.load(gent_ptr + rows, mask=row_ok, other=0.0) * k
         ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
         a = gk + ge * ent
-        b = ge * LN2
+        b = ge * LN2_IN_KERNELS
     else:
         a = gk
         b = gk  # unused

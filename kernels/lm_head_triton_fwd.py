@@ -26,6 +26,9 @@ from .lm_head_triton_common import MODE_BF16, MODE_FP16X2, MODES, grouped_tile, 
 VSPLIT_ALIGN = 256
 NEG_BIG = tl.constexpr(-1.0e30)  # finite "-inf": (m_old - m_new) * s == 0, not NaN, at the start
 LN2 = 0.6931471805599453
+# The same constants for kernels (module globals read inside a kernel must be constexpr).
+LN2_IN_KERNELS = tl.constexpr(LN2)
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -47,7 +50,7 @@ def _lm_head_fwd_kernel(
     rows = tb * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
     # log2(e) folded in: exp2 then needs no multiply per element.
-    c = inv_temp * tl.load(scale_ptr) * 1.4426950408889634
+    c = inv_temp * tl.load(scale_ptr) * LOG2E
     v_start = sp * v_per_split
     v_end = tl.minimum(v_start + v_per_split, V)
 
