@@ -62,6 +62,10 @@ RAY_NODE_ARGS=(
 read -ra RAY_HEAD_EXTRA <<< "${CISPO_RAY_HEAD_START_ARGS:-}"
 read -ra RAY_WORKER_EXTRA <<< "${CISPO_RAY_WORKER_START_ARGS:-}"
 
+# No idle workers prestarted for the driver: the actors each have a runtime env of their
+# own and never use them (launch/cluster.py says more).
+export RAY_prestart_worker_first_driver=${RAY_prestart_worker_first_driver:-0}
+
 # Ray's own token auth unless the environment says otherwise: a per-job token on the
 # shared output folder, readable only by the job's user.
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}

@@ -11,6 +11,8 @@ import os
 import sys
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# No idle workers (launch/cluster.py says why): the abort check then reads only our actors'.
+os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))

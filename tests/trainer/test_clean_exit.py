@@ -24,6 +24,10 @@ def _run(model, root, out, mode):
                           capture_output=True, text=True, timeout=300)
     logs = [p for g in LOG_GLOBS for p in Path(ray_tmp).glob(g)]
     assert any(p.name.startswith("worker-") for p in logs), "no actor logs found: the abort check would be blind"
+    # Every worker process is one of the job's (a prestarted idle one logs under the nil job
+    # id, ffffffff): an abort in one of them could only come from Ray itself, as one did in CI.
+    idle = sorted({p.name for p in logs if p.name.startswith("worker-") and "-ffffffff-" in p.name})
+    assert not idle, f"idle workers were prestarted (launch/cluster.py turns that off): {idle}"
     worker_logs = "".join(p.read_text(errors="replace") for p in logs)
     shutil.rmtree(ray_tmp, ignore_errors=True)
     return proc, worker_logs
