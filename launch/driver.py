@@ -19,6 +19,7 @@ import signal
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
+from typing import Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -41,6 +42,7 @@ from launch.rollout_metrics import rollout_metrics, sample_rows
 from launch.system import RLSystem
 from launch.tiny_model import check_model_folder, resolve_model_path
 from launch.warmup import CacheLock, cache_key, sampled_pass_rate, warm_start
+from rollout.group import root_cause
 from trainer.checkpoint import CheckpointDir
 
 log = logging.getLogger("cispo")
@@ -50,9 +52,19 @@ class Preempted(Exception):
     """SIGTERM arrived (Slurm preemption or time limit): checkpoint taken, exit for requeue."""
 
 
+class JobEnding(SystemExit):
+    """SIGTERM, then a step failed: the job's every process is being stopped (Slurm
+    preemption), Ray's too. Exit status 143; `cispo-train` exits at once on it, skipping
+    Ray's own exit, which would wait a minute for a GCS that is gone."""
+
+    def __init__(self) -> None:
+        super().__init__(143)
+
+
 class StopFlag:
     def __init__(self) -> None:
         self.requested = False
+        self.on_request: list[Callable[[], None]] = []  # run once, in the handler: flag setters only
         self.install()
 
     def install(self) -> None:
@@ -62,6 +74,9 @@ class StopFlag:
 
     def _on_term(self, signum, frame) -> None:
         log.warning("SIGTERM received: will checkpoint at the end of this step and exit")
+        if not self.requested:
+            for hook in self.on_request:
+                hook()
         self.requested = True
 
 
@@ -128,6 +143,7 @@ def run(cfg: DictConfig) -> Path:
     except BaseException:
         logger.finish()
         raise
+    stop.on_request.append(system.stop_replacing)
     schedule = LengthSchedule(conf.rollout)
     rollbacks = 0
     try:
@@ -155,10 +171,20 @@ def run(cfg: DictConfig) -> Path:
         return out
     except BaseException as err:
         # every actor goes down here; the checkpoints on disk are complete or absent
-        log.error("run failed (%s: %s); shutting down. Resumable from %s", type(err).__name__, err,
-                  ckpt.latest() or "the start (no checkpoint yet)")
+        resumable = ckpt.latest() or "the start (no checkpoint yet)"
+        preempted = stop.requested and isinstance(err, Exception)
+        if preempted:
+            # Slurm's preemption SIGTERMs every process of the job, Ray's workers too, so the
+            # step in progress fails and cannot be checkpointed: exit as the contract says
+            # (143) now, not at the SIGKILL. The requeued job resumes from the last checkpoint.
+            log.warning("SIGTERM, then the step failed (%s: %s): the job is being stopped; exiting 143. "
+                        "Resumable from %s", type(err).__name__, root_cause(str(err)), resumable)
+        else:
+            log.error("run failed (%s: %s); shutting down. Resumable from %s", type(err).__name__, err, resumable)
         logger.finish()
-        system.shutdown()
+        system.shutdown(job_ending=preempted)
+        if preempted:
+            raise JobEnding() from err
         raise
     finish(conf, out, logger, system, schedule, export=True)
     return out

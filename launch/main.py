@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import hydra
@@ -39,11 +40,16 @@ def _app(cfg: DictConfig) -> None:
             log.error("Slurm submission failed: %s", err)
             sys.exit(1)
         return
-    from launch.driver import run
+    from launch.driver import JobEnding, run
     from launch.placement import PlacementError
 
     try:
         run(cfg)
+    except JobEnding as ending:
+        logging.shutdown()  # flushes the run's log files; the metrics were flushed already
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(ending.code)
     except (ConfigError, PlacementError) as err:  # found before or while starting: one line, no traceback
         log.error("%s", err)
         sys.exit(2)

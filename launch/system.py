@@ -206,12 +206,24 @@ class RLSystem:
         self.sync_weights(version=step)
         return step
 
-    def shutdown(self) -> None:
+    def stop_replacing(self) -> None:
+        """The job is being stopped (SIGTERM): engines that die from now on are not replaced
+        (a flag only: safe to call from a signal handler)."""
+        if self.rollout is not None:
+            self.rollout.stopping = True
+
+    def shutdown(self, job_ending: bool = False) -> None:
+        """job_ending: the job is being ended (Slurm preemption: Ray's processes are being
+        stopped too): the actors are killed and nothing is waited for (TrainerGroup.shutdown);
+        the placement groups end with the job."""
         # also after a failed start: only the parts that exist
-        parts = [getattr(self, name, None) for name in ("rollout", "trainer", "scorer", "reservation")]
+        names = ("rollout", "trainer", "scorer") if job_ending else ("rollout", "trainer", "scorer", "reservation")
+        parts = [getattr(self, name, None) for name in names]
         for part in (p for p in parts if p is not None):
             try:
-                if hasattr(part, "shutdown"):
+                if part is self.trainer:
+                    part.shutdown(job_ending)
+                elif hasattr(part, "shutdown"):
                     part.shutdown()
                 elif hasattr(part, "release"):
                     part.release()

@@ -121,6 +121,10 @@ class RolloutGroup:
         # Called with the indices of replaced engines once they are up; must give them the
         # current weights (the group itself does not hold weights).
         self.on_replaced: Callable[[list[int]], None] | None = None
+        # Set by the owner when the job is being ended (SIGTERM: Slurm preemption). Engines
+        # that die then are not replaced: they die because the node's processes are being
+        # stopped, and a replacement would wait for a Ray that is going down.
+        self.stopping = False
         self.engines = [self._start(i) for i in range(config.num_engines)]
         self.version = 0
         self.infos: list[dict[str, Any]] = []
@@ -170,9 +174,12 @@ class RolloutGroup:
 
     def restart(self, failed: dict[int, tuple[str, str]]) -> None:
         """Kill and start again the engines in `failed` ({index: (kind, message)}), or raise
-        RolloutEngineError when one of them has used up its restarts."""
+        RolloutEngineError when one of them has used up its restarts or the group is `stopping`."""
         import ray
 
+        if self.stopping and failed:
+            raise RolloutEngineError("; ".join(f"{m} (not restarted: the job is being stopped)"
+                                               for _, m in (failed[i] for i in sorted(failed))), sorted(failed))
         spent = [i for i in failed if self.restarts[i] >= self.max_restarts]
         if spent:
             raise RolloutEngineError(

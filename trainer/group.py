@@ -340,27 +340,32 @@ class TrainerGroup:
 
     # ---- exit ---------------------------------------------------------------------------
 
-    def shutdown(self) -> None:
+    def shutdown(self, job_ending: bool = False) -> None:
+        """Each rank's own shutdown, then its exit (each waited for at most 60 s); whatever
+        is left is killed. job_ending: the job's every process, Ray's too, is being stopped
+        (Slurm preemption): kill at once and wait for nothing, not even the placement
+        group's removal (the GCS may be gone; the group ends with the job that made it)."""
         import ray
         from ray.util.placement_group import remove_placement_group
 
         if not self.workers:
             return
         try:
-            # bounded: after a failure a rank may be dead, and the others' barrier in
-            # shutdown() would wait for it until the process group's timeout
-            refs = [w.shutdown.remote() for w in self.workers]
-            _, stuck = ray.wait(refs, num_returns=len(refs), timeout=60)
-            if not stuck:
-                # a graceful actor exit (atexit handlers run) rather than ray.kill's SIGKILL
-                ray.wait([w.__ray_terminate__.remote() for w in self.workers],
-                         num_returns=len(self.workers), timeout=60)
+            if not job_ending:
+                # bounded: after a failure a rank may be dead, and the others' barrier in
+                # shutdown() would wait for it until the process group's timeout
+                refs = [w.shutdown.remote() for w in self.workers]
+                _, stuck = ray.wait(refs, num_returns=len(refs), timeout=60)
+                if not stuck:
+                    # a graceful actor exit (atexit handlers run) rather than ray.kill's SIGKILL
+                    ray.wait([w.__ray_terminate__.remote() for w in self.workers],
+                             num_returns=len(self.workers), timeout=60)
         finally:
             for w in self.workers:  # whatever did not exit above
                 try:
                     ray.kill(w)
                 except Exception:  # already gone
                     pass
-            if self._pg is not None:
+            if self._pg is not None and not job_ending:
                 remove_placement_group(self._pg)
             self.workers = []

@@ -38,3 +38,18 @@ def test_engine_failing_at_start_up_names_the_cause():
     finally:
         if started:
             ray.shutdown()
+
+
+def test_a_stopping_group_does_not_replace_dead_engines():
+    """After SIGTERM (the driver sets `stopping`), an engine that dies is the job being ended:
+    restart raises at once, naming it, instead of starting a replacement."""
+    group = RolloutGroup.__new__(RolloutGroup)  # only restart's decision is under test
+    group.restarts, group.max_restarts, group.stopping = [0, 0], 3, True
+    group._start = lambda i: pytest.fail(f"engine {i} was started again")
+    died = {1: ("died", "rollout engine 1 (rollout-1) died during generate: ActorUnavailableError: gone")}
+    with pytest.raises(RolloutEngineError) as err:
+        group.restart(died)
+    assert err.value.engine_indices == [1]
+    assert "rollout engine 1 (rollout-1) died during generate" in str(err.value)
+    assert "not restarted: the job is being stopped" in str(err.value)
+    assert group.restarts == [0, 0]

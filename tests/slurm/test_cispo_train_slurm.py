@@ -91,7 +91,8 @@ def test_requeued_cispo_train_job_resumes_from_its_checkpoint(slurm_cluster, tmp
        the one the signal made.
     2. The second attempt resumes from that step; then `scontrol requeue`, as preemption does:
        SIGTERM to every process of the job now (Ray's workers too, so the driver cannot
-       checkpoint), SIGKILL after KillWait.
+       checkpoint), SIGKILL after KillWait. The driver replaces no engine then and exits
+       143 as soon as its step fails.
     3. The third attempt resumes from the latest checkpoint and completes the run: every step
        logged exactly once, in order."""
     out = tmp_path / "run"
@@ -133,6 +134,9 @@ def test_requeued_cispo_train_job_resumes_from_its_checkpoint(slurm_cluster, tmp
     assert steps == list(range(base, base + STEPS)), (steps_before, steps, first_saved, log)
     assert max(_checkpoints(out)) == STEPS  # the final checkpoint
     assert log.count("SIGTERM from Slurm") >= 1 and "requeueing job" in log  # both kinds of requeue
+    # the preempted attempt's driver exits 143 itself (its engines die with the job: not
+    # replaced, the step fails, exit), not killed at KillWait: both attempts say so
+    assert log.count("driver exited with 143") == 2, log
     assert "Ray cluster ready: 1 node(s)" in log and "attaching to the Ray cluster at" in log, log
     for attempt in (0, 1, 2):
         assert (out / "logs" / f"{job}.{attempt}" / f"ray-{slurm_cluster.node}" / "raylet.out").exists()
