@@ -64,8 +64,15 @@ class JobEnding(SystemExit):
 class StopFlag:
     def __init__(self) -> None:
         self.requested = False
-        self.on_request: list[Callable[[], None]] = []  # run once, in the handler: flag setters only
+        self._hooks: list[Callable[[], None]] = []
         self.install()
+
+    def when_requested(self, hook: Callable[[], None]) -> None:
+        """hook() runs at the first SIGTERM, inside the handler (so: flag setters only), or
+        now if one came already (during start-up)."""
+        self._hooks.append(hook)
+        if self.requested:
+            hook()
 
     def install(self) -> None:
         # ray.init installs its own SIGTERM handler (exit at once, nothing saved), so
@@ -75,7 +82,7 @@ class StopFlag:
     def _on_term(self, signum, frame) -> None:
         log.warning("SIGTERM received: will checkpoint at the end of this step and exit")
         if not self.requested:
-            for hook in self.on_request:
+            for hook in self._hooks:
                 hook()
         self.requested = True
 
@@ -143,7 +150,7 @@ def run(cfg: DictConfig) -> Path:
     except BaseException:
         logger.finish()
         raise
-    stop.on_request.append(system.stop_replacing)
+    stop.when_requested(system.stop_replacing)
     schedule = LengthSchedule(conf.rollout)
     rollbacks = 0
     try:

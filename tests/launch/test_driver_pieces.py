@@ -76,3 +76,27 @@ def test_metric_logger_writes_jsonl_tensorboard_and_offline_wandb(tmp_path, monk
     png = plot_curves(rows, tmp_path / "c.png")
     assert png.stat().st_size > 1000
     assert summary_table(rows).row_count >= 3
+
+
+def test_stop_flag_runs_its_hooks_once_at_the_first_sigterm():
+    """The SIGTERM handler sets the flag and runs the hooks (RLSystem.stop_replacing) once;
+    a hook added after the signal runs at once."""
+    import os
+    import signal
+
+    from launch.driver import StopFlag
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        calls = []
+        stop = StopFlag()
+        stop.when_requested(lambda: calls.append("early"))
+        assert not stop.requested and calls == []
+        os.kill(os.getpid(), signal.SIGTERM)  # a real signal: the handler runs in this thread
+        assert stop.requested and calls == ["early"]
+        os.kill(os.getpid(), signal.SIGTERM)  # Slurm's and the job script's: the second changes nothing
+        assert calls == ["early"]
+        stop.when_requested(lambda: calls.append("late"))
+        assert calls == ["early", "late"]
+    finally:
+        signal.signal(signal.SIGTERM, before)
