@@ -12,6 +12,15 @@ log = logging.getLogger("cispo")
 _REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
+def no_idle_workers() -> None:
+    """Before a local Ray starts (its raylet inherits this environment): no idle workers
+    prestarted for the first driver, one per CPU. Every actor here has a runtime env of its
+    own, so none of them is ever used; they only cost start-up CPU, and one of them crashing
+    inside Ray (absl "Mutex corrupt", seen once in CI) is noise in the run's output.
+    slurm_job.sh does the same for `ray start`; the tests call this for their own clusters."""
+    os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, log_dir: Path | None = None,
              verbose: bool = True) -> None:
     """verbose=False (with a log_dir): workers' output goes to files there (launch/console.py)
@@ -23,12 +32,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log_dir: P
     address = address or os.environ.get("RAY_ADDRESS")
     # Local runs need no token auth; a cluster's own setting wins where one is set.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    # A local raylet (started by ray.init, it inherits this environment) would otherwise
-    # prestart one idle worker per CPU for the first driver. Every actor here has a runtime
-    # env of its own, so none of them is ever used; they only cost start-up CPU, and one
-    # of them crashing inside Ray (absl "Mutex corrupt", seen once in CI) is noise in the
-    # run's output. slurm_job.sh does the same for `ray start`.
-    os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+    no_idle_workers()
     quiet = worker_runtime_env(log_dir, verbose)
     env_vars = {"RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"], "TOKENIZERS_PARALLELISM": "false",
                 **quiet.get("env_vars", {})}

@@ -9,14 +9,14 @@ first so that neither worker is left alone with a long tail.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-# The Ray clusters the tests start themselves prestart no idle workers, as launch/cluster.py's
-# do (set here, the test processes' raylets inherit it): fewer processes on two cores, and
-# none that is not ours in the output the abort checks read.
-os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+from launch.cluster import no_idle_workers
+
+# The Ray clusters the tests start themselves prestart no idle workers either (the test
+# processes' raylets inherit it): fewer processes on two cores, and none that is not ours
+# in the output the abort checks read.
+no_idle_workers()
 
 # Longest first (seconds, serial run on the 2-core CI machine, 2026-12-01): launch/test_loop_e2e
 # ~400, the Slurm files ~290, launch/test_first_day ~135, launch/test_engine_recovery ~110.

@@ -63,7 +63,7 @@ read -ra RAY_HEAD_EXTRA <<< "${CISPO_RAY_HEAD_START_ARGS:-}"
 read -ra RAY_WORKER_EXTRA <<< "${CISPO_RAY_WORKER_START_ARGS:-}"
 
 # No idle workers prestarted for the driver: the actors each have a runtime env of their
-# own and never use them (launch/cluster.py says more).
+# own and never use them (launch/cluster.py no_idle_workers says more).
 export RAY_prestart_worker_first_driver=${RAY_prestart_worker_first_driver:-0}
 
 # Ray's own token auth unless the environment says otherwise: a per-job token on the

@@ -11,8 +11,6 @@ import os
 import sys
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-# No idle workers (launch/cluster.py says why): the abort check then reads only our actors'.
-os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -20,6 +18,7 @@ if __name__ == "__main__":
     import torch
 
     from cispo.config import AlgorithmConfig, TrainerConfig
+    from launch.cluster import no_idle_workers
     from tests.trainer.helpers import random_trajectories
     from trainer import TrainerGroup
 
@@ -30,6 +29,7 @@ if __name__ == "__main__":
         t.rollout_logprobs = (-4.0 + torch.randn(len(t.response_ids), generator=g)).tolist()
     cfg = TrainerConfig(num_ranks=2, zero_stage=2, lr=1e-3, warmup_steps=3, micro_batch_tokens=32,
                         mini_batch_size=3, epochs=2)
+    no_idle_workers()  # the abort check then reads only our actors' output
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=ray_tmp)
     group = TrainerGroup(model, cfg, AlgorithmConfig(), num_ranks=2, temperature=0.9)
     if mode == "uninterrupted":
