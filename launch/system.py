@@ -217,7 +217,7 @@ class RLSystem:
         stopped too): the actors are killed and nothing is waited for (TrainerGroup.shutdown);
         the placement groups end with the job."""
         # also after a failed start: only the parts that exist
-        names = ("rollout", "trainer", "scorer") if job_ending else ("rollout", "trainer", "scorer", "reservation")
+        names = ("rollout", "trainer", "scorer") + (() if job_ending else ("reservation",))
         parts = [getattr(self, name, None) for name in names]
         for part in (p for p in parts if p is not None):
             try:
